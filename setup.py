@@ -1,0 +1,34 @@
+"""Install the QLoRA library: `pip install -e .[test,demo]`.
+
+torch is pinned to the CPU build that lies on this disk (2.13.0); a bare
+`torch` requirement would pull a multi-GB CUDA build from the registry.
+"""
+from setuptools import setup
+
+setup(
+    name="handrolled-qlora",
+    version="0.1.0",
+    description="QLoRA by hand in PyTorch: NF4 base weights, LoRA adapters, an explicit training loop.",
+    packages=["model", "quant", "lora", "train"],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.13.0",
+        "bitsandbytes==0.50.2",
+        "safetensors==0.8.0",
+        "sentencepiece==0.2.3",
+        "tokenizers==0.23.3",
+        "gguf==0.19.0",
+        "tensorboard==2.21.0",
+        "tqdm==4.70.1",
+        "numpy>=1.26,<3",
+    ],
+    extras_require={
+        # References the tests compare against; never imported by library code.
+        "test": [
+            "pytest==9.2.0",
+            "transformers==5.23.0",
+            "peft==0.21.2",
+        ],
+        "demo": ["matplotlib==3.11.2"],
+    },
+)
