@@ -1,0 +1,21 @@
+"""lora: low-rank adapters written by hand, in PEFT's layout.
+
+    h = W0 x + (alpha / r) · B A x        W0 frozen (plain or NF4), only A (r x in) and B (out x r) train
+
+    from lora import LoRAConfig, apply_lora, trainable_parameters, save_adapter, load_adapter
+    apply_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.05, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
+    print(trainable_parameters(model))    # trainable 1,843,200 / 136,358,400 (1.35%)
+    save_adapter(model, out_dir)          # adapter_model.safetensors + adapter_config.json
+    export_merged(checkpoint, out_dir, merged_dir)   # a plain HF model, merged in full precision
+"""
+from .config import LoRAConfig
+from .export import export_merged
+from .inject import ParameterCount, apply_lora, lora_modules, merge_lora, trainable_parameters, unmerge_lora
+from .io import load_adapter, load_lora_state_dict, lora_state_dict, read_adapter, save_adapter
+from .layer import LoRALinear
+
+__all__ = [
+    "LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "trainable_parameters",
+    "ParameterCount", "lora_modules", "lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter",
+    "read_adapter", "export_merged",
+]

@@ -1,0 +1,155 @@
+"""LoRALinear: a frozen linear layer plus a trainable low-rank update (Hu et al. 2021).
+
+    h = W0 x + scaling · B A x          A: (r, in)  Kaiming-uniform(a=√5)
+                                        B: (out, r) zeros, so training starts at the base model exactly
+    scaling = alpha / r                 (alpha / √r with rsLoRA)
+
+The base is an `nn.Linear` or a `quant.Linear4bit` (QLoRA: the frozen W0 is stored in NF4 and only
+A and B, a few million parameters, are trained in full precision). Submodule names equal PEFT's
+(`base_layer`, `lora_A`, `lora_B`, `lora_dropout`), so state-dict keys line up with PEFT's files.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def is_linear4bit(module: nn.Module) -> bool:
+    """True for our `quant.Linear4bit` (imported lazily: a plain-linear model needs no quant package)."""
+    try:
+        from quant import Linear4bit
+    except ImportError:
+        return False
+    return isinstance(module, Linear4bit)
+
+
+def device_of(base: nn.Module) -> torch.device:
+    """Where the base's tensors live (the adapter is built beside them)."""
+    for t in list(base.parameters()) + list(base.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class LoRALinear(nn.Module):
+    """`y = base(x) + scaling · B(A(dropout(x)))` with the base frozen; (..., in) -> (..., out).
+
+    A and B are kept in fp32 (the optimizer's master copy); the LoRA path runs in the base's compute
+    dtype, so a bf16 base does its low-rank matmuls in bf16 like the rest of the layer.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if not (isinstance(base, nn.Linear) or is_linear4bit(base)):
+            raise ValueError(f"LoRALinear wraps an nn.Linear or a quant.Linear4bit, got {type(base).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got r={r!r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Built on the meta device then materialised: nn.Linear's own init would draw from the global RNG.
+        device = device_of(base)
+        fp32 = dict(bias=False, device="meta", dtype=torch.float32)
+        self.lora_A = nn.Linear(self.in_features, r, **fp32).to_empty(device=device)       # (r, in)
+        self.lora_B = nn.Linear(r, self.out_features, **fp32).to_empty(device=device)      # (out, r)
+        # A plain linear computes in its input's dtype; a 4-bit one in its own compute_dtype.
+        self.base_is_4bit = is_linear4bit(base)
+        self.merged = False
+        self._quantized_base: nn.Module | None = None  # the Linear4bit set aside while merged
+        self.reset_lora_parameters(generator)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A ~ Kaiming-uniform(a=√5) (nn.Linear's default), B = 0: the update B A starts at zero."""
+        if self.lora_A.weight.device.type == "meta":
+            return
+        # Drawn on the CPU so one seed gives the same A on every device.
+        A = torch.empty(self.r, self.in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        self.lora_A.weight.copy_(A)
+        self.lora_B.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        A, B = self.lora_A.weight, self.lora_B.weight                    # (r, in), (out, r), fp32
+        dtype = self.base_layer.compute_dtype if self.base_is_4bit else x.dtype
+        if x.dtype != dtype:  # a 4-bit base computing in another dtype than its input
+            x = x.to(dtype)
+        if A.dtype != dtype:  # a low-precision base; autograd still reaches the fp32 A and B
+            A, B = A.to(dtype), B.to(dtype)
+        return y + self.scaling * F.linear(F.linear(self.lora_dropout(x), A), B)  # (..., out)
+
+    # ------------------------------------------------------------------ merge
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B A, (out, in), fp32."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base: W = W0 + scaling · B A. A second call does nothing.
+
+        An NF4 base is dequantized and replaced by a plain `nn.Linear` in its compute dtype holding
+        the merged weight. It is not re-quantized: rounding W0 + B A to NF4 again would change the
+        outputs. The 4-bit layer is kept aside so that `unmerge` restores it exactly.
+        """
+        if self.merged:
+            return
+        base = self.base_layer
+        if is_linear4bit(base):
+            W = base.dequantize().float() + self.delta_weight()          # (out, in)
+            dtype = base.compute_dtype
+            merged = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
+                               device="meta", dtype=dtype).to_empty(device=W.device)
+            merged.weight.copy_(W)
+            if base.bias is not None:
+                merged.bias.copy_(base.bias)
+            merged.requires_grad_(False)
+            self._quantized_base = base
+            self.base_layer = merged
+        else:
+            W = base.weight
+            W.copy_((W.float() + self.delta_weight()).to(W.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update out again: W0 = W - scaling · B A.
+
+        An NF4 base is restored exactly; a 16-bit plain base up to its rounding of W0 + scaling · B A.
+        """
+        if not self.merged:
+            return
+        if self._quantized_base is not None:
+            base, device = self._quantized_base, self.lora_A.weight.device
+            self.base_layer = base if device_of(base) == device else base.to(device)
+            self._quantized_base = None
+        else:
+            W = self.base_layer.weight
+            W.copy_((W.float() - self.delta_weight()).to(W.dtype))
+        self.merged = False
+
+    def __setattr__(self, name, value):
+        # Keep the set-aside 4-bit layer out of the module tree: not in state_dict, not counted twice.
+        if name == "_quantized_base":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
