@@ -2,8 +2,16 @@
 
     from model import load_pretrained, Llama, LlamaConfig, Tokenizer
     model, tok = load_pretrained(path, dtype=torch.float32, device="cpu", quant=None)
+    ids, mask = pad_batch([tok.encode(p) for p in prompts], tok.pad_id)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8)
 """
 from .config import LlamaConfig
+from .generate import generate, pad_batch
 from .llama import KVCache, Llama
+from .load import default_checkpoint, iter_tensors, load_pretrained, load_tokenizer, read_config
+from .tokenizer import Tokenizer
 
-__all__ = ["Llama", "LlamaConfig", "KVCache"]
+__all__ = [
+    "Llama", "LlamaConfig", "KVCache", "Tokenizer", "load_pretrained", "read_config", "iter_tensors",
+    "load_tokenizer", "default_checkpoint", "pad_batch", "generate",
+]

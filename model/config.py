@@ -77,7 +77,8 @@ class LlamaConfig:
                 rope_scaling = None
             elif rope_type != "llama3":
                 raise ValueError(f"{source}: rope scaling type {rope_type!r} is not supported; expected 'llama3'")
-            else:
+            else:  # one spelling of the key, whichever the file used ("type" is the older one)
+                rope_scaling.pop("type", None)
                 rope_scaling["rope_type"] = "llama3"
 
         if model_type == "qwen2":

