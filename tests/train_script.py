@@ -1,0 +1,102 @@
+"""A small training run on a tiny random Llama, shared by tests/test_train.py and its subprocesses.
+
+    python tests/train_script.py OUT full|kill|resume [--kill-after N]    # the SIGKILL/resume test
+    torchrun --standalone --nproc_per_node 2 tests/train_script.py OUT ddp   # the two-process test
+
+Each run writes OUT/final/ (the adapter, PEFT layout) and OUT/result.json (the losses).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from conftest import tiny_hf_config  # noqa: E402
+from lora import LoRAConfig, apply_lora, save_adapter  # noqa: E402
+from model import Llama, LlamaConfig  # noqa: E402
+
+
+class CharTokenizer:
+    """One token per character (ids 3..122), BOS 1, EOS 2, PAD 0: enough for a 128-token vocabulary."""
+
+    bos_id, eos_id, pad_id = 1, 2, 0
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return ([self.bos_id] if bos else []) + [3 + ord(c) % 120 for c in text]
+
+
+def tiny_lora_model(dropout: float = 0.0, lora_seed: int = 0, targets=("q_proj", "v_proj", "lm_head")) -> Llama:
+    """The same random base every time (as if loaded from one checkpoint); A and B drawn from `lora_seed`."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_hf(tiny_hf_config()))
+    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=dropout, target_modules=targets, seed=lora_seed))
+    # B starts at zero; give it values so every A receives a gradient from the first step
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(lora_seed + 1))
+    return model
+
+
+def pricer_items(n: int, offset: int = 0) -> list[tuple[str, str]]:
+    """Prompts of varied length, answers of 4 to 7 characters."""
+    return [(f"How much is item {i}{' x' * (i % 5)}?\nPrice is $", f"{(i * 37) % 900 + 5 * (i % 3) ** 3}.00")
+            for i in range(offset, offset + n)]
+
+
+def run_config(out: str, **overrides):
+    from train import TrainConfig
+
+    kw = dict(lr=5e-3, epochs=2, batch_size=4, grad_accum=2, warmup_steps=2, min_lr_ratio=0.1, save_every=2,
+              keep_last=2, eval_every=2, out_dir=out, run_name="run", group_by_length=True, progress=False)
+    kw.update(overrides)
+    return TrainConfig(**kw)
+
+
+def main() -> None:
+    from train import train
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("mode", choices=["full", "kill", "resume", "ddp"])
+    ap.add_argument("--kill-after", type=int, default=4)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    if args.mode == "ddp":
+        model = tiny_lora_model(lora_seed=int(os.environ.get("RANK", "0")))  # each rank its own A, B: rank 0's win
+        config = run_config(args.out, save_every=None, keep_last=None, eval_every=None, epochs=1, group_by_length=False)
+        result = train(model, CharTokenizer(), pricer_items(24), pricer_items(6, 100), config)
+    else:
+        if args.mode == "kill":
+            import train.loop as loop
+
+            save = loop.save_checkpoint
+
+            def save_then_die(out_dir, step, *a, **kw):
+                path = save(out_dir, step, *a, **kw)
+                if step == args.kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return path
+
+            loop.save_checkpoint = save_then_die
+        model = tiny_lora_model(dropout=0.1)
+        # 20 items, micro-batches of 4, 2 per step: 3 steps an epoch, the last with one micro-batch
+        result = train(model, CharTokenizer(), pricer_items(20), pricer_items(6, 100), run_config(args.out),
+                       resume=args.mode == "resume")
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_adapter(model, os.path.join(args.out, "final"))
+        with open(os.path.join(args.out, "result.json"), "w") as f:
+            json.dump({"step": result.step, "train": result.train_losses, "val": result.val_losses}, f)
+
+
+if __name__ == "__main__":
+    main()

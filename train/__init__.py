@@ -1,0 +1,17 @@
+"""train: the explicit four-step loop (forward, loss, backward, AdamW step) with what a real run needs.
+
+    from train import TrainConfig, train, evaluate, cosine_with_warmup, answer_loss
+    result = train(model, tok, train_items, val_items, TrainConfig(epochs=1, out_dir="out", save_every=500))
+"""
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import IGNORE_INDEX, Example, LengthBucketSampler, build_examples, collate, epoch_batches
+from .loop import TrainResult, evaluate, train, training_step
+from .loss import answer_loss
+from .schedule import cosine_with_warmup
+
+__all__ = [
+    "TrainConfig", "train", "evaluate", "TrainResult", "training_step", "cosine_with_warmup", "answer_loss",
+    "build_examples", "collate", "epoch_batches", "LengthBucketSampler", "Example", "IGNORE_INDEX",
+    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
+]

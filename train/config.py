@@ -1,0 +1,86 @@
+"""TrainConfig: every knob of a fine-tuning run in one dataclass, with the course's defaults."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of `train.train`.
+
+    One optimizer step consumes `batch_size * grad_accum` examples (the global batch, whatever the
+    number of processes); the loss is normalised by the answer tokens of that whole step.
+    """
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0            # the course uses 0.001
+    betas: tuple[float, float] = (0.9, 0.999)
+    epochs: int = 1
+    max_steps: int | None = None         # overrides epochs when set
+    batch_size: int = 8                  # examples per micro-batch (split across processes under DDP)
+    grad_accum: int = 1                  # micro-batches per optimizer step
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None      # overrides warmup_ratio when set
+    min_lr_ratio: float = 0.0            # the cosine ends at lr * min_lr_ratio
+    max_grad_norm: float | None = 1.0    # None: no clipping
+    eval_every: int | None = None        # steps; the validation loss is also taken at the end
+    save_every: int | None = None        # steps; needs out_dir
+    keep_last: int | None = None         # checkpoints kept; None keeps all
+    log_every: int = 1
+    optimizer: str = "adamw"
+    grad_checkpointing: bool = False
+    seed: int = 42
+    out_dir: str | None = None
+    device: str = "cpu"
+    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 on CUDA
+    max_len: int | None = None           # truncate prompt + answer: the prompt loses tokens on the left
+    group_by_length: bool = False        # length-bucketed batches: less padding, same epoch coverage
+    run_name: str | None = None          # None: the start date and time
+    progress: bool = True                # tqdm bar on stderr
+    add_eos: bool = True                 # end each answer with EOS so the model learns to stop
+
+    def __post_init__(self) -> None:
+        def positive(name: str, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+
+        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+            positive(name)
+        for name in ("max_steps", "eval_every", "save_every", "keep_last", "max_len"):
+            positive(name, allow_none=True)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"TrainConfig.warmup_ratio must lie in [0, 1], got {self.warmup_ratio!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"TrainConfig.max_grad_norm must be positive (or None for no clipping), got {self.max_grad_norm!r}")
+        if self.save_every is not None and self.out_dir is None:
+            raise ValueError("TrainConfig.save_every needs out_dir: set out_dir to the folder for checkpoint-<step>/")
+        self.betas = tuple(self.betas)
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup length in steps: warmup_steps if set, else ceil(warmup_ratio · total), never past the end."""
+        warmup = self.warmup_steps if self.warmup_steps is not None else math.ceil(self.warmup_ratio * total_steps)
+        return min(warmup, total_steps)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain values (str/int/float/bool) for the TensorBoard hyperparameter table."""
+        out = {}
+        for k, v in asdict(self).items():
+            out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+        return out

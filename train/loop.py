@@ -1,0 +1,300 @@
+"""The training loop: the course's four steps, repeated over mini-batches and epochs.
+
+    for each optimizer step:
+        for each of grad_accum micro-batches:
+            1. forward pass   the tokens through the network (the same thing as inference)
+            2. loss           cross-entropy of each answer token's prediction: how wrong was it
+            3. backward pass  the gradient of the loss for every LoRA parameter
+        4. optimizer step     AdamW nudges each LoRA weight against its gradient; the lr follows the cosine
+
+`training_step` is exactly that; `train` around it tokenizes, orders the data, evaluates, logs,
+checkpoints and resumes.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .data import Example, build_examples, collate, epoch_batches
+from .distributed import DistContext, all_gather_object, all_reduce_sum, setup_distributed, sync_gradients, teardown_distributed, wrap_ddp
+from .log import RunLogger, default_run_name
+from .loss import AnswerLossModule, answer_loss, unwrap
+from .schedule import cosine_with_warmup
+
+
+@dataclass
+class TrainResult:
+    step: int                                          # optimizer steps done
+    total_steps: int
+    train_losses: list[tuple[int, float]] = field(default_factory=list)   # (step, mean answer-token loss)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    out_dir: str | None = None
+    run_dir: str | None = None                         # the TensorBoard folder
+    skipped_items: int = 0                             # training items with no answer token to learn
+
+
+def training_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]],
+                  optimizer: torch.optim.Optimizer, scheduler, params: list[nn.Parameter],
+                  n_answer_tokens: int, ctx: DistContext, max_grad_norm: float | None,
+                  autocast, step: int) -> tuple[float, float, float]:
+    """One optimizer step over the micro-batches of this rank; returns (loss, grad_norm, lr).
+
+    The summed loss of each micro-batch is divided by the answer tokens of the whole step (all
+    micro-batches, all ranks), so k accumulated micro-batches give the gradient of one batch k
+    times larger. DDP averages gradients over ranks; multiplying by world_size turns that back
+    into the sum.
+    """
+    lr = optimizer.param_groups[0]["lr"]
+    scale = ctx.world_size / n_answer_tokens
+    loss_sum = torch.zeros((), device=ctx.device)
+    for i, batch in enumerate(micro_batches):
+        with sync_gradients(loss_module, now=i == len(micro_batches) - 1):
+            with autocast():
+                # 1. forward pass and 2. loss, in one call so DDP sees its own forward: the decoder
+                #    turns the tokens into hidden states, the head runs at answer positions only, and
+                #    the cross-entropy against each next token is summed (right padding: no mask needed)
+                loss = loss_module(batch["input_ids"], batch["labels"])
+            # 3. backward pass: the gradients accumulate in each LoRA parameter's .grad
+            (loss * scale).backward()
+        loss_sum += loss.detach()
+    mean_loss = all_reduce_sum(loss_sum, ctx).item() / n_answer_tokens
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"non-finite training loss ({mean_loss}) at step {step}; stopping before the update, "
+                                 "so the last checkpoint saved stays the last good one")
+    # 4. optimizer step: clip the gradient norm, AdamW update, then the next learning rate
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else math.inf)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, float(grad_norm), lr
+
+
+@torch.no_grad()
+def _loss_totals(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device, autocast) -> tuple[float, int]:
+    """(summed answer-token loss, number of answer tokens) over the batches, the model in eval mode."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            with autocast():
+                total += answer_loss(model, input_ids, labels, reduction="sum").item()
+            count += int((labels[:, 1:] != -100).sum())
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+def evaluate(model: nn.Module, batches_or_items, tokenizer=None, batch_size: int = 8, max_len: int | None = None,
+             device: str | torch.device | None = None, autocast_dtype: torch.dtype | None = None,
+             add_eos: bool = True) -> float:
+    """Mean cross-entropy per answer token over a validation set.
+
+    `batches_or_items`: (prompt, answer) string pairs (then `tokenizer` is required), or batch
+    dicts with input_ids and labels (B, T) as `collate` makes them.
+    """
+    data = list(batches_or_items)
+    if not data:
+        raise ValueError("evaluate got no data: pass (prompt, answer) pairs or collated batches")
+    device = device if device is not None else next(unwrap(model).parameters()).device
+    if isinstance(data[0], dict):
+        batches = data
+    else:
+        if tokenizer is None:
+            raise ValueError("evaluate needs a tokenizer to turn (prompt, answer) pairs into token ids")
+        examples, _ = build_examples(tokenizer, data, max_len, add_eos)
+        batches = _eval_batches(examples, batch_size, _pad_id(tokenizer))
+    total, count = _loss_totals(model, batches, device, _autocast(device, autocast_dtype))
+    if count == 0:
+        raise ValueError("evaluate: no answer tokens in the data")
+    return total / count
+
+
+def _eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))  # similar lengths together: little padding
+    return [collate(ordered[i:i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
+
+
+def _pad_id(tokenizer) -> int:
+    for name in ("pad_id", "eos_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None and value >= 0:
+            return value
+    return 0  # never attended by a real token nor labelled: any id will do
+
+
+def _autocast(device, dtype: torch.dtype | None):
+    if dtype is None:
+        return nullcontext
+    return lambda: torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """torch AdamW, or bitsandbytes' 8-bit / paged AdamW (paged falls back to plain memory on the CPU)."""
+    kwargs = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb
+
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[config.optimizer]
+    return cls(params, **kwargs)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _DataPlan:
+    """Which examples each optimizer step uses: a function of (seed, step) alone, so resuming is exact."""
+
+    def __init__(self, examples: list[Example], config: TrainConfig, ctx: DistContext):
+        self.examples, self.config, self.ctx = examples, config, ctx
+        self.lengths = [len(e.input_ids) for e in examples]
+        n, bs, w = len(examples), config.batch_size, ctx.world_size
+        n_micro = n // bs + (1 if n % bs >= max(1, w) else 0)  # under DDP every rank needs a row
+        if n % bs and n % bs < w:
+            warnings.warn(f"{n % bs} examples of each epoch are left out: a micro-batch needs at least one row per rank ({w})")
+        if n_micro == 0:
+            raise ValueError(f"{n} training examples cannot fill one micro-batch with a row for each of {w} processes")
+        self.steps_per_epoch = -(-n_micro // config.grad_accum)
+        self._epoch, self._batches = None, None
+
+    def step_batches(self, step: int) -> tuple[list[list[int]], int]:
+        """(micro-batches of example indices, epoch) of 0-based optimizer step `step`."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            batches = epoch_batches(self.lengths, self.config.batch_size, self.config.seed, epoch, self.config.group_by_length)
+            self._batches = [b for b in batches if len(b) >= self.ctx.world_size]
+            self._epoch = epoch
+        ga = self.config.grad_accum
+        return self._batches[k * ga:(k + 1) * ga], epoch
+
+
+def train(model: nn.Module, tokenizer, train_items: Sequence[tuple[str, str]], val_items: Sequence[tuple[str, str]] | None,
+          config: TrainConfig, resume: bool = False) -> TrainResult:
+    """Fine-tune the trainable (LoRA) parameters of `model` on (prompt, answer) pairs.
+
+    The model arrives with LoRA applied (only its parameters require grad). Under torchrun the same
+    call trains with DistributedDataParallel. `resume=True` continues from the newest complete
+    `<out_dir>/checkpoint-<step>/`.
+    """
+    ctx = setup_distributed(config.device)
+    try:
+        return _train(model, tokenizer, train_items, val_items, config, resume, ctx)
+    finally:
+        teardown_distributed(ctx)
+
+
+def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume: bool, ctx: DistContext) -> TrainResult:
+    train_items = list(train_items)
+    if not train_items:
+        raise ValueError("train_items is empty: pass a list of (prompt, answer) string pairs")
+    if resume and config.out_dir is None:
+        raise ValueError("resume=True needs config.out_dir, the folder holding checkpoint-<step>/")
+    _seed_everything(config.seed)
+    examples, skipped = build_examples(tokenizer, train_items, config.max_len, config.add_eos)
+    if not examples:
+        raise ValueError(f"none of the {len(train_items)} training items has an answer token to train on")
+    val_examples = build_examples(tokenizer, val_items, config.max_len, config.add_eos)[0] if val_items else []
+    pad_id = _pad_id(tokenizer)
+    plan = _DataPlan(examples, config, ctx)
+    total_steps = config.max_steps or config.epochs * plan.steps_per_epoch
+    warmup = config.warmup_for(total_steps)
+
+    model.to(ctx.device)
+    if config.grad_checkpointing:
+        model.set_gradient_checkpointing(True)
+    model.train()
+
+    state = None
+    if resume:
+        path = latest_checkpoint(config.out_dir)
+        if path is None:
+            raise ValueError(f"resume=True but {config.out_dir} holds no complete checkpoint-<step>/ folder")
+        state = load_checkpoint(path, model)
+        if state["total_steps"] != total_steps:
+            warnings.warn(f"{path} was saved by a run of {state['total_steps']} steps; this one has {total_steps}")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: apply LoRA first (lora.apply_lora)")
+    optimizer = make_optimizer(params, config)
+    min_ratio = config.min_lr_ratio
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup, 1.0, min_ratio))
+    step, train_losses, val_losses = 0, [], []
+    run_name = config.run_name or default_run_name()
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        train_losses = [tuple(x) for x in state["train_losses"]]
+        val_losses = [tuple(x) for x in state["val_losses"]]
+        run_name = config.run_name or state["run_name"]
+        rngs = state["rng"]  # one per rank: each process continues its own dropout stream
+        set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
+
+    loss_module = wrap_ddp(AnswerLossModule(model), ctx)
+    autocast = _autocast(ctx.device, config.autocast_dtype)
+    val_shard = val_examples[ctx.rank::ctx.world_size]
+    logger = RunLogger(config.out_dir, run_name, total_steps, step, config.summary(), config.progress, ctx.is_main)
+
+    def run_eval() -> None:
+        total, count = _loss_totals(model, _eval_batches(val_shard, config.batch_size, pad_id), ctx.device, autocast) \
+            if val_shard else (0.0, 0)
+        t = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64, device=ctx.device), ctx)
+        val_losses.append((step, t[0].item() / max(t[1].item(), 1.0)))
+        logger.log_eval(step, val_losses[-1][1])
+
+    def save() -> None:
+        rngs = all_gather_object(rng_state(), ctx)
+        if not ctx.is_main:
+            return
+        epoch, k = divmod(step, plan.steps_per_epoch)
+        save_checkpoint(config.out_dir, step, unwrap(model), {
+            "step": step, "epoch": epoch, "step_in_epoch": k, "total_steps": total_steps, "warmup_steps": warmup,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
+            "train_losses": [list(x) for x in train_losses], "val_losses": [list(x) for x in val_losses],
+            "run_name": run_name, "world_size": ctx.world_size,
+        }, config.keep_last)
+        logger.flush()
+
+    try:
+        while step < total_steps:
+            micro_indices, _ = plan.step_batches(step)
+            n_answer_tokens = sum(examples[i].n_answer_tokens for mb in micro_indices for i in mb)
+            n_tokens = sum(len(examples[i].input_ids) for mb in micro_indices for i in mb)
+            micro_batches = [{k: v.to(ctx.device, non_blocking=True)
+                              for k, v in collate([examples[i] for i in mb[ctx.rank::ctx.world_size]], pad_id).items()}
+                             for mb in micro_indices]
+            t0 = time.perf_counter()
+            loss, grad_norm, lr = training_step(loss_module, micro_batches, optimizer, scheduler, params,
+                                                n_answer_tokens, ctx, config.max_grad_norm, autocast, step + 1)
+            step += 1
+            train_losses.append((step, loss))
+            logger.log_step(step, loss, lr, grad_norm, n_tokens / (time.perf_counter() - t0),
+                            write=step % config.log_every == 0 or step == total_steps)
+            if val_examples and (
+                    (config.eval_every and step % config.eval_every == 0) or step == total_steps):
+                run_eval()
+            if config.save_every and (step % config.save_every == 0 or step == total_steps):
+                save()
+    finally:
+        logger.close({"hparam/final_eval_loss": val_losses[-1][1]} if val_losses and step == total_steps else None)
+    return TrainResult(step, total_steps, train_losses, val_losses, config.out_dir, logger.run_dir, skipped)
