@@ -6,6 +6,9 @@ read, so a 16/32-bit copy of the whole model never exists either.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import importlib.util
 import json
 import os
@@ -128,6 +131,29 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 # ---------------------------------------------------------------------------- the loader
+@functools.cache
+def _libc_malloc_trim():
+    """glibc's `malloc_trim`, or None elsewhere (macOS, musl): the loader works the same without it."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages freed so far back to the operating system.
+
+    glibc keeps freed memory for reuse, and after a large block is freed it serves later large
+    blocks from the heap too. While quantizing, each layer's full-precision temporaries are freed
+    between the small packed tensors that stay, so without this the process would still hold about
+    the 16/32-bit model's size in freed pages: the memory NF4 loading is meant to save.
+    """
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _is_rope_buffer(name: str) -> bool:
     return name.endswith("rotary_emb.inv_freq") or "rope_freqs" in name
 
@@ -185,6 +211,7 @@ def load_pretrained(
             parts[kind] = t
             if "weight" in parts and (linears[module_name].bias is None or "bias" in parts):
                 quantize(module_name, pending.pop(module_name))
+                release_freed_memory()
             continue
         model.get_submodule(module_name)._parameters[kind] = nn.Parameter(t, requires_grad=t.is_floating_point())
 
