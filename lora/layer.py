@@ -88,12 +88,18 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         A, B = self.lora_A.weight, self.lora_B.weight                    # (r, in), (out, r), fp32
+        B = B * self.scaling  # scale the small (out, r) matrix, not the (..., out) activations
         dtype = self.base_layer.compute_dtype if self.base_is_4bit else x.dtype
         if x.dtype != dtype:  # a 4-bit base computing in another dtype than its input
             x = x.to(dtype)
         if A.dtype != dtype:  # a low-precision base; autograd still reaches the fp32 A and B
             A, B = A.to(dtype), B.to(dtype)
-        return y + self.scaling * F.linear(F.linear(self.lora_dropout(x), A), B)  # (..., out)
+        xa = F.linear(self.lora_dropout(x), A)                           # (..., r)
+        if y.dtype != xa.dtype:  # the base returned another dtype than it computes in
+            return y + F.linear(xa, B)
+        # y + xa B^T in one addmm: the product is added as it is made, one pass over (..., out) less
+        out = torch.addmm(y.reshape(-1, self.out_features), xa.reshape(-1, self.r), B.t())
+        return out.view(y.shape)                                         # (..., out)
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:

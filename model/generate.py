@@ -100,10 +100,13 @@ def generate(
         if cache is not None:
             # step 0 feeds the prompt; later steps feed the last token at position T + step - 1
             start = 0 if step == 0 else T + step - 1
-            logits = model(out[:, start:], attention_mask=mask, cache=cache, cache_start=start)
+            hidden = model.model(out[:, start:], attention_mask=mask, cache=cache, cache_start=start)
         else:
-            logits = model(out, attention_mask=mask)
-        nxt = sample_next(logits[:, -1], temperature, top_p, generator)    # (B,)
+            hidden = model.model(out, attention_mask=mask)                 # (B, t, D)
+        # Only the last position picks the next token: the head (D x vocab) runs there alone, not over
+        # the whole prompt.
+        logits = model.lm_head(hidden[:, -1])                             # (B, vocab)
+        nxt = sample_next(logits, temperature, top_p, generator)           # (B,)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         out = torch.cat([out, nxt[:, None]], dim=1)                        # (B, T + step + 1)
         if mask is not None:

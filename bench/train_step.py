@@ -1,0 +1,464 @@
+"""Training-step speed and memory: this library against transformers + PEFT (+ bitsandbytes), side by side.
+
+A training step is the course's four steps on one mini-batch: forward, loss, backward, AdamW step.
+Both sides train the same weights on the same batch with the same LoRA (r, alpha, dropout 0, q, k,
+v, o projections) and the same optimizer; theirs is written as a course user writes it:
+`model(input_ids, labels=labels).loss`. Steps are timed after warm-up, alternating the two sides in
+rounds, in one process; peak memory is measured per side in a fresh subprocess.
+
+    python bench/train_step.py --shape smollm2-a --quant none      # SmolLM2-135M, 8 x 64, every token labelled
+    python bench/train_step.py --shape smollm2-b --quant nf4       # 8 prompts of ~60 tokens, 4-token answers
+    python bench/train_step.py --all                                # the four CPU combinations
+    python bench/train_step.py --shape llama31-8b --device cuda    # Llama-3.1-8B-shaped, random weights, NF4
+    python bench/train_step.py --shape llama31-8b --layers 1 --shrink 8    # the same code path, CPU-sized
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+from dataclasses import dataclass, replace
+
+import common  # noqa: F401  (puts the repository root on sys.path)
+import torch
+from common import (alternate_rounds, emit_probe_result, header, hf_folder_for_nf4, median, now_mb, peak_mb, reset_peak,
+                    run_probe, set_threads, smollm2_gguf, table)
+from torch import nn
+
+H100_BF16_FLOPS = 790e12   # measured dense bf16 matmul throughput of an H100, the MFU denominator
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one benchmark trains: which model, which batch, which LoRA."""
+
+    name: str
+    model: str                    # "smollm2" (the embedded GGUF) or "llama31-8b" (random weights)
+    batch: int
+    prompt: int                   # tokens per row before the answer (all of them when labels == "all")
+    answer: int                   # answer tokens per row (labels kept only there when labels == "answer")
+    spread: int                   # prompt lengths vary by up to +-spread tokens; rows are right-padded
+    labels: str                   # "all" or "answer"
+    r: int
+    alpha: int
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+SHAPES = {
+    "smollm2-a": Shape("smollm2-a", "smollm2", batch=8, prompt=64, answer=0, spread=0, labels="all", r=8, alpha=16),
+    "smollm2-b": Shape("smollm2-b", "smollm2", batch=8, prompt=60, answer=4, spread=4, labels="answer", r=8, alpha=16),
+    # The course's QLoRA run: Llama-3.1-8B in NF4, r=32, alpha=64, sequences of 182 tokens, batch 4,
+    # the loss on the price tokens at the end of each sequence.
+    "llama31-8b": Shape("llama31-8b", "llama31-8b", batch=4, prompt=178, answer=4, spread=0, labels="answer",
+                        r=32, alpha=64),
+}
+
+LLAMA31_8B = dict(  # config.json of meta-llama/Llama-3.1-8B, the parts that fix the shape
+    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+    rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192),
+)
+
+
+# ----------------------------------------------------------------------------------------- the batch
+def make_batch(shape: Shape, vocab: int, pad_id: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids of the shape's lengths -> input_ids, labels (B, T), right-padded.
+
+    The step's cost depends on the lengths and on which positions carry a label, not on which
+    tokens they are. Right padding keeps every real token's causal context free of padding, so
+    neither side needs an attention mask (labels are -100 on padding).
+    """
+    g = torch.Generator().manual_seed(seed)
+    low = min(100, vocab // 2)  # keep clear of the special tokens at the start of the vocabulary
+    lens = [shape.prompt + int(d) for d in torch.randint(-shape.spread, shape.spread + 1, (shape.batch,), generator=g)]
+    T = max(lens) + shape.answer
+    input_ids = torch.full((shape.batch, T), pad_id, dtype=torch.long)
+    labels = torch.full((shape.batch, T), IGNORE_INDEX, dtype=torch.long)
+    for b, p in enumerate(lens):
+        row = torch.randint(low, vocab, (p + shape.answer,), generator=g)
+        input_ids[b, : len(row)] = row
+        if shape.labels == "all":
+            labels[b, : len(row)] = row
+        else:
+            labels[b, p : len(row)] = row[p:]
+    return input_ids, labels
+
+
+# ------------------------------------------------------------------- random Llama-3.1-8B-shaped weights
+def llama_config(args) -> dict:
+    """The HF config dict of the random model: Llama-3.1-8B, or a scaled-down stand-in of it."""
+    d = dict(LLAMA31_8B)
+    if args.layers:
+        d["num_hidden_layers"] = args.layers
+    if args.shrink > 1:  # keep head_dim 128 and the GQA ratio; divide the widths
+        k = args.shrink
+        if 32 % k or 8 % k:
+            raise ValueError(f"--shrink {k}: must divide the 8 key/value heads (1, 2, 4 or 8)")
+        d.update(hidden_size=4096 // k, intermediate_size=14336 // k, vocab_size=128256 // k,
+                 num_attention_heads=32 // k, num_key_value_heads=8 // k, bos_token_id=1, eos_token_id=2)
+    return d
+
+
+def random_tensors(cfg: dict, seed: int, device: str, dtype: torch.dtype):
+    """Yield (layer index or None, {HF name: tensor}) for a random model, one decoder layer at a time.
+
+    One generator drawn in a fixed order, so every caller with the same seed and device gets the same
+    numbers: both sides of one run, and each side's memory probe. Weights ~ N(0, 0.02), norms 1.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return (torch.randn(shape, generator=g, device=device) * 0.02).to(dtype)
+
+    D, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hs = cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hs, cfg["num_key_value_heads"] * hs
+    ones = lambda n: torch.ones(n, device=device, dtype=dtype)  # noqa: E731
+    yield None, {"model.embed_tokens.weight": randn(V, D)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        yield i, {
+            p + "self_attn.q_proj.weight": randn(q, D), p + "self_attn.k_proj.weight": randn(kv, D),
+            p + "self_attn.v_proj.weight": randn(kv, D), p + "self_attn.o_proj.weight": randn(D, q),
+            p + "mlp.gate_proj.weight": randn(I, D), p + "mlp.up_proj.weight": randn(I, D),
+            p + "mlp.down_proj.weight": randn(D, I),
+            p + "input_layernorm.weight": ones(D), p + "post_attention_layernorm.weight": ones(D),
+        }
+    yield None, {"model.norm.weight": ones(D), "lm_head.weight": randn(V, D)}
+
+
+def set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    """Put t in place of the (meta) parameter `name`, frozen."""
+    module_name, _, kind = name.rpartition(".")
+    model.get_submodule(module_name)._parameters[kind] = nn.Parameter(t, requires_grad=False)
+
+
+def check_materialised(model: nn.Module, side: str) -> None:
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    assert not left, f"{side}: tensors left on the meta device: {left[:5]}"
+
+
+class RandomOurs:
+    """Our Llama filled from `random_tensors`, each decoder layer quantized to NF4 as soon as it is full."""
+
+    def __init__(self, cfg: dict, device: str, dtype: torch.dtype):
+        from model import Llama, LlamaConfig
+
+        self.config, self.device, self.dtype = LlamaConfig.from_hf(cfg), device, dtype
+        with torch.device("meta"):
+            self.model = Llama(self.config)
+
+    def add(self, layer: int | None, named: dict[str, torch.Tensor]) -> None:
+        from quant import quantize_model
+
+        for name, t in named.items():
+            set_tensor(self.model, name, t)
+        if layer is not None:
+            quantize_model(self.model.model.layers[layer], quant_type="nf4", double_quant=True,
+                           compute_dtype=self.dtype, skip=())
+
+    def finish(self) -> nn.Module:
+        self.model.model.rotary_emb._buffers["inv_freq"] = self.config.rope_inv_freq().to(self.device)
+        check_materialised(self.model, "ours")
+        return self.model
+
+
+class RandomTheirs:
+    """transformers' LlamaForCausalLM filled from `random_tensors`, its linears swapped for
+    bitsandbytes' `Linear4bit` (NF4, double quant) layer by layer: the modules that
+    `from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))` builds,
+    without a 16 GB checkpoint on disk."""
+
+    def __init__(self, cfg: dict, device: str, dtype: torch.dtype):
+        from transformers import LlamaConfig as HFLlamaConfig
+        from transformers import LlamaForCausalLM
+
+        self.config = HFLlamaConfig(**cfg)
+        self.config._attn_implementation = "sdpa"  # from_pretrained's default where torch has SDPA
+        self.device, self.dtype = device, dtype
+        with torch.device("meta"):
+            self.model = LlamaForCausalLM(self.config)
+
+    def add(self, layer: int | None, named: dict[str, torch.Tensor]) -> None:
+        import bitsandbytes as bnb
+
+        for name, t in named.items():
+            set_tensor(self.model, name, t)
+        if layer is None:
+            return
+        block = self.model.model.layers[layer]
+        for name, lin in list(block.named_modules()):
+            if not isinstance(lin, nn.Linear):
+                continue
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=self.dtype,
+                                  compress_statistics=True, quant_type="nf4", device="meta")
+            q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4", module=q).to(self.device)  # quantizes on the move
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent), child, q)
+
+    def finish(self) -> nn.Module:
+        with torch.device(self.device):  # built on meta, the RoPE buffers hold no numbers yet
+            self.model.model.rotary_emb = type(self.model.model.rotary_emb)(config=self.config)
+        self.model.is_loaded_in_4bit = True  # as from_pretrained marks it: PEFT then wraps with its bnb LoRA layer
+        check_materialised(self.model, "theirs")
+        return self.model
+
+
+def build_random(args, sides: list[str], device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
+    """The random model for each side in `sides`, from one pass over `random_tensors`: each layer's
+    float weights are handed to every side, quantized, and dropped before the next is drawn."""
+    cfg = llama_config(args)
+    builders = {s: (RandomOurs if s == "ours" else RandomTheirs)(cfg, device, dtype) for s in sides}
+    for layer, named in random_tensors(cfg, args.seed, device, dtype):
+        for b in builders.values():
+            b.add(layer, named)
+    return {s: b.finish() for s, b in builders.items()}
+
+
+# -------------------------------------------------------------------------------------------- sides
+@dataclass
+class Side:
+    name: str
+    model: nn.Module
+    step: object        # step(input_ids, labels) -> loss (detached)
+
+
+def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def ours(args, shape: Shape, device: str, dtype: torch.dtype, base: nn.Module | None) -> Side:
+    """Our library as its user writes it: load (quantizing as it reads), apply_lora, answer_loss."""
+    from lora import LoRAConfig, apply_lora
+    from model import load_pretrained
+    from train import answer_loss
+
+    if base is None:
+        base, _ = load_pretrained(smollm2_gguf(), dtype=dtype, device=device, quant=None if args.quant == "none" else "nf4")
+    model = base
+    apply_lora(model, LoRAConfig(r=shape.r, alpha=shape.alpha, dropout=0.0, target_modules=shape.targets))
+    if args.compile:
+        model.compile_layers()  # torch.compile each decoder layer; the first steps pay for compiling
+    model.train()
+    opt = adamw(model, args.lr)
+
+    def step(input_ids, labels):
+        loss = answer_loss(model, input_ids, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return Side("ours", model, step)
+
+
+def theirs(args, shape: Shape, device: str, dtype: torch.dtype, base: nn.Module | None, hf_dir: str | None) -> Side:
+    """transformers + PEFT (+ bitsandbytes) as the course uses them: from_pretrained with a
+    BitsAndBytesConfig, get_peft_model, `model(input_ids, labels=labels).loss`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if base is not None:
+        model = base
+    elif args.quant == "none":
+        gguf = smollm2_gguf()
+        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                     dtype=dtype).to(device)
+    else:
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, quantization_config=bnb, dtype=dtype, device_map=device)
+    model.config.use_cache = False  # a training step keeps no KV cache
+    lora = LoraConfig(r=shape.r, lora_alpha=shape.alpha, lora_dropout=0.0, target_modules=list(shape.targets),
+                      bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    model.train()
+    opt = adamw(model, args.lr)
+    # The course trains with SFTTrainer(bf16=True), which runs the forward pass under autocast; PEFT keeps
+    # LoRA weights in fp32 and would otherwise run the low-rank path in fp32.
+    autocast = (torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+
+    def step(input_ids, labels):
+        with autocast:
+            loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return Side("theirs", model, step)
+
+
+def build_sides(names: list[str], args, shape: Shape, device: str, dtype: torch.dtype, hf_dir: str | None) -> dict[str, Side]:
+    bases = build_random(args, names, device, dtype) if shape.model != "smollm2" else {}
+    make = {"ours": lambda b: ours(args, shape, device, dtype, b),
+            "theirs": lambda b: theirs(args, shape, device, dtype, b, hf_dir)}
+    return {n: make[n](bases.pop(n, None)) for n in names}
+
+
+def vocab_and_pad(args, shape: Shape) -> tuple[int, int]:
+    if shape.model == "smollm2":
+        from model import read_config
+
+        config = read_config(smollm2_gguf())
+        return config.vocab_size, config.pad_token_id if config.pad_token_id is not None else 0
+    return llama_config(args)["vocab_size"], 0
+
+
+def parameter_count(cfg: dict) -> int:
+    """N of the unquantized model: embeddings, attention, MLP, norms and (untied) head."""
+    D, I, V, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    hs = cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hs, cfg["num_key_value_heads"] * hs
+    per_layer = D * q + 2 * D * kv + q * D + 3 * D * I + 2 * D
+    return V * D * (1 if cfg.get("tie_word_embeddings") else 2) + L * per_layer + D
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def probe(args, shape: Shape, device: str, dtype: torch.dtype) -> None:
+    """In a fresh process: build one side, run warm-up plus a few steps, report its peak memory."""
+    if args.probe == "ours":
+        import lora, model, quant, train  # noqa: F401,E401
+    else:
+        import bitsandbytes, peft, transformers  # noqa: F401,E401
+    baseline = now_mb(device)  # the interpreter, torch and this side's libraries, before any weights
+    side = build_sides([args.probe], args, shape, device, dtype, args.hf_dir)[args.probe]
+    input_ids, labels = (t.to(device) for t in make_batch(shape, *vocab_and_pad(args, shape), args.seed))
+    built_peak, built_now = peak_mb(device), now_mb(device)
+    reset_peak(device)
+    for _ in range(args.warmup + args.memory_steps):
+        side.step(input_ids, labels)
+    steps_peak = peak_mb(device)
+    emit_probe_result({"baseline_mb": baseline, "built_mb": built_now, "steps_peak_mb": steps_peak,
+                       "process_peak_mb": max(built_peak, steps_peak)})
+
+
+def measure(args, shape: Shape, device: str, dtype: torch.dtype) -> str:
+    """Time both sides in this process (alternating rounds), probe each side's memory; a Markdown block."""
+    hf_dir = hf_folder_for_nf4(dtype) if "theirs" in args.sides and shape.model == "smollm2" and args.quant == "nf4" else None
+    try:
+        sides = build_sides(args.sides, args, shape, device, dtype, hf_dir)
+        input_ids, labels = (t.to(device) for t in make_batch(shape, *vocab_and_pad(args, shape), args.seed))
+        first_loss = {n: s.step(input_ids, labels).item() for n, s in sides.items()}  # same weights: same loss
+        for _ in range(args.warmup - 1):
+            for s in sides.values():
+                s.step(input_ids, labels)
+        times = alternate_rounds(sides, lambda s: s.step(input_ids, labels), args.rounds, args.steps, device)
+        del sides
+        memory = {}
+        if not args.no_memory:
+            for n in args.sides:
+                argv = [a for a in sys.argv[1:] if a != "--all"] + ["--probe", n, "--shape", shape.name, "--quant", args.quant]
+                memory[n] = run_probe(os.path.abspath(__file__), argv + (["--hf-dir", hf_dir] if hf_dir else []))
+    finally:
+        if hf_dir:
+            shutil.rmtree(hf_dir, ignore_errors=True)
+
+    B, T = input_ids.shape
+    tokens, answer_tokens = B * T, int((labels[:, 1:] != IGNORE_INDEX).sum())
+    N = parameter_count(llama_config(args)) if shape.model != "smollm2" else None
+    label = {"ours": "ours, compiled layers" if args.compile else "ours", "theirs": "transformers + PEFT"}
+    rows = [["side", "ms/step (median)", "tokens/s", "peak memory in steps (MiB)", "peak memory, whole process (MiB)",
+             "first loss"] + (["MFU"] if device.startswith("cuda") else [])]
+    stats = {}
+    for n in args.sides:
+        ms = median(times[n]) * 1e3
+        tps = tokens / (ms / 1e3)
+        mem = memory.get(n, {})
+        stats[n] = (tps, mem.get("steps_peak_mb"), mem.get("process_peak_mb"))
+        row = [label[n], f"{ms:.1f}", f"{tps:,.0f}", f"{mem['steps_peak_mb']:,.0f}" if mem else "-",
+               f"{mem['process_peak_mb']:,.0f}" if mem else "-", f"{first_loss[n]:.4f}"]
+        if device.startswith("cuda"):
+            row.append(f"{tps * 4 * N / H100_BF16_FLOPS:.1%}")
+        rows.append(row)
+    quant = "NF4 (double quant)" if args.quant == "nf4" else "none"
+    lines = [f"### {shape.name}, quant {quant}, {str(dtype).replace('torch.', '')} compute",
+             f"batch {B} x {T} tokens ({tokens} positions, {answer_tokens} labelled), LoRA r={shape.r} alpha={shape.alpha} "
+             f"dropout 0 on {', '.join(shape.targets)}, AdamW lr {args.lr}; warm-up {args.warmup}, then "
+             f"{args.rounds} rounds x {args.steps} steps per side, alternating"
+             + ("; theirs under torch.autocast (as SFTTrainer(bf16=True) runs it)" if dtype != torch.float32 else ""),
+             "", table(rows), ""]
+    if N:
+        lines.insert(2, f"N = {N:,} parameters; MFU = tokens/s x 4N / {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s")
+    if memory and device.startswith("cuda"):
+        lines.append("allocated after building (weights, LoRA): "
+                     + ", ".join(f"{label[n]} {memory[n]['built_mb']:,.0f} MiB" for n in args.sides))
+    elif memory:
+        lines.append("resident before loading (Python, torch and the side's libraries): "
+                     + ", ".join(f"{label[n]} {memory[n]['baseline_mb']:,.0f} MiB" for n in args.sides)
+                     + "; resident after building: "
+                     + ", ".join(f"{label[n]} {memory[n]['built_mb']:,.0f} MiB" for n in args.sides))
+    if len(stats) == 2:
+        (t_o, m_o, p_o), (t_t, m_t, p_t) = stats["ours"], stats["theirs"]
+        ratio = f"ratio ours/theirs: tokens/s {t_o / t_t:.2f}x"
+        if m_o and m_t:
+            ratio += f", peak memory in steps {m_o / m_t:.2f}x, whole process {p_o / p_t:.2f}x"
+        lines.append(ratio)
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-a", help="what to train (default smollm2-a)")
+    p.add_argument("--quant", choices=("none", "nf4"), default="none", help="base weights in NF4 or not (llama31-8b: always nf4)")
+    p.add_argument("--all", action="store_true", help="the four CPU runs: smollm2-a and smollm2-b, each with --quant none and nf4")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--warmup", type=int, help="untimed steps per side first (default 2 on cpu, 3 on cuda)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds; the side that goes first alternates (default 3)")
+    p.add_argument("--steps", type=int, help="timed steps per side per round (default 2 on cpu, 5 on cuda)")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile each decoder layer (Llama.compile_layers)")
+    p.add_argument("--memory-steps", type=int, default=2, help="steps after warm-up in each memory probe (default 2)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-side memory probes")
+    p.add_argument("--sides", default="ours,theirs", help="which sides to run (default ours,theirs)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of both sides (default 1e-4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch and the random weights (default 0)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    p.add_argument("--layers", type=int, help="llama31-8b: this many decoder layers instead of 32")
+    p.add_argument("--shrink", type=int, default=1, help="llama31-8b: divide hidden, heads, MLP and vocabulary by this (1, 2, 4, 8)")
+    p.add_argument("--labels", choices=("all", "answer"), help="override the shape's labelled positions")
+    p.add_argument("--probe", choices=("ours", "theirs"), help=argparse.SUPPRESS)   # internal: one side's memory
+    p.add_argument("--hf-dir", help=argparse.SUPPRESS)                              # internal: theirs' NF4 folder
+    args = p.parse_args(argv)
+    args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if not args.sides or any(s not in ("ours", "theirs") for s in args.sides):
+        p.error(f"--sides {args.sides}: expected ours, theirs or both")
+    gpu = args.device.startswith("cuda")
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 2)
+    args.steps = args.steps if args.steps is not None else (5 if gpu else 2)
+    if args.warmup < 1 or args.rounds < 1 or args.steps < 1:
+        p.error("--warmup, --rounds and --steps must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no GPU here")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    device = args.device
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if args.all:
+        runs = [(s, q) for s in ("smollm2-a", "smollm2-b") for q in ("none", "nf4")]
+    else:
+        runs = [(args.shape, "nf4" if args.shape == "llama31-8b" else args.quant)]
+    if args.probe:
+        shape = SHAPES[args.shape]
+        probe(args, replace(shape, labels=args.labels) if args.labels else shape, device, dtype)
+        return
+    print(header("Training step: ours vs transformers + PEFT", device, [os.path.abspath(__file__)] + sys.argv[1:]), flush=True)
+    for name, quant in runs:
+        args.quant = quant
+        shape = replace(SHAPES[name], labels=args.labels) if args.labels else SHAPES[name]
+        print("\n" + measure(args, shape, device, dtype), flush=True)
+
+
+if __name__ == "__main__":
+    main()
