@@ -1,0 +1,35 @@
+"""The product pricer: read a description, answer its price (the course's running example).
+
+    from pricer import load_source, split_items, greedy_prices, score, save_scatter
+    loaded = load_source(None)                       # the embedded diamonds
+    split = split_items(loaded.items, seed=42, test_size=200, val_size=64)
+    guesses, _ = greedy_prices(model, tokenizer, [item.prompt for item in split.test])
+    report = score(guesses, [item.price for item in split.test])
+    print(report.title())                            # Error=$… RMSLE=… Hits=…%
+"""
+from .chart import log_to_tensorboard, save_scatter, scatter_figure
+from .data import (
+    Item,
+    Loaded,
+    Split,
+    describe_diamond,
+    diamonds_csv,
+    load_amazon_meta,
+    load_diamonds,
+    load_source,
+    load_text_price,
+    scrub,
+    shuffled,
+    split_items,
+)
+from .metrics import GREEN, ORANGE, RED, PriceReport, color_for, constant_baseline, parse_price, score
+from .predict import greedy_prices, top_k_average_prices
+from .prompt import PREFIX, QUESTION, make_answer, make_prompt
+
+__all__ = [
+    "Item", "Loaded", "Split", "describe_diamond", "diamonds_csv", "load_amazon_meta", "load_diamonds",
+    "load_source", "load_text_price", "scrub", "shuffled", "split_items",
+    "GREEN", "ORANGE", "RED", "PriceReport", "color_for", "constant_baseline", "parse_price", "score",
+    "greedy_prices", "top_k_average_prices", "PREFIX", "QUESTION", "make_answer", "make_prompt",
+    "save_scatter", "scatter_figure", "log_to_tensorboard",
+]

@@ -1,0 +1,80 @@
+"""Asking the model for prices: batched greedy generation, and the course's top-k average.
+
+Greedy: the prompts go through the model in left-padded batches; with the KV cache each new
+token costs one position, and a price needs only a handful of tokens (`max_new_tokens`).
+
+Top-k average (the course's improved predictor): instead of trusting the single most likely
+continuation, take the K most likely next tokens, read each as a number, and average them weighted
+by their probabilities. Llama 3's tokenizer holds numbers up to 999 as single tokens; tokenizers
+that split digits (SmolLM2's) need each candidate's number finished, which is done greedily.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from model import pad_batch
+
+from .metrics import parse_price
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    # BOS first, as train.build_examples encodes the prompts the model learns from
+    return [tokenizer.encode(p, bos=True) for p in prompts]
+
+
+@torch.no_grad()
+def continue_prompts(model, tokenizer, ids: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuations (text of the new tokens only) of tokenized prompts."""
+    device = next(model.parameters()).device
+    texts: list[str] = []
+    for rows in _batches(len(ids), batch_size):
+        input_ids, mask = pad_batch(ids[rows], tokenizer.pad_id, side="left")   # (B, T)
+        out = model.generate(input_ids.to(device), max_new_tokens=max_new_tokens,
+                             attention_mask=mask.to(device), temperature=0.0, eos_id=tokenizer.eos_id)
+        new = out[:, input_ids.shape[1]:].tolist()                                # (B, n <= max_new_tokens)
+        texts += [tokenizer.decode([t for t in row if t != tokenizer.eos_id]) for row in new]
+    return texts
+
+
+def greedy_prices(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 6,
+                  batch_size: int = 64) -> tuple[list[float], list[str]]:
+    """(prices, raw answers): the first number the model writes after each `Price is $`."""
+    model.eval()
+    texts = continue_prompts(model, tokenizer, _prompt_ids(tokenizer, prompts), max_new_tokens, batch_size)
+    return [parse_price(t) for t in texts], texts
+
+
+@torch.no_grad()
+def top_k_average_prices(model, tokenizer, prompts: Sequence[str], k: int = 3, max_new_tokens: int = 6,
+                         batch_size: int = 64) -> list[float]:
+    """For each prompt: sum_i p_i · number_i / sum_i p_i over the K most likely next tokens whose
+    number (the token, finished greedily) is positive; 0 when none is."""
+    if k < 1:
+        raise ValueError(f"top-k average needs k >= 1, got {k}")
+    model.eval()
+    device = next(model.parameters()).device
+    ids = _prompt_ids(tokenizer, prompts)
+    prices: list[float] = []
+    for rows in _batches(len(ids), batch_size):
+        input_ids, mask = pad_batch(ids[rows], tokenizer.pad_id, side="left")    # (B, T)
+        hidden = model.model(input_ids.to(device), attention_mask=mask.to(device))[:, -1]   # (B, D)
+        probs = torch.softmax(model.lm_head(hidden).float(), dim=-1)             # (B, V)
+        top_p, top_id = probs.topk(k, dim=-1)                                    # (B, K)
+        # each candidate: the prompt plus its first token, finished greedily
+        candidates = [row + [int(t)] for row, tops in zip(ids[rows], top_id.tolist()) for t in tops]
+        rest = continue_prompts(model, tokenizer, candidates, max_new_tokens - 1, batch_size * k) \
+            if max_new_tokens > 1 else [""] * len(candidates)
+        numbers = [parse_price(tokenizer.decode([int(t)]) + r)
+                   for t, r in zip(top_id.flatten().tolist(), rest)]
+        for b in range(len(top_p)):
+            pairs = [(numbers[b * k + j], top_p[b, j].item()) for j in range(k) if numbers[b * k + j] > 0]
+            weight = sum(p for _, p in pairs)
+            prices.append(sum(n * p for n, p in pairs) / weight if pairs else 0.0)
+    return prices
