@@ -187,6 +187,20 @@ def hf_folder_for_nf4(dtype: torch.dtype) -> str:
     return folder
 
 
+def load_theirs(quant: str, dtype: torch.dtype, device: str, hf_dir: str | None):
+    """transformers' SmolLM2 as a course user loads it: from the GGUF, or for NF4 from an HF folder
+    (`hf_folder_for_nf4`) with a `BitsAndBytesConfig`, since transformers won't quantize a GGUF."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quant == "none":
+        gguf = smollm2_gguf()
+        return AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                    dtype=dtype).to(device)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(hf_dir, quantization_config=bnb, dtype=dtype, device_map=device)
+
+
 def device_description(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()

@@ -16,7 +16,7 @@ import sys
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
-from common import alternate_rounds, header, hf_folder_for_nf4, median, set_threads, smollm2_gguf, table
+from common import alternate_rounds, header, hf_folder_for_nf4, load_theirs, median, set_threads, smollm2_gguf, table
 
 PROMPT = "How much does this cost to the nearest dollar?\n\n{}\n\nPrice is $"
 TITLES = [
@@ -70,17 +70,7 @@ def build_ours(quant: str, dtype: torch.dtype, device: str):
 
 
 def build_theirs(quant: str, dtype: torch.dtype, device: str, hf_dir: str | None):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    if quant == "none":
-        gguf = smollm2_gguf()
-        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                                                     dtype=dtype).to(device)
-    else:
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=dtype)
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, quantization_config=bnb, dtype=dtype, device_map=device)
-    return model.eval()
+    return load_theirs(quant, dtype, device, hf_dir).eval()
 
 
 def main(argv=None) -> None:
