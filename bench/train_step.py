@@ -25,6 +25,7 @@ import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
 from common import (alternate_rounds, emit_probe_result, header, hf_folder_for_nf4, load_theirs, median, now_mb, peak_mb, reset_peak,
                     run_probe, set_threads, smollm2_gguf, table)
+from floor import matmul_floor
 from random_llama import build_random, llama_config, parameter_count
 from torch import nn
 
@@ -192,6 +193,9 @@ def measure(args, shape: Shape, device: str, dtype: torch.dtype) -> str:
             for s in sides.values():
                 s.step(input_ids, labels)
         times = alternate_rounds(sides, lambda s: s.step(input_ids, labels), args.rounds, args.steps, device)
+        floor = None
+        if "ours" in sides and not args.compile:  # the same GEMMs either way; recording needs eager mode
+            floor = matmul_floor(lambda: sides["ours"].step(input_ids, labels), device)
         del sides
         memory = {}
         if not args.no_memory:
@@ -236,6 +240,12 @@ def measure(args, shape: Shape, device: str, dtype: torch.dtype) -> str:
                      + ", ".join(f"{label[n]} {memory[n]['baseline_mb']:,.0f} MiB" for n in args.sides)
                      + "; resident after building: "
                      + ", ".join(f"{label[n]} {memory[n]['built_mb']:,.0f} MiB" for n in args.sides))
+    if floor:
+        seconds, count, gflop = floor
+        lines.append(f"matmul floor: ours' {count} matrix products ({gflop:.0f} GFLOP) replayed alone take {seconds * 1e3:.1f} ms "
+                     f"({gflop / seconds:.0f} GFLOP/s)"
+                     + (f"; theirs' step / floor = {median(times['theirs']) / seconds:.2f}x, the most any library doing "
+                        "these products could gain over theirs" if "theirs" in times else ""))
     if len(stats) == 2:
         (t_o, m_o, p_o), (t_t, m_t, p_t) = stats["ours"], stats["theirs"]
         ratio = f"ratio ours/theirs: tokens/s {t_o / t_t:.2f}x"

@@ -151,6 +151,22 @@ def test_logits_equal_transformers_on_padded_batches(name, tmp_path, bpe_tokeniz
     assert worst <= 1e-4
 
 
+def test_compiled_layers_keep_the_logits_and_gradients_of_transformers(tmp_path, bpe_tokenizer_dir):
+    d = CONFIGS[next(iter(CONFIGS))]
+    hf = hf_causal_lm(d).train()
+    model, _ = load_pretrained(save_hf(hf, tmp_path, bpe_tokenizer_dir))
+    model.train().compile_layers()
+    ids = torch.randint(0, d["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(0))
+    ours, ref = model(ids), hf(input_ids=ids).logits
+    assert (ours - ref).abs().max().item() <= 1e-4
+    ours.square().mean().backward()
+    ref.square().mean().backward()
+    hf_params = dict(hf.named_parameters())
+    for name, p in model.named_parameters():  # every weight, through the compiled backward pass
+        want = hf_params[name].grad
+        assert (p.grad - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item()), name
+
+
 def test_sharded_checkpoint_loads_to_the_same_logits(tmp_path, bpe_tokenizer_dir):
     hf = hf_causal_lm(tiny_hf_config())
     single, _ = load_pretrained(save_hf(hf, tmp_path / "single", bpe_tokenizer_dir))

@@ -20,7 +20,7 @@ from train import (  # noqa: E402
     epoch_batches, load_checkpoint, train, training_step,
 )
 from train.distributed import DistContext  # noqa: E402
-from train.loss import AnswerLossModule  # noqa: E402
+from train.loss import AnswerLossModule, LinearCrossEntropy  # noqa: E402
 
 SCRIPT = os.path.join(HERE, "train_script.py")
 PY = sys.executable
@@ -109,6 +109,44 @@ def test_answer_loss_equals_cross_entropy_over_full_logits_with_the_same_gradien
         assert max((a - b).abs().max().item() for a, b in zip(grads, ref_grads)) <= 1e-6
     n = int((labels[:, 1:] != -100).sum())
     assert torch.allclose(answer_loss(model, ids, labels, reduction="sum"), ref * n, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_equals_autograd_through_the_head_and_cross_entropy(dtype):
+    g = torch.Generator().manual_seed(0)
+    n, D, V = 37, 16, 101
+    h = torch.randn(n, D, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(V, D, generator=g).to(dtype).requires_grad_()
+    b = torch.randn(V, generator=g).to(dtype).requires_grad_()
+    y = torch.randint(0, V, (n,), generator=g)
+    ref = F.cross_entropy(F.linear(h, w, b).float(), y, reduction="sum")
+    ref_grads = torch.autograd.grad(3.0 * ref, (h, w, b))  # a scale on the loss reaches every gradient
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for chunk in (1000, 8, 1):
+        ours = LinearCrossEntropy.apply(h, w, b, y, chunk)
+        grads = torch.autograd.grad(3.0 * ours, (h, w, b))
+        assert ours.dtype == torch.float32 and abs(ours.item() - ref.item()) <= 1e-5 * abs(ref.item())
+        for a, r in zip(grads, ref_grads):
+            assert a.dtype == dtype and a.shape == r.shape
+            assert (a.float() - r.float()).abs().max().item() <= tol * r.float().abs().max().item()
+    with torch.no_grad():  # evaluation makes no gradients
+        assert abs(LinearCrossEntropy.apply(h, w, None, y, 8).item() - F.cross_entropy(F.linear(h, w).float(), y, reduction="sum").item()) <= 1e-3
+
+
+def test_answer_loss_with_a_plain_head_takes_linear_cross_entropy_and_matches_full_logits():
+    model = tiny_lora_model(targets=("q_proj", "v_proj"))  # lm_head stays an nn.Linear
+    assert type(model.lm_head) is torch.nn.Linear
+    batch = batch_of(pricer_items(5))
+    ids, labels = batch["input_ids"], batch["labels"]
+    logits = model(ids)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    params = list(trainable(model).values())
+    ref_grads = torch.autograd.grad(ref, params)
+    for chunk in (1024, 3):
+        ours = answer_loss(model, ids, labels, chunk_size=chunk)
+        grads = torch.autograd.grad(ours, params)
+        assert (ours - ref).abs().item() <= 1e-6
+        assert max((a - b).abs().max().item() for a, b in zip(grads, ref_grads)) <= 1e-6
 
 
 def test_evaluate_is_the_mean_cross_entropy_per_answer_token():

@@ -35,6 +35,7 @@ class TrainConfig:
     log_every: int = 1
     optimizer: str = "adamw"
     grad_checkpointing: bool = False
+    compile: bool = False                # torch.compile each decoder layer (Llama.compile_layers)
     seed: int = 42
     out_dir: str | None = None
     device: str = "cpu"

@@ -220,6 +220,8 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
     model.to(ctx.device)
     if config.grad_checkpointing:
         model.set_gradient_checkpointing(True)
+    if config.compile:  # fused norms, RoPE and SwiGLU; the first steps pay for compiling
+        unwrap(model).compile_layers()
     model.train()
 
     state = None

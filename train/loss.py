@@ -26,6 +26,50 @@ def _head_cross_entropy_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -
     return F.cross_entropy(logits, y, reduction="sum")
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T + b, y_i), the head and the loss in one step, chunk by chunk.
+
+    The gradient of cross-entropy with respect to the logits is known in closed form,
+    d loss / d logits = softmax(logits) - onehot(y), so each chunk of logits gives its loss and its
+    gradient at once and is freed: no (positions x vocabulary) tensor outlives its chunk, and the
+    backward pass only scales the gradients already made. Autograd would keep the fp32 logits and
+    their log-softmax until the backward pass, then fill a zero tensor of the same size for the
+    gradient of the gather and pass over it twice more.
+
+    Shapes: h (n, D), weight (V, D), bias (V,) or None, y (n,) -> a scalar, fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, chunk_size):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            h_c, y_c = h[start:start + chunk_size], y[start:start + chunk_size]
+            logp = torch.log_softmax(F.linear(h_c, weight, bias).float(), dim=-1)    # (c, V)
+            total += -logp.gather(1, y_c[:, None]).sum()
+            if need_h or need_w or need_b:
+                d_logits = logp.exp_()                                               # softmax, in place
+                d_logits[torch.arange(len(y_c), device=y_c.device), y_c] -= 1.0      # - onehot(y)
+                if need_b:
+                    grad_b += d_logits.sum(0)
+                d_logits = d_logits.to(h.dtype)
+                if need_h:
+                    grad_h[start:start + chunk_size] = d_logits @ weight             # (c, V) @ (V, D)
+                if need_w:
+                    grad_w += d_logits.t().float() @ h_c.float()                     # (V, c) @ (c, D)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = [None if g is None else (g * grad_total).to(like) for g, like in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*grads, None, None)
+
+
 def answer_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -40,9 +84,11 @@ def answer_loss(
     hidden state predicts labels[t + 1]. `reduction="sum"` returns the summed loss so a caller can
     divide by the answer tokens of a whole optimizer step; "mean" divides by this batch's.
 
-    The head and the fp32 softmax run in chunks of `chunk_size` positions; when gradients are on
-    and there is more than one chunk, each chunk is recomputed in the backward pass, so the full
-    (positions x vocabulary) fp32 logits are never held at once.
+    The head and the fp32 softmax run in chunks of `chunk_size` positions, so the full
+    (positions x vocabulary) fp32 logits are never held at once. A plain `nn.Linear` head goes
+    through `LinearCrossEntropy`, which makes each chunk's gradient as it goes; any other head (a
+    LoRA on lm_head, a quantized head) goes through autograd, each chunk recomputed in the backward
+    pass when there is more than one.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -58,14 +104,18 @@ def answer_loss(
     if n == 0:  # nothing to learn here; still a graph so a backward pass (and DDP) stays valid
         return hidden.sum() * 0.0
 
-    recompute = torch.is_grad_enabled() and n > chunk_size
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, chunk_size):
-        h_c, y_c = h[start:start + chunk_size], y[start:start + chunk_size]
-        if recompute:
-            total = total + checkpoint(_head_cross_entropy_sum, model.lm_head, h_c, y_c, use_reentrant=False)
-        else:
-            total = total + _head_cross_entropy_sum(model.lm_head, h_c, y_c)
+    head = model.lm_head
+    if type(head) is nn.Linear:  # a frozen or fully trained head: loss and gradient in one pass
+        total = LinearCrossEntropy.apply(h, head.weight, head.bias, y, chunk_size)
+    else:  # a head with an adapter or quantized: autograd, each chunk recomputed in the backward pass
+        recompute = torch.is_grad_enabled() and n > chunk_size
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, chunk_size):
+            h_c, y_c = h[start:start + chunk_size], y[start:start + chunk_size]
+            if recompute:
+                total = total + checkpoint(_head_cross_entropy_sum, head, h_c, y_c, use_reentrant=False)
+            else:
+                total = total + _head_cross_entropy_sum(head, h_c, y_c)
     return total / n if reduction == "mean" else total
 
 
