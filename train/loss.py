@@ -37,6 +37,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     gradient of the gather and pass over it twice more.
 
     Shapes: h (n, D), weight (V, D), bias (V,) or None, y (n,) -> a scalar, fp32.
+    The gradients are made whenever an input requires them, even under `torch.no_grad()` (a
+    Function's forward cannot see the caller's grad mode): for evaluation, use F.cross_entropy.
     """
 
     @staticmethod
@@ -105,9 +107,9 @@ def answer_loss(
         return hidden.sum() * 0.0
 
     head = model.lm_head
-    if type(head) is nn.Linear:  # a frozen or fully trained head: loss and gradient in one pass
+    if type(head) is nn.Linear and torch.is_grad_enabled():  # loss and gradient in one pass
         total = LinearCrossEntropy.apply(h, head.weight, head.bias, y, chunk_size)
-    else:  # a head with an adapter or quantized: autograd, each chunk recomputed in the backward pass
+    else:  # evaluation, or a head with an adapter or quantized: autograd, chunks recomputed in backward
         recompute = torch.is_grad_enabled() and n > chunk_size
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, n, chunk_size):
