@@ -21,7 +21,8 @@ MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.d
 
 
 class RecordMatmuls(TorchDispatchMode):
-    """Inside `with RecordMatmuls() as rec:`, every GEMM is run and its operands are noted in rec.calls.
+    """Inside `with RecordMatmuls() as rec:`, every GEMM is run and its operands are noted in rec.calls
+    (bitsandbytes' 4-bit GEMM as the dense product of the same shape).
 
     The mode is seen by the backward pass too: the autograd engine carries it to the thread that
     runs the backward, so the products of both passes are recorded.
@@ -35,6 +36,12 @@ class RecordMatmuls(TorchDispatchMode):
         if func in MATMULS:
             layout = [(tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args]
             self.calls.append((func, layout, dict(kwargs or {})))
+        elif str(func) == "bitsandbytes.gemm_4bit.default":
+            # x @ W.T with W packed in 4 bits: noted as the same product with W in x's dtype, so the
+            # floor leaves out the dequantization, a cost of the 4-bit format, not of the product
+            x, (n, k) = args[0], args[2]
+            m = x.numel() // k
+            self.calls.append((aten.mm.default, [((m, k), (k, 1), x.dtype, x.device), ((k, n), (1, k), x.dtype, x.device)], {}))
         return func(*args, **(kwargs or {}))
 
 
