@@ -17,6 +17,7 @@ import sys
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
 from common import alternate_rounds, header, hf_folder_for_nf4, load_theirs, median, set_threads, smollm2_gguf, table
+from floor import matmul_floor
 
 PROMPT = "How much does this cost to the nearest dollar?\n\n{}\n\nPrice is $"
 TITLES = [
@@ -118,6 +119,7 @@ def main(argv=None) -> None:
         for s in outs:
             run(s)
     times = alternate_rounds({"ours": "ours", "theirs": "theirs"}, run, args.rounds, args.calls, device)
+    floor_s, floor_n, floor_gflop = matmul_floor(lambda: run("ours"), device)
 
     new = {s: o[:, T:] for s, o in outs.items()}
     same_rows = sum(bool(torch.equal(a, b)) for a, b in zip(new["ours"], new["theirs"]))
@@ -136,6 +138,8 @@ def main(argv=None) -> None:
     print(table(table_rows))
     print(f"\nratio ours/theirs: new tokens/s {stats['ours'] / stats['theirs']:.2f}x; "
           f"greedy continuations identical in {same_rows} of {B} rows")
+    print(f"matmul floor: ours' {floor_n} matrix products ({floor_gflop:.0f} GFLOP) replayed alone take {floor_s * 1e3:.1f} ms; "
+          f"theirs' call / floor = {median(times['theirs']) / floor_s:.2f}x, the most any library doing these products could gain")
     print("sample:", repr(tok.decode(new["ours"][0].tolist())), "|", repr(tok.decode(new["theirs"][0].tolist())))
 
 
