@@ -50,9 +50,9 @@ def _materialise(layout, generator):
         if not isinstance(spec, tuple) or len(spec) != 4:
             return spec
         shape, stride, dtype, device = spec
-        t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-        t.copy_(torch.randn(shape, generator=generator).to(dtype))  # real values: no denormal or zero fast paths
-        return t
+        # random values (no zero or denormal fast paths) in the same layout, broadcast (stride 0) views included
+        size = 1 + sum((d - 1) * st for d, st in zip(shape, stride)) if all(shape) else 0
+        return torch.randn(size, generator=generator).to(dtype=dtype, device=device).as_strided(shape, stride)
     return [make(s) for s in layout]
 
 
