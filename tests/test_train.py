@@ -111,14 +111,16 @@ def test_answer_loss_equals_cross_entropy_over_full_logits_with_the_same_gradien
     assert torch.allclose(answer_loss(model, ids, labels, reduction="sum"), ref * n, rtol=1e-6)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_cross_entropy_equals_autograd_through_the_head_and_cross_entropy(dtype):
+def test_linear_cross_entropy_equals_autograd_through_the_head_and_cross_entropy(dtype, device):
     g = torch.Generator().manual_seed(0)
     n, D, V = 37, 16, 101
-    h = torch.randn(n, D, generator=g).to(dtype).requires_grad_()
-    w = torch.randn(V, D, generator=g).to(dtype).requires_grad_()
-    b = torch.randn(V, generator=g).to(dtype).requires_grad_()
-    y = torch.randint(0, V, (n,), generator=g)
+    h = torch.randn(n, D, generator=g).to(device, dtype).requires_grad_()
+    w = torch.randn(V, D, generator=g).to(device, dtype).requires_grad_()
+    b = torch.randn(V, generator=g).to(device, dtype).requires_grad_()
+    y = torch.randint(0, V, (n,), generator=g).to(device)
     ref = F.cross_entropy(F.linear(h, w, b).float(), y, reduction="sum")
     ref_grads = torch.autograd.grad(3.0 * ref, (h, w, b))  # a scale on the loss reaches every gradient
     tol = 1e-5 if dtype == torch.float32 else 2e-2
