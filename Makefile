@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := .venv/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 $(PY):
 	python3 -m venv .venv
@@ -22,6 +22,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# ours against transformers + PEFT, one thread so a busy neighbour core cannot stall a step (about half an hour)
+bench: $(STAMP)
+	$(PY) bench/train_step.py --all --threads 1
+	$(PY) bench/train_step.py --all --threads 1 --compile
+	$(PY) bench/generate.py --threads 1
+	$(PY) bench/load_memory.py
 
 clean:
 	rm -rf .venv build *.egg-info
