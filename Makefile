@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# ours against transformers + PEFT, one thread so a busy neighbour core cannot stall a step (about half an hour)
+# ours against transformers + PEFT, one thread so a busy neighbour core cannot stall a step (about 25 minutes)
 bench: $(STAMP)
 	$(PY) bench/train_step.py --all --threads 1
 	$(PY) bench/train_step.py --all --threads 1 --compile
