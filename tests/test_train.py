@@ -310,19 +310,23 @@ def test_the_progress_bar_shows_step_loss_lr_and_time_left_on_stderr_unless_swit
 
 
 # ---------------------------------------------------------------------------------------- DDP
-def test_two_gloo_processes_under_torchrun_end_with_the_single_process_adapter(tmp_path):
+# a LoRA on lm_head takes the loss through autograd; a plain head through LinearCrossEntropy
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj", "lm_head"), ("q_proj", "v_proj")])
+def test_two_gloo_processes_under_torchrun_end_with_the_single_process_adapter(tmp_path, targets):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, str(tmp_path / "ddp"), "ddp"]
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, str(tmp_path / "ddp"), "ddp",
+           "--targets", ",".join(targets)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    model = tiny_lora_model(lora_seed=0)  # the single process: rank 0's initial adapter, the same global batches
+    model = tiny_lora_model(lora_seed=0, targets=targets)  # the single process: rank 0's adapter, the same global batches
     config = run_config(str(tmp_path / "one"), save_every=None, keep_last=None, eval_every=None, epochs=1, group_by_length=False)
     result = train(model, CharTokenizer(), pricer_items(24), pricer_items(6, 100), config)
     ddp = read_adapter(str(tmp_path / "ddp" / "final"))[1]
     ours = {f"base_model.model.{k}": v for k, v in trainable(model).items()}
     assert ddp.keys() == ours.keys()
     assert max((ddp[k] - ours[k]).abs().max().item() for k in ddp) <= 1e-5
-    moved = max((ddp[k] - tiny_lora_model(lora_seed=0).state_dict()[k[len("base_model.model."):]]).abs().max().item() for k in ddp)
+    initial = tiny_lora_model(lora_seed=0, targets=targets).state_dict()
+    moved = max((ddp[k] - initial[k[len("base_model.model."):]]).abs().max().item() for k in ddp)
     assert moved > 1e-3  # training did change the adapter
     logged = json.load(open(tmp_path / "ddp" / "result.json"))
     assert [s for s, _ in logged["train"]] == [s for s, _ in result.train_losses]

@@ -68,11 +68,13 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("mode", choices=["full", "kill", "resume", "ddp"])
     ap.add_argument("--kill-after", type=int, default=4)
+    ap.add_argument("--targets", default="q_proj,v_proj,lm_head", help="LoRA targets of the ddp mode")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     if args.mode == "ddp":
-        model = tiny_lora_model(lora_seed=int(os.environ.get("RANK", "0")))  # each rank its own A, B: rank 0's win
+        rank = int(os.environ.get("RANK", "0"))  # each rank its own A, B: rank 0's win
+        model = tiny_lora_model(lora_seed=rank, targets=tuple(args.targets.split(",")))
         config = run_config(args.out, save_every=None, keep_last=None, eval_every=None, epochs=1, group_by_length=False)
         result = train(model, CharTokenizer(), pricer_items(24), pricer_items(6, 100), config)
     else:
