@@ -26,7 +26,7 @@ from torch import nn
 
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import Example, build_examples, collate, epoch_batches
+from .data import IGNORE_INDEX, Example, build_examples, collate, epoch_batches
 from .distributed import DistContext, all_gather_object, all_reduce_sum, setup_distributed, sync_gradients, teardown_distributed, wrap_ddp
 from .log import RunLogger, default_run_name
 from .loss import AnswerLossModule, answer_loss, unwrap
@@ -92,7 +92,7 @@ def _loss_totals(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], d
             input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             with autocast():
                 total += answer_loss(model, input_ids, labels, reduction="sum").item()
-            count += int((labels[:, 1:] != -100).sum())
+            count += int((labels[:, 1:] != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
     return total, count
@@ -175,15 +175,15 @@ class _DataPlan:
         self.steps_per_epoch = -(-n_micro // config.grad_accum)
         self._epoch, self._batches = None, None
 
-    def step_batches(self, step: int) -> tuple[list[list[int]], int]:
-        """(micro-batches of example indices, epoch) of 0-based optimizer step `step`."""
+    def step_batches(self, step: int) -> list[list[int]]:
+        """The micro-batches (lists of example indices) of 0-based optimizer step `step`."""
         epoch, k = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             batches = epoch_batches(self.lengths, self.config.batch_size, self.config.seed, epoch, self.config.group_by_length)
             self._batches = [b for b in batches if len(b) >= self.ctx.world_size]
             self._epoch = epoch
         ga = self.config.grad_accum
-        return self._batches[k * ga:(k + 1) * ga], epoch
+        return self._batches[k * ga:(k + 1) * ga]
 
 
 def train(model: nn.Module, tokenizer, train_items: Sequence[tuple[str, str]], val_items: Sequence[tuple[str, str]] | None,
@@ -279,7 +279,7 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
 
     try:
         while step < total_steps:
-            micro_indices, _ = plan.step_batches(step)
+            micro_indices = plan.step_batches(step)
             n_answer_tokens = sum(examples[i].n_answer_tokens for mb in micro_indices for i in mb)
             n_tokens = sum(len(examples[i].input_ids) for mb in micro_indices for i in mb)
             micro_batches = [{k: v.to(ctx.device, non_blocking=True)

@@ -57,11 +57,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 d_logits[torch.arange(len(y_c), device=y_c.device), y_c] -= 1.0      # - onehot(y)
                 if need_b:
                     grad_b += d_logits.sum(0)
-                d_logits = d_logits.to(h.dtype)
-                if need_h:
-                    grad_h[start:start + chunk_size] = d_logits @ weight             # (c, V) @ (V, D)
                 if need_w:
-                    grad_w += d_logits.t().float() @ h_c.float()                     # (V, c) @ (c, D)
+                    grad_w += d_logits.t() @ h_c.float()                             # (V, c) @ (c, D)
+                if need_h:
+                    grad_h[start:start + chunk_size] = d_logits.to(h.dtype) @ weight # (c, V) @ (V, D)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
