@@ -26,16 +26,10 @@ import bitsandbytes.functional as bnbF
 import torch
 from torch import nn
 
-from .nf4 import NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, SUPPORTED_DTYPES
+from .nf4 import NESTED_BLOCKSIZE, _check_args
 
-QUANT_TYPES = ("nf4", "fp4")
-# buffer name -> state-dict suffix after "weight."
-_STATE_KEYS = {
-    "absmax": "absmax",
-    "quant_map": "quant_map",
-    "nested_absmax": "nested_absmax",
-    "nested_quant_map": "nested_quant_map",
-}
+# the quant-state buffers, saved as "<prefix>weight.<name>" (bitsandbytes' layout)
+_STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _META_PREFIX = "quant_state.bitsandbytes__"
 
 
@@ -98,12 +92,7 @@ class Linear4bit(nn.Module):
         if weight.dim() != 2:
             raise ValueError(f"Linear4bit.from_weight needs a 2-D weight (out_features, in_features), "
                              f"got shape {tuple(weight.shape)}")
-        if quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-        if blocksize not in SUPPORTED_BLOCKSIZES:
-            raise ValueError(f"blocksize {blocksize} is not supported by bitsandbytes; use one of {SUPPORTED_BLOCKSIZES}")
-        if weight.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
+        _check_args(weight, blocksize, quant_type)
         packed, state = bnbF.quantize_4bit(
             weight.detach().contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
         )
@@ -194,10 +183,10 @@ class Linear4bit(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # weight, bias
-        for buffer, suffix in _STATE_KEYS.items():
-            t = self._buffers[buffer]
+        for name in _STATE_BUFFERS:
+            t = self._buffers[name]
             if t is not None:
-                destination[prefix + "weight." + suffix] = t if keep_vars else t.detach()
+                destination[prefix + "weight." + name] = t if keep_vars else t.detach()
         meta = {
             "quant_type": self.quant_type,
             "blocksize": self.blocksize,
@@ -228,7 +217,7 @@ class Linear4bit(nn.Module):
         if packed.numel() != (n + 1) // 2:
             raise ValueError(f"{where}: packed weight has {packed.numel()} bytes, a {shape} weight needs {(n + 1) // 2}")
         nested = "nested_offset" in meta
-        needed = ["absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if nested else [])
+        needed = _STATE_BUFFERS[:4 if nested else 2]
         missing = [prefix + "weight." + k for k in needed if prefix + "weight." + k not in state_dict]
         if missing:
             raise ValueError(f"{where}: quant state incomplete, missing {missing}")
@@ -249,16 +238,12 @@ class Linear4bit(nn.Module):
         self.weight = nn.Parameter(packed.to(device).reshape(-1, 1), requires_grad=False)
         if self.bias is not None:
             self.bias = nn.Parameter(state_dict[prefix + "bias"].to(device, self.bias.dtype), requires_grad=False)
-        self._buffers["absmax"] = absmax.to(device)
-        self._buffers["quant_map"] = state_dict[prefix + "weight.quant_map"].to(device)
-        if nested:
-            self._buffers["nested_absmax"] = state_dict[prefix + "weight.nested_absmax"].to(device)
-            self._buffers["nested_quant_map"] = state_dict[prefix + "weight.nested_quant_map"].to(device)
-            self._buffers["offset"] = torch.tensor(meta["nested_offset"], dtype=torch.float32, device=device)
-        else:
-            self._buffers["nested_absmax"] = self._buffers["nested_quant_map"] = self._buffers["offset"] = None
+        for name in _STATE_BUFFERS:
+            self._buffers[name] = state_dict[prefix + "weight." + name].to(device) if name in needed else None
+        self._buffers["offset"] = (torch.tensor(meta["nested_offset"], dtype=torch.float32, device=device)
+                                   if nested else None)
         own = {prefix + "weight", prefix + "bias"} | set(meta_keys)
-        own |= {prefix + "weight." + k for k in _STATE_KEYS.values()}
+        own |= {prefix + "weight." + k for k in _STATE_BUFFERS}
         if strict:
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in own
                                    and "." not in k[len(prefix):])

@@ -67,12 +67,14 @@ def quantize_model(
     if isinstance(model, nn.Linear):
         raise ValueError("quantize_model replaces the linear layers inside a model; for one layer use Linear4bit.from_linear")
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # names only: holding the modules themselves would keep every float weight alive to the end
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     report = QuantReport(0, [], 0, 0, 0, quant_type, double_quant)
-    for name, linear in targets:
+    for name in names:
         if _matches(name, skip):
             report.layers_skipped.append(name)
             continue
+        linear = model.get_submodule(name)
         w = linear.weight
         report.params_quantized += w.numel()
         report.bytes_before += w.numel() * w.element_size()

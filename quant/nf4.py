@@ -125,14 +125,6 @@ class QuantState:
     def nested(self) -> bool:
         return self.nested_absmax is not None
 
-    def to(self, device: torch.device | str) -> "QuantState":
-        """A copy with every tensor on `device`."""
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(
-            self, absmax=move(self.absmax), code=move(self.code), offset=move(self.offset),
-            nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code),
-        )
-
     def nbytes(self) -> int:
         """Bytes of the scales (absmax, or its codes plus the nested scales and offset)."""
         tensors = [self.absmax, self.offset, self.nested_absmax]
@@ -221,26 +213,23 @@ def quantize_4bit(
         # ... and only the tail block keeps its clamped scale (so an all-zero tail stores 1e-38)
         absmax[-1] = absmax[-1].clamp(min=1e-38)
         scaled[-1] = blocks[-1] / absmax[-1]
-    scaled = scaled.clamp(-1, 1).reshape(-1)[:n]
+    # an odd count keeps one padded zero, so that every byte holds two codes
+    scaled = scaled.clamp(-1, 1).reshape(-1)[:n + n % 2]
 
     # Nearest code through the midpoints of the sorted code; a value exactly on a
     # midpoint goes to the lower code (torch.bucketize with right=False).
     order = torch.argsort(code)
     midpoints = (code[order[:-1]] + code[order[1:]]) / 2
-    idx = order[torch.bucketize(scaled, midpoints)]  # (n,) 0..15; NF4's order is the identity
-    if n % 2:
-        # an odd count pads one zero weight so that every byte holds two codes
-        idx = torch.cat([idx, order[torch.bucketize(scaled.new_zeros(1), midpoints)]])
-    idx = idx.to(torch.uint8)
+    idx = order[torch.bucketize(scaled, midpoints)].to(torch.uint8)  # 0..15; NF4's order is the identity
     packed = ((idx[0::2] << 4) | idx[1::2]).unsqueeze(1)  # first index in the high nibble
 
     state = QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize,
                        quant_type=quant_type, code=code.clone())
     if double_quant:
         offset = absmax.mean()
-        qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, DYNAMIC_CODE.to(w.device), NESTED_BLOCKSIZE)
-        state = replace(state, absmax=qabsmax, offset=offset, nested_absmax=nested_absmax,
-                        nested_code=DYNAMIC_CODE.to(w.device).clone())
+        nested_code = DYNAMIC_CODE.to(w.device, copy=True)
+        qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCKSIZE)
+        state = replace(state, absmax=qabsmax, offset=offset, nested_absmax=nested_absmax, nested_code=nested_code)
     return packed, state
 
 

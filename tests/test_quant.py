@@ -144,8 +144,6 @@ def assert_same_as_bitsandbytes(w: torch.Tensor, quant_type: str, double_quant: 
 def test_nf4_bytes_and_values_equal_bitsandbytes(device, double_quant, dtype, shape):
     w = weight(shape, dtype, device)
     assert_same_as_bitsandbytes(w, "nf4", double_quant)
-    packed, state = quantize_nf4(w, double_quant=double_quant)
-    assert torch.equal(dequantize_nf4(packed, state), dequantize_4bit(packed, state))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -155,8 +153,18 @@ def test_nf4_bytes_and_values_equal_bitsandbytes(device, double_quant, dtype, sh
 def test_fp4_bytes_and_values_equal_bitsandbytes(device, double_quant, dtype, shape):
     w = weight(shape, dtype, device, seed=1)
     assert_same_as_bitsandbytes(w, "fp4", double_quant)
-    packed, state = quantize_fp4(w, double_quant=double_quant)
-    assert torch.equal(dequantize_fp4(packed, state), dequantize_4bit(packed, state))
+
+
+def test_nf4_and_fp4_functions_quantize_as_bitsandbytes_and_refuse_the_other_type():
+    w = weight((3, 101), torch.float32, "cpu")
+    for quantize, dequantize, kind, other in ((quantize_nf4, dequantize_nf4, "nf4", dequantize_fp4),
+                                              (quantize_fp4, dequantize_fp4, "fp4", dequantize_nf4)):
+        packed, state = quantize(w)
+        ref_packed, ref = bnbF.quantize_4bit(w, compress_statistics=True, quant_type=kind)
+        assert torch.equal(packed, ref_packed)
+        assert torch.equal(dequantize(packed, state), bnbF.dequantize_4bit(ref_packed, ref))
+        with pytest.raises(ValueError, match="use dequantize_4bit"):
+            other(packed, state)
 
 
 @pytest.mark.parametrize("device", DEVICES)
