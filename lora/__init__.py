@@ -4,7 +4,7 @@
 
     from lora import LoRAConfig, apply_lora, trainable_parameters, save_adapter, load_adapter
     apply_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.05, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
-    print(trainable_parameters(model))    # trainable 1,843,200 / 136,358,400 (1.35%)
+    print(trainable_parameters(model))    # SmolLM2-135M: trainable 921,600 / 135,436,608 (0.68%)
     save_adapter(model, out_dir)          # adapter_model.safetensors + adapter_config.json
     export_merged(checkpoint, out_dir, merged_dir)   # a plain HF model, merged in full precision
 """

@@ -13,6 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def check_rank(r) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"LoRA rank r must be a positive integer, got r={r!r}")
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor on B A x: alpha / r (Hu et al.), or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 @dataclass
 class LoRAConfig:
     """How to adapt a model: `h = W0 x + scaling · B A x` on each target module.
@@ -37,8 +47,7 @@ class LoRAConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got r={self.r!r}")
+        check_rank(self.r)
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
             raise ValueError(f"LoRA alpha must be a positive number, got alpha={self.alpha!r} (rule of thumb: alpha = 2r)")
         if not 0.0 <= float(self.dropout) < 1.0:
@@ -61,7 +70,7 @@ class LoRAConfig:
     @property
     def scaling(self) -> float:
         """The factor on B A x: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+        return lora_scaling(self.alpha, self.r, self.use_rslora)
 
     # ------------------------------------------------------------------ PEFT's adapter_config.json
     def to_peft_dict(self, base_model_name_or_path: str | None = None) -> dict[str, Any]:

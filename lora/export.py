@@ -41,8 +41,8 @@ def parse_size(size: int | str) -> int:
     return n
 
 
-def _deltas(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float, str]:
-    """{weight name: A}, {weight name: B}, scaling, and the path named in errors."""
+def _deltas(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    """{weight name: A}, {weight name: B} and the scaling of the adapter in `adapter_dir`."""
     config, sd = read_adapter(adapter_dir)
     A, B = {}, {}
     for key, t in sd.items():
@@ -58,7 +58,7 @@ def _deltas(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.
         if A[name].shape[0] != config.r or B[name].shape[1] != config.r:
             raise ValueError(f"{adapter_dir}: {name}: lora_A {tuple(A[name].shape)} and lora_B "
                              f"{tuple(B[name].shape)} do not have rank r={config.r}")
-    return A, B, config.scaling, adapter_dir
+    return A, B, config.scaling
 
 
 def export_merged(
@@ -79,9 +79,9 @@ def export_merged(
 
     limit = parse_size(max_shard_size)
     config = model_load.read_config(checkpoint)
-    A, B, scaling, source = _deltas(adapter_dir)
+    A, B, scaling = _deltas(adapter_dir)
     if config.tie_word_embeddings and "lm_head.weight" in A:
-        raise ValueError(f"{source}: the adapter changes lm_head, which this model ties to the embedding; "
+        raise ValueError(f"{adapter_dir}: the adapter changes lm_head, which this model ties to the embedding; "
                          "a merged head would no longer be tied")
 
     out_dir = os.path.abspath(out_dir)
@@ -94,7 +94,7 @@ def export_merged(
         shards = _write_shards(model_load.iter_tensors(checkpoint), A, B, scaling, dtype, limit, tmp, checkpoint)
         unused = sorted(set(A) - {n for shard in shards for n in shard})
         if unused:
-            raise ValueError(f"{source}: adapted weights {unused[:4]} are not in the checkpoint {checkpoint}")
+            raise ValueError(f"{adapter_dir}: adapted weights {unused[:4]} are not in the checkpoint {checkpoint}")
         _write_index(shards, tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config.to_hf(), f, indent=2)

@@ -13,25 +13,23 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
-from .layer import LoRALinear, is_linear4bit
+from quant import Linear4bit
+
+from .layer import ADAPTABLE, LoRALinear
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (its `.module`); any other model as is."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
+    """The model inside DistributedDataParallel wrappers (their `.module`); any other model as is."""
+    while isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     return model
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """{module path: LoRALinear} in the model's order."""
     return {name: m for name, m in unwrap(model).named_modules() if isinstance(m, LoRALinear)}
-
-
-def _is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_linear4bit(module)
 
 
 def find_targets(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Module]:
@@ -41,7 +39,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Module]:
     # A LoRALinear stands for the linear it wraps; its base_layer, lora_A and lora_B are never targets.
     wrapped = tuple(name + "." for name in lora_modules(model))
     linears = {name: m for name, m in model.named_modules()
-               if (_is_adaptable(m) or isinstance(m, LoRALinear)) and not name.startswith(wrapped)}
+               if isinstance(m, (*ADAPTABLE, LoRALinear)) and not name.startswith(wrapped)}
 
     def matches(name: str, target: str) -> bool:
         return name == target or name.endswith("." + target)
@@ -154,7 +152,7 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
     tensor counts twice its number of bytes: in x out parameters, as in the unquantized model.
     """
     model = unwrap(model)
-    packed = {id(m.weight) for m in model.modules() if is_linear4bit(m)}
+    packed = {id(m.weight) for m in model.modules() if isinstance(m, Linear4bit)}
     trainable = total = 0
     for p in model.parameters():
         n = p.numel() * 2 * p.element_size() if id(p) in packed else p.numel()

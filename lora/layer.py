@@ -16,14 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant import Linear4bit
 
-def is_linear4bit(module: nn.Module) -> bool:
-    """True for our `quant.Linear4bit` (imported lazily: a plain-linear model needs no quant package)."""
-    try:
-        from quant import Linear4bit
-    except ImportError:
-        return False
-    return isinstance(module, Linear4bit)
+from .config import check_rank, lora_scaling
+
+ADAPTABLE = (nn.Linear, Linear4bit)  # the layers a LoRA can wrap
 
 
 def device_of(base: nn.Module) -> torch.device:
@@ -50,13 +47,12 @@ class LoRALinear(nn.Module):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        if not (isinstance(base, nn.Linear) or is_linear4bit(base)):
+        if not isinstance(base, ADAPTABLE):
             raise ValueError(f"LoRALinear wraps an nn.Linear or a quant.Linear4bit, got {type(base).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got r={r!r}")
+        check_rank(r)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(alpha, r, use_rslora)
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -67,7 +63,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, **fp32).to_empty(device=device)       # (r, in)
         self.lora_B = nn.Linear(r, self.out_features, **fp32).to_empty(device=device)      # (out, r)
         # A plain linear computes in its input's dtype; a 4-bit one in its own compute_dtype.
-        self.base_is_4bit = is_linear4bit(base)
+        self.base_is_4bit = isinstance(base, Linear4bit)
         self.merged = False
         self._quantized_base: nn.Module | None = None  # the Linear4bit set aside while merged
         self.reset_lora_parameters(generator)
@@ -88,7 +84,6 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         A, B = self.lora_A.weight, self.lora_B.weight                    # (r, in), (out, r), fp32
-        B = B * self.scaling  # scale the small (out, r) matrix, not the (..., out) activations
         dtype = self.base_layer.compute_dtype if self.base_is_4bit else x.dtype
         if x.dtype != dtype:  # a 4-bit base computing in another dtype than its input
             x = x.to(dtype)
@@ -96,9 +91,9 @@ class LoRALinear(nn.Module):
             A, B = A.to(dtype), B.to(dtype)
         xa = F.linear(self.lora_dropout(x), A)                           # (..., r)
         if y.dtype != xa.dtype:  # the base returned another dtype than it computes in
-            return y + F.linear(xa, B)
-        # y + xa B^T in one addmm: the product is added as it is made, one pass over (..., out) less
-        out = torch.addmm(y.reshape(-1, self.out_features), xa.reshape(-1, self.r), B.t())
+            return torch.add(y, F.linear(xa, B), alpha=self.scaling)
+        # y + scaling · xa B^T in one addmm: the product is scaled and added as it is made
+        out = torch.addmm(y.reshape(-1, self.out_features), xa.reshape(-1, self.r), B.t(), alpha=self.scaling)
         return out.view(y.shape)                                         # (..., out)
 
     # ------------------------------------------------------------------ merge
@@ -117,7 +112,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return
         base = self.base_layer
-        if is_linear4bit(base):
+        if isinstance(base, Linear4bit):
             W = base.dequantize().float() + self.delta_weight()          # (out, in)
             dtype = base.compute_dtype
             merged = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
@@ -142,8 +137,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         if self._quantized_base is not None:
-            base, device = self._quantized_base, self.lora_A.weight.device
-            self.base_layer = base if device_of(base) == device else base.to(device)
+            self.base_layer = self._quantized_base.to(self.lora_A.weight.device)  # in place; a no-op if there
             self._quantized_base = None
         else:
             W = self.base_layer.weight

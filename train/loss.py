@@ -11,14 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lora.inject import unwrap
+
 from .data import IGNORE_INDEX
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel (or any `.module`-holding) wrapper."""
-    while isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model
 
 
 def _head_cross_entropy_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
