@@ -79,6 +79,7 @@ def export_merged(
 
     limit = parse_size(max_shard_size)
     config = model_load.read_config(checkpoint)
+    hf_config = config.to_hf()  # before any work: a config that config.json cannot state fails here
     A, B, scaling = _deltas(adapter_dir)
     if config.tie_word_embeddings and "lm_head.weight" in A:
         raise ValueError(f"{adapter_dir}: the adapter changes lm_head, which this model ties to the embedding; "
@@ -97,7 +98,7 @@ def export_merged(
             raise ValueError(f"{adapter_dir}: adapted weights {unused[:4]} are not in the checkpoint {checkpoint}")
         _write_index(shards, tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config.to_hf(), f, indent=2)
+            json.dump(hf_config, f, indent=2)
         model_load.load_tokenizer(checkpoint).save_pretrained(tmp)
         _replace_folder(tmp, out_dir)
     except BaseException:
@@ -120,8 +121,6 @@ def _write_shards(tensors, A, B, scaling, dtype, limit, folder, checkpoint) -> l
             current, size = {}, 0
 
     for name, W in tensors:
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # recomputed from config.json by every loader
         out_dtype = dtype or W.dtype
         if name in A:
             delta = scaling * (B[name] @ A[name])                           # (out, in)

@@ -7,7 +7,7 @@ and `qwen2` (bias on q, k and v but not on o).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -35,6 +35,8 @@ class LlamaConfig:
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown keys, kept for to_hf()
+    # GGUF's `rope_freqs` tensor: llama.cpp's spelling of Llama-3.1's scaling, one divisor per frequency
+    rope_freq_factors: list[float] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -116,6 +118,9 @@ class LlamaConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The dict of an HF `config.json` that transformers and vLLM load as a plain model."""
+        if self.rope_freq_factors is not None:
+            raise ValueError("this model's RoPE scaling comes as GGUF per-frequency factors (rope_freqs), which "
+                             "config.json cannot state; export from the HF checkpoint instead")
         d = dict(self.extra)
         d.update(
             architectures=[{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -181,6 +186,7 @@ class LlamaConfig:
             bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
             pad_token_id=fields.get("tokenizer.ggml.padding_token_id"),
+            rope_freq_factors=fields.get("_rope_freqs"),
         )
 
     # ------------------------------------------------------------------ RoPE
@@ -194,6 +200,11 @@ class LlamaConfig:
 
         dim = self.head_dim
         inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        if self.rope_freq_factors is not None:
+            if len(self.rope_freq_factors) != dim // 2:
+                raise ValueError(f"tensor 'rope_freqs.weight' has {len(self.rope_freq_factors)} values, "
+                                 f"expected head_dim/2 = {dim // 2}")
+            return inv_freq / torch.tensor(self.rope_freq_factors, dtype=torch.float32)
         s = self.rope_scaling
         if not s:
             return inv_freq
@@ -210,5 +221,4 @@ class LlamaConfig:
         medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
         return torch.where(medium, blended, scaled)
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+

@@ -68,7 +68,7 @@ def gguf_metadata(path: str, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
     """The metadata as plain Python values; the big tokenizer arrays only when named in `arrays`.
 
     Also sets `_has_output_tensor`, which `LlamaConfig.from_gguf` reads to tell a tied head from an
-    untied one (a tied model has no `output.weight` tensor).
+    untied one (a tied model has no `output.weight` tensor), and `_rope_freqs` when the file has one.
     """
     reader = open_gguf(path)
     fields: dict[str, Any] = {}
@@ -80,6 +80,9 @@ def gguf_metadata(path: str, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
                 fields["_n_tokens"] = len(field.data)
             continue
         fields[key] = field.contents()
+    factors = _rope_factors(reader)
+    if factors is not None:
+        fields["_rope_freqs"] = factors.tolist()
     arch = fields.get("general.architecture")
     if fields.get(f"{arch}.vocab_size") is None and "_n_tokens" in fields:
         fields[f"{arch}.vocab_size"] = fields["_n_tokens"]
@@ -87,17 +90,23 @@ def gguf_metadata(path: str, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
     return fields
 
 
-def rope_factors(path: str) -> torch.Tensor | None:
+def _to_torch(t) -> torch.Tensor:
+    """A GGUF tensor's values as a flat fp32 torch tensor (dequantized; copied off the read-only map)."""
+    from gguf.quants import dequantize
+
+    a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    return torch.from_numpy(a if a.flags.writeable else a.copy()).reshape(-1)
+
+
+def _rope_factors(reader) -> torch.Tensor | None:
     """The (head_dim/2,) `rope_freqs` tensor of a GGUF file, or None.
 
     llama.cpp stores Llama-3.1's frequency scaling this way instead of in the metadata: each inverse
     frequency of RoPE is divided by its factor (1 for short wavelengths, `factor` for long ones).
     """
-    from gguf.quants import dequantize
-
-    for t in open_gguf(path).tensors:
+    for t in reader.tensors:
         if t.name == "rope_freqs.weight":
-            return torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(-1)
+            return _to_torch(t)
     return None
 
 
@@ -127,8 +136,6 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def iter_gguf_tensors(path: str, n_heads: int, n_kv_heads: int, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, fp32 tensor in HF layout) for every tensor of a GGUF file, one at a time."""
-    from gguf.quants import dequantize
-
     reader = open_gguf(path)
     permuted = arch in ("llama", "mistral")  # their converter permutes q/k; qwen2's keeps HF order
     for t in reader.tensors:
@@ -137,10 +144,7 @@ def iter_gguf_tensors(path: str, n_heads: int, n_kv_heads: int, arch: str) -> It
             continue
         # GGUF lists dimensions innermost first; numpy data already has HF's (out, in) order
         shape = tuple(int(d) for d in reversed(t.shape))
-        a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if not a.flags.writeable:  # F32/F16 tensors come back as views of the read-only memory map
-            a = a.copy()
-        w = torch.from_numpy(a).reshape(shape)
+        w = _to_torch(t).reshape(shape)
         if permuted and ".self_attn.q_proj." in name:
             w = unpermute_rows(w, n_heads)
         elif permuted and ".self_attn.k_proj." in name:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import LlamaConfig
-from .gguf import gguf_metadata, is_gguf, iter_gguf_tensors, rope_factors
+from .gguf import gguf_metadata, is_gguf, iter_gguf_tensors
 from .llama import Llama
 from .tokenizer import Tokenizer
 
@@ -106,6 +106,8 @@ def _iter_with_source(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
             raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
         with f:
             for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # a buffer some checkpoints carry; every loader computes it from the config
                 try:
                     t = f.get_tensor(name)
                 except Exception as e:
@@ -154,10 +156,6 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-def _is_rope_buffer(name: str) -> bool:
-    return name.endswith("rotary_emb.inv_freq") or "rope_freqs" in name
-
-
 def load_pretrained(
     path: str,
     dtype: torch.dtype = torch.float32,
@@ -193,8 +191,6 @@ def load_pretrained(
     for name, t, file in _iter_with_source(path):
         if file not in files:
             files.append(file)
-        if _is_rope_buffer(name):
-            continue  # recomputed from the config below
         if config.tie_word_embeddings and name == "lm_head.weight":
             continue  # the head is the embedding
         if name not in expected:
@@ -222,13 +218,6 @@ def load_pretrained(
     assert not pending, f"linears left unquantized: {list(pending)}"
     model.tie_weights()
     # Built on meta, the RoPE buffer holds no numbers yet: compute it for real.
-    inv_freq = config.rope_inv_freq()                                        # (hs/2,)
-    factors = rope_factors(path) if is_gguf(path) else None
-    if factors is not None:
-        if factors.shape != inv_freq.shape:
-            raise ValueError(f"{path}: tensor 'rope_freqs.weight' has shape {tuple(factors.shape)}, "
-                             f"expected {tuple(inv_freq.shape)}")
-        inv_freq = inv_freq / factors
-    model.model.rotary_emb._buffers["inv_freq"] = inv_freq.to(device)
+    model.model.rotary_emb._buffers["inv_freq"] = config.rope_inv_freq().to(device)   # (hs/2,)
     model.eval()
     return model, load_tokenizer(path)

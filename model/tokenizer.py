@@ -128,8 +128,8 @@ class Tokenizer:
         if kind != "gpt2":
             raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is supported")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
-        alphabet = set(bytes_to_unicode().values())
         spell = bytes_to_unicode()
+        alphabet = set(spell.values())
         # Every regular token is already written in the byte alphabet; respell any that is not.
         vocab = {t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8")): i
                  for i, t in enumerate(tokens)}
