@@ -22,9 +22,10 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora) and th
 
 
 from lora import load_adapter  # noqa: E402
-from pricer import constant_baseline, load_source, log_to_tensorboard, save_scatter, shuffled  # noqa: E402
-from pricer.evaluate import (answer_tokens, evaluate_prices, load_model, print_report, resolve_device,  # noqa: E402
-                             results_table)
+from pricer import (  # noqa: E402
+    answer_tokens, constant_baseline, evaluate_prices, load_model, load_source, log_to_tensorboard,
+    print_report, resolve_device, results_table, save_scatter, shuffled,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

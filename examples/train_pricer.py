@@ -23,9 +23,10 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora, train)
 import torch  # noqa: E402
 
 from lora import LoRAConfig, apply_lora, save_adapter, trainable_parameters  # noqa: E402
-from pricer import constant_baseline, load_source, log_to_tensorboard, save_scatter, split_items  # noqa: E402
-from pricer.evaluate import (answer_tokens, evaluate_prices, load_model, print_report, resolve_device,  # noqa: E402
-                             results_table)
+from pricer import (  # noqa: E402
+    answer_tokens, constant_baseline, evaluate_prices, load_model, load_source, log_to_tensorboard,
+    print_report, resolve_device, results_table, save_scatter, split_items,
+)
 from train import TrainConfig, train  # noqa: E402
 
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"

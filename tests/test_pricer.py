@@ -26,9 +26,10 @@ from pricer.data import Item  # noqa: E402
 TRAIN_FLAGS = ["--model", "--data", "--out", "--quant", "--r", "--alpha", "--dropout", "--target", "--epochs",
                "--max-steps", "--batch-size", "--grad-accum", "--lr", "--warmup-ratio", "--weight-decay",
                "--optimizer", "--max-len", "--train-size", "--val-size", "--test-size", "--eval-every",
-               "--save-every", "--resume", "--seed", "--device", "--preset"]
+               "--save-every", "--resume", "--seed", "--device", "--preset", "--layers", "--max-grad-norm",
+               "--eval-batch-size", "--no-progress", "--compile"]
 EVAL_FLAGS = ["--model", "--adapter", "--data", "--n", "--top-k-average", "--out", "--chart", "--quant",
-              "--device", "--batch-size"]
+              "--device", "--batch-size", "--max-new-tokens", "--seed"]
 
 
 # ---------------------------------------------------------------------------- prompt

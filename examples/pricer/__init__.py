@@ -8,6 +8,7 @@
     print(report.title())                            # Error=$… RMSLE=… Hits=…%
 """
 from .chart import log_to_tensorboard, save_scatter, scatter_figure
+from .evaluate import answer_tokens, evaluate_prices, load_model, print_report, resolve_device, results_table
 from .data import (
     Item,
     Loaded,
@@ -32,4 +33,5 @@ __all__ = [
     "GREEN", "ORANGE", "RED", "PriceReport", "color_for", "constant_baseline", "parse_price", "score",
     "greedy_prices", "top_k_average_prices", "PREFIX", "QUESTION", "make_answer", "make_prompt",
     "save_scatter", "scatter_figure", "log_to_tensorboard",
+    "answer_tokens", "evaluate_prices", "load_model", "print_report", "resolve_device", "results_table",
 ]
