@@ -94,8 +94,7 @@ def wrap_targets(model: nn.Module, targets: dict[str, nn.Module], config: LoRACo
     for name, base in targets.items():
         layer = LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora, generator)
         layer.train(base.training)  # a model in eval mode stays there: no dropout sneaks in
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        model.set_submodule(name, layer)
     model.lora_config = config  # read back by save_adapter
 
 

@@ -185,8 +185,7 @@ def load_pretrained(
 
         q = Linear4bit.from_weight(parts["weight"], parts.get("bias"), quant_type=quant, double_quant=True,
                                    compute_dtype=compute_dtype or dtype)
-        parent_name, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, q)
+        model.set_submodule(module_name, q)
 
     for name, t, file in _iter_with_source(path):
         if file not in files:

@@ -80,8 +80,6 @@ def quantize_model(
         report.bytes_before += w.numel() * w.element_size()
         q = Linear4bit.from_linear(linear, quant_type, double_quant, compute_dtype, blocksize)
         report.bytes_after += q.quantized_nbytes()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, q)
+        model.set_submodule(name, q)
         report.layers_replaced += 1
     return report
