@@ -282,8 +282,10 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
             micro_indices = plan.step_batches(step)
             n_answer_tokens = sum(examples[i].n_answer_tokens for mb in micro_indices for i in mb)
             n_tokens = sum(len(examples[i].input_ids) for mb in micro_indices for i in mb)
+            # right padding: the loss needs no attention mask, so only ids and labels go to the device
             micro_batches = [{k: v.to(ctx.device, non_blocking=True)
-                              for k, v in collate([examples[i] for i in mb[ctx.rank::ctx.world_size]], pad_id).items()}
+                              for k, v in collate([examples[i] for i in mb[ctx.rank::ctx.world_size]], pad_id).items()
+                              if k != "attention_mask"}
                              for mb in micro_indices]
             t0 = time.perf_counter()
             loss, grad_norm, lr = training_step(loss_module, micro_batches, optimizer, scheduler, params,
