@@ -102,9 +102,10 @@ class Attention(nn.Module):
         cache_start: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)   # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k, v = self.project_qkv(x)                                      # (B, T, nh·hs), (B, T, nkv·hs) × 2
+        q = q.view(B, T, self.nh, self.hs).transpose(1, 2)                 # (B, nh, T, hs)
+        k = k.view(B, T, self.nkv, self.hs).transpose(1, 2)                # (B, nkv, T, hs)
+        v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)                # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(cache_start, k, v)                         # (B, nkv, S, hs), S = cache_start + T
@@ -122,6 +123,11 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections of one input x (B, T, D): one place that an adapter package may
+        replace with a fused projection of all three."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
@@ -134,7 +140,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(H, D, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.project_gate_up(x)                                     # (B, T, H) each
+        return self.down_proj(F.silu(g) * u)
+
+    def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate and up projections of one input x (B, T, D); an adapter package may fuse them."""
+        return self.gate_proj(x), self.up_proj(x)
 
 
 class DecoderLayer(nn.Module):
