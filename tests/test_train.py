@@ -202,19 +202,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert max((a - b).abs().max().item() for a, b in zip(*grads)) <= 1e-6
 
 
-# ---------------------------------------------------------------------------------------- optimizers
-@pytest.mark.parametrize("name", ["paged_adamw", "adamw8bit", "paged_adamw8bit"])
-def test_bitsandbytes_optimizers_train_on_the_cpu_like_torch_adamw(name, tmp_path):
-    # LoRA tensors here are under bitsandbytes' 4096-element threshold, so its 8-bit AdamW keeps 32-bit
-    # state; both must then follow torch's AdamW
-    finals = {}
-    for opt in ("adamw", name):
-        model = tiny_lora_model()
-        cfg = TrainConfig(lr=1e-2, max_steps=3, batch_size=4, weight_decay=0.01, optimizer=opt, progress=False)
-        train(model, CharTokenizer(), pricer_items(12), None, cfg)
-        finals[opt] = trainable(model)
-    diff = max((finals["adamw"][k] - finals[name][k]).abs().max().item() for k in finals["adamw"])
-    assert diff <= 1e-5
+# optimizers: tests/test_optim.py
 
 
 # ---------------------------------------------------------------------------------------- checkpoints

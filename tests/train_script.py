@@ -33,11 +33,11 @@ class CharTokenizer:
         return ([self.bos_id] if bos else []) + [3 + ord(c) % 120 for c in text]
 
 
-def tiny_lora_model(dropout: float = 0.0, lora_seed: int = 0, targets=("q_proj", "v_proj", "lm_head")) -> Llama:
+def tiny_lora_model(dropout: float = 0.0, lora_seed: int = 0, targets=("q_proj", "v_proj", "lm_head"), r: int = 4) -> Llama:
     """The same random base every time (as if loaded from one checkpoint); A and B drawn from `lora_seed`."""
     torch.manual_seed(0)
     model = Llama(LlamaConfig.from_hf(tiny_hf_config()))
-    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=dropout, target_modules=targets, seed=lora_seed))
+    apply_lora(model, LoRAConfig(r=r, alpha=2 * r, dropout=dropout, target_modules=targets, seed=lora_seed))
     # B starts at zero; give it values so every A receives a gradient from the first step
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -8,10 +8,12 @@ from .config import TrainConfig
 from .data import IGNORE_INDEX, Example, LengthBucketSampler, build_examples, collate, epoch_batches
 from .loop import TrainResult, evaluate, train, training_step
 from .loss import answer_loss
+from .optim import AdamW, make_optimizer
 from .schedule import cosine_with_warmup
 
 __all__ = [
     "TrainConfig", "train", "evaluate", "TrainResult", "training_step", "cosine_with_warmup", "answer_loss",
+    "AdamW", "make_optimizer",
     "build_examples", "collate", "epoch_batches", "LengthBucketSampler", "Example", "IGNORE_INDEX",
     "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
 ]

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+# "adamw": train/optim.py's written-out AdamW; "torch_adamw": torch's, the reference it equals
+OPTIMIZERS = ("adamw", "torch_adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 
 
 @dataclass

@@ -30,6 +30,7 @@ from .data import IGNORE_INDEX, Example, build_examples, collate, epoch_batches
 from .distributed import DistContext, all_gather_object, all_reduce_sum, setup_distributed, sync_gradients, teardown_distributed, wrap_ddp
 from .log import RunLogger, default_run_name
 from .loss import AnswerLossModule, answer_loss, unwrap
+from .optim import make_optimizer
 from .schedule import cosine_with_warmup
 
 
@@ -140,18 +141,6 @@ def _autocast(device, dtype: torch.dtype | None):
     if dtype is None:
         return nullcontext
     return lambda: torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """torch AdamW, or bitsandbytes' 8-bit / paged AdamW (paged falls back to plain memory on the CPU)."""
-    kwargs = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    import bitsandbytes as bnb
-
-    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
-           "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[config.optimizer]
-    return cls(params, **kwargs)
 
 
 def _seed_everything(seed: int) -> None:
