@@ -27,7 +27,8 @@ from torch import nn
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Example, build_examples, collate, epoch_batches
-from .distributed import DistContext, all_gather_object, all_reduce_sum, setup_distributed, sync_gradients, teardown_distributed, wrap_ddp
+from .distributed import (DistContext, accumulate, all_gather_object, all_reduce_sum, setup_distributed, teardown_distributed,
+                          wrap_ddp)
 from .log import RunLogger, default_run_name
 from .loss import AnswerLossModule, answer_loss, unwrap
 from .optim import make_optimizer
@@ -51,29 +52,28 @@ def training_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, torc
                   autocast, step: int) -> tuple[float, float, float]:
     """One optimizer step over the micro-batches of this rank; returns (loss, grad_norm, lr).
 
-    The summed loss of each micro-batch is divided by the answer tokens of the whole step (all
-    micro-batches, all ranks), so k accumulated micro-batches give the gradient of one batch k
-    times larger. DDP averages gradients over ranks; multiplying by world_size turns that back
-    into the sum.
+    `accumulate` (train/distributed.py) divides each micro-batch's summed loss by the answer tokens
+    of the whole step and lets DDP synchronise the gradients on the last one: k accumulated
+    micro-batches, on any number of ranks, give the gradient of one batch k times larger.
     """
     lr = optimizer.param_groups[0]["lr"]
-    scale = ctx.world_size / n_answer_tokens
     loss_sum = torch.zeros((), device=ctx.device)
-    for i, batch in enumerate(micro_batches):
-        with sync_gradients(loss_module, now=i == len(micro_batches) - 1):
-            with autocast():
-                # 1. forward pass and 2. loss, in one call so DDP sees its own forward: the decoder
-                #    turns the tokens into hidden states, the head runs at answer positions only, and
-                #    the cross-entropy against each next token is summed (right padding: no mask needed)
-                loss = loss_module(batch["input_ids"], batch["labels"])
-            # 3. backward pass: the gradients accumulate in each LoRA parameter's .grad
-            (loss * scale).backward()
+    for batch, backward in accumulate(loss_module, micro_batches, n_answer_tokens, ctx):
+        with autocast():
+            # 1. forward pass and 2. loss, in one call so DDP sees its own forward: the decoder
+            #    turns the tokens into hidden states, the head runs at answer positions only, and
+            #    the cross-entropy against each next token is summed (right padding: no mask needed)
+            loss = loss_module(batch["input_ids"], batch["labels"])
+        # 3. backward pass: the gradients accumulate in each LoRA parameter's .grad. For a plain
+        #    (un-adapted) head, LinearCrossEntropy already made the head's gradient, softmax − onehot,
+        #    during step 2; here autograd only scales it and carries it back through the layers
+        backward(loss)
         loss_sum += loss.detach()
     mean_loss = all_reduce_sum(loss_sum, ctx).item() / n_answer_tokens
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"non-finite training loss ({mean_loss}) at step {step}; stopping before the update, "
                                  "so the last checkpoint saved stays the last good one")
-    # 4. optimizer step: clip the gradient norm, AdamW update, then the next learning rate
+    # 4. optimizer step: clip the gradient norm, AdamW update (train/optim.py), then the next learning rate
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else math.inf)
     optimizer.step()
     scheduler.step()

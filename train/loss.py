@@ -31,6 +31,19 @@ class LinearCrossEntropy(torch.autograd.Function):
     their log-softmax until the backward pass, then fill a zero tensor of the same size for the
     gradient of the gather and pass over it twice more.
 
+    A worked example, 3 rows and a vocabulary of 4 (logits z = h Wᵀ + b, targets y = 0, 2, 1):
+
+        z                     softmax(z)                   − onehot(y)  = d loss / d z      loss_i
+        [2, 1, 0, -1]   →   [0.644, 0.237, 0.087, 0.032]   [1, 0, 0, 0]   [-0.356, 0.237, 0.087, 0.032]   0.440
+        [0, 0, 0,  0]   →   [0.250, 0.250, 0.250, 0.250]   [0, 0, 1, 0]   [0.250, 0.250, -0.750, 0.250]   1.386
+        [1, 3, 0,  1]   →   [0.102, 0.757, 0.038, 0.102]   [0, 1, 0, 0]   [0.102, -0.243, 0.038, 0.102]   0.278
+
+    loss_i = −log softmax(z_i)[y_i], summed: 2.105. Each row of the gradient sums to 0: the target's
+    logit is pushed up by 1 − p, every other one down by its own probability. Then
+    d loss / d h = (d loss / d z) W, d loss / d W = (d loss / d z)ᵀ h, d loss / d b = Σ_rows d loss / d z,
+    all made here, in the forward pass: the training loop's step 3 (backward) finds the head's
+    gradient already there and only multiplies it by the incoming scale.
+
     Shapes: h (n, D), weight (V, D), bias (V,) or None, y (n,) -> a scalar, fp32.
     The gradients are made whenever an input requires them, even under `torch.no_grad()` (a
     Function's forward cannot see the caller's grad mode): for evaluation, use F.cross_entropy.
