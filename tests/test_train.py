@@ -189,17 +189,66 @@ def test_four_micro_batches_of_2_accumulate_to_one_batch_of_8():
     assert diff <= 1e-6
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_recomputes_each_layer_and_gives_the_same_gradients():
     batch = batch_of(pricer_items(4))
-    grads = []
+    grads, calls = [], []
     for ckpt in (False, True):
         model = tiny_lora_model(dropout=0.1)  # dropout: recomputation must replay the same masks
         model.set_gradient_checkpointing(ckpt)
         model.train()
+        count = [0]
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))  # recomputation may stop early: count starts
         torch.manual_seed(7)
         loss = answer_loss(model, batch["input_ids"], batch["labels"])
         grads.append(torch.autograd.grad(loss, list(trainable(model).values())))
+        calls.append(count[0])
+    # checkpointing keeps no activations inside a layer and runs its forward again in the backward pass
+    assert calls == [2, 4]
     assert max((a - b).abs().max().item() for a, b in zip(*grads)) <= 1e-6
+
+
+def test_train_switches_on_grad_checkpointing_and_compile_and_runs_the_same_steps(monkeypatch):
+    from model import Llama
+
+    compiled = []  # compiling itself is proved in tests/test_model.py; here: train() asks for it
+    monkeypatch.setattr(Llama, "compile_layers", lambda self, **kw: compiled.append(self))
+    finals, recomputed = [], []
+    for extra in ({}, dict(grad_checkpointing=True, compile=True)):
+        model = tiny_lora_model()
+        count = [0]
+        model.model.layers[0].register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        train(model, CharTokenizer(), pricer_items(8), None,
+              TrainConfig(lr=1e-2, max_steps=2, batch_size=4, warmup_steps=0, progress=False, **extra))
+        finals.append(trainable(model))
+        recomputed.append(count[0])
+    assert len(compiled) == 1 and compiled[0] is model
+    assert recomputed == [2, 4]  # 2 steps of 1 micro-batch; checkpointing runs each layer again in the backward
+    assert finals[0].keys() == finals[1].keys() and finals[0]
+    assert max((finals[0][k] - finals[1][k]).abs().max().item() for k in finals[0]) <= 1e-6
+
+
+def test_train_under_bf16_autocast_follows_fp32_to_bf16_precision():
+    dtypes, finals, losses = [], [], []
+    for autocast_dtype in (None, torch.bfloat16):
+        model = tiny_lora_model()
+        hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        result = train(model, CharTokenizer(), pricer_items(8), pricer_items(4, 100),
+                       TrainConfig(lr=1e-2, max_steps=2, batch_size=4, warmup_steps=0, progress=False,
+                                   autocast_dtype=autocast_dtype))
+        hook.remove()
+        finals.append(trainable(model))
+        losses.append([loss for _, loss in result.train_losses + result.val_losses])
+    assert set(dtypes[:3]) == {torch.float32} and set(dtypes[3:]) == {torch.bfloat16}  # 2 steps and 1 evaluation each
+    assert finals[0].keys() == finals[1].keys() and finals[0]
+    assert all(p.dtype == torch.float32 for p in finals[1].values())  # the master weights stay fp32
+    worst = max(abs(a - b) / a for a, b in zip(*losses))
+    assert 0 < worst <= 2 ** -8  # bf16 keeps 8 bits of mantissa: its rounding, no more
+    # AdamW moves each weight by about lr whatever its gradient's size, so a tiny gradient whose sign
+    # bf16 flips moves that weight the other way: compare the whole update, not each weight
+    start = trainable(tiny_lora_model())
+    u32, u16 = (torch.cat([(f[k] - start[k]).flatten() for k in start]) for f in finals)
+    assert (u16 - u32).norm() <= 0.15 * u32.norm() and F.cosine_similarity(u16, u32, dim=0) >= 0.99
 
 
 # optimizers: tests/test_optim.py
@@ -316,9 +365,16 @@ def test_two_gloo_processes_under_torchrun_end_with_the_single_process_adapter(t
     initial = tiny_lora_model(lora_seed=0, targets=targets).state_dict()
     moved = max((ddp[k] - initial[k[len("base_model.model."):]]).abs().max().item() for k in ddp)
     assert moved > 1e-3  # training did change the adapter
-    logged = json.load(open(tmp_path / "ddp" / "result.json"))
-    assert [s for s, _ in logged["train"]] == [s for s, _ in result.train_losses]
-    assert max(abs(a[1] - b[1]) for a, b in zip(logged["train"], result.train_losses)) <= 1e-5
+    # rank 1 began from other A and B (lora_seed=1): it ends with rank 0's adapter only if DDP ran
+    rank1 = read_adapter(str(tmp_path / "ddp" / "final-rank1"))[1]
+    assert rank1.keys() == ddp.keys() and all(torch.equal(rank1[k], ddp[k]) for k in ddp)
+    for rank in (0, 1):  # each rank's losses: the train loss and the validation loss summed over both shards
+        logged = json.load(open(tmp_path / "ddp" / f"result-rank{rank}.json"))
+        for kind, ref in (("train", result.train_losses), ("val", result.val_losses)):
+            assert [s for s, _ in logged[kind]] == [s for s, _ in ref] and ref
+            assert max(abs(a[1] - b[1]) for a, b in zip(logged[kind], ref)) <= 1e-5
+    state = load_checkpoint(str(tmp_path / "ddp" / "checkpoint-3"), tiny_lora_model(targets=targets))
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
 
 
 # ---------------------------------------------------------------------------------------- bad input

@@ -75,8 +75,13 @@ def main() -> None:
     if args.mode == "ddp":
         rank = int(os.environ.get("RANK", "0"))  # each rank its own A, B: rank 0's win
         model = tiny_lora_model(lora_seed=rank, targets=tuple(args.targets.split(",")))
-        config = run_config(args.out, save_every=None, keep_last=None, eval_every=None, epochs=1, group_by_length=False)
+        # one checkpoint, at the end (step 3): it records the world size the run saw
+        config = run_config(args.out, save_every=3, keep_last=None, eval_every=None, epochs=1, group_by_length=False)
         result = train(model, CharTokenizer(), pricer_items(24), pricer_items(6, 100), config)
+        # every rank writes its own adapter and losses: the test checks that the ranks agree
+        save_adapter(model, os.path.join(args.out, f"final-rank{rank}"))
+        with open(os.path.join(args.out, f"result-rank{rank}.json"), "w") as f:
+            json.dump({"step": result.step, "train": result.train_losses, "val": result.val_losses}, f)
     else:
         if args.mode == "kill":
             import train.loop as loop
