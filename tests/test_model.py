@@ -46,7 +46,8 @@ def hf_causal_lm(d: dict, seed: int = 0):
     """transformers' model for an HF config dict, with every weight random (norms included)."""
     cfg = transformers.AutoConfig.for_model(**d)
     torch.manual_seed(seed)
-    cls = transformers.Qwen2ForCausalLM if d["model_type"] == "qwen2" else transformers.LlamaForCausalLM
+    cls = {"qwen2": transformers.Qwen2ForCausalLM, "mistral": transformers.MistralForCausalLM}.get(
+        d["model_type"], transformers.LlamaForCausalLM)
     hf = cls(cfg).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
@@ -123,6 +124,8 @@ CONFIGS = {
     "gqa_untied_theta5e4": tiny_hf_config(),
     "tied": tiny_hf_config(tie_word_embeddings=True),
     "qwen2_qkv_bias": tiny_hf_config(model_type="qwen2"),
+    # an explicit head_dim, not hidden / heads (64 / 4 = 16): q is 64 -> 128, o 128 -> 64
+    "mistral_head_dim_32": tiny_hf_config(model_type="mistral", head_dim=32, sliding_window=None),
     "llama3_rope_scaling": tiny_hf_config(rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}),
@@ -135,6 +138,9 @@ def test_logits_equal_transformers_on_padded_batches(name, tmp_path, bpe_tokeniz
     hf = hf_causal_lm(d)
     model, _ = load_pretrained(save_hf(hf, tmp_path, bpe_tokenizer_dir))
     assert set(model.state_dict()) == set(hf.state_dict())
+    assert type(hf).__name__ == {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(
+        d["model_type"], "LlamaForCausalLM")
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == hf.model.layers[0].self_attn.q_proj.weight.shape
     assert model.config.tie_word_embeddings == d["tie_word_embeddings"]
     if d["tie_word_embeddings"]:
         assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -156,6 +162,7 @@ def test_compiled_layers_keep_the_logits_and_gradients_of_transformers(tmp_path,
     hf = hf_causal_lm(d).train()
     model, _ = load_pretrained(save_hf(hf, tmp_path, bpe_tokenizer_dir))
     model.train().compile_layers()
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)  # each call goes to the compiled one
     ids = torch.randint(0, d["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(0))
     ours, ref = model(ids), hf(input_ids=ids).logits
     assert (ours - ref).abs().max().item() <= 1e-4
@@ -210,13 +217,15 @@ def test_quantized_loading_equals_quantizing_after_loading(tmp_path, bpe_tokeniz
 
 # ------------------------------------------------------------------------------------------ GGUF
 def write_gguf(hf, path, rope_freqs: torch.Tensor | None = None) -> str:
-    """Write an HF Llama as llama.cpp's converter does: renamed, q/k rows permuted, F32 and Q8_0."""
+    """Write an HF Llama (or Qwen2) as llama.cpp's converter does: renamed, F32 and Q8_0, and for
+    Llama the q/k rows permuted (its converter keeps Qwen2's rows in HF order)."""
     import gguf
     import numpy as np
 
     cfg = hf.config
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    w = gguf.GGUFWriter(str(path), "llama")
+    arch = cfg.model_type
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -246,9 +255,9 @@ def write_gguf(hf, path, rope_freqs: torch.Tensor | None = None) -> str:
         if name.startswith("model.layers."):
             module = parts[-2]
             gname = f"blk.{parts[2]}.{names[module]}.{parts[-1]}"
-            if module == "q_proj":
+            if module == "q_proj" and arch == "llama":
                 t = permute(t, nh)
-            elif module == "k_proj":
+            elif module == "k_proj" and arch == "llama":
                 t = permute(t, nkv)
         else:
             gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -267,8 +276,10 @@ def write_gguf(hf, path, rope_freqs: torch.Tensor | None = None) -> str:
     return str(path)
 
 
-def test_gguf_loads_to_the_logits_of_transformers_gguf_loader(tmp_path):
-    hf = hf_causal_lm(tiny_hf_config())  # grouped-query attention: k rows unpermuted over 2 heads, q over 4
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_gguf_loads_to_the_logits_of_transformers_gguf_loader(tmp_path, model_type):
+    # llama: grouped-query attention, k rows unpermuted over 2 heads, q over 4; qwen2: rows in HF order, q/k/v biases
+    hf = hf_causal_lm(tiny_hf_config(model_type=model_type))
     path = write_gguf(hf, tmp_path / "tiny.gguf")
     model, tok = load_pretrained(path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32)

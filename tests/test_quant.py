@@ -57,8 +57,8 @@ def weight(shape, dtype, device, seed=0) -> torch.Tensor:
 
 def test_nf4_code_is_derived_from_normal_quantiles_and_equals_bitsandbytes():
     assert NF4_CODE.dtype == torch.float32 and NF4_CODE.shape == (16,)
-    assert torch.allclose(NF4_CODE, torch.tensor(NF4_TABLE), atol=1e-7, rtol=0)
-    assert torch.allclose(NF4_CODE, bnbF.get_4bit_type("nf4", device="cpu"), atol=1e-7, rtol=0)
+    assert torch.equal(NF4_CODE, torch.tensor(NF4_TABLE))  # to the bit
+    assert torch.equal(NF4_CODE, bnbF.get_4bit_type("nf4", device="cpu"))
     assert NF4_CODE[7] == 0.0 and NF4_CODE[0] == -1.0 and NF4_CODE[-1] == 1.0
 
 
@@ -210,6 +210,10 @@ def test_double_quant_costs_about_0_127_bits_per_weight():
 def test_linear4bit_forward_is_x_times_dequantized_weight(device, compute_dtype, bias):
     torch.manual_seed(0)
     linear = nn.Linear(130, 70, bias=bias).to(device)
+    if bias:  # a bias well above every tolerance below: leaving it out must fail
+        with torch.no_grad():
+            linear.bias.copy_(torch.linspace(-3.0, 3.0, 70))
+        assert linear.bias.abs().max() > 10 * TOL[compute_dtype] * 10
     layer = Linear4bit.from_linear(linear, compute_dtype=compute_dtype)
     assert (layer.in_features, layer.out_features, layer.compute_dtype) == (130, 70, compute_dtype)
     x = torch.randn(3, 5, 130, device=device, requires_grad=True)

@@ -287,7 +287,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_adapter_and_losses(
     # the adapter is bit-identical (dropout, data order and AdamW moments all resumed exactly)
     a = read_adapter(str(full_run / "final"))[1]
     b = read_adapter(str(tmp_path / "final"))[1]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.load(open(d / "result.json")) for d in (full_run, tmp_path))
     assert ra == rb and ra["step"] == 6
     sa, sb = _scalars(full_run / "runs" / "run")[0], _scalars(tmp_path / "runs" / "run")[0]
@@ -360,7 +360,7 @@ def test_two_gloo_processes_under_torchrun_end_with_the_single_process_adapter(t
     result = train(model, CharTokenizer(), pricer_items(24), pricer_items(6, 100), config)
     ddp = read_adapter(str(tmp_path / "ddp" / "final"))[1]
     ours = {f"base_model.model.{k}": v for k, v in trainable(model).items()}
-    assert ddp.keys() == ours.keys()
+    assert ddp.keys() == ours.keys() and ddp
     assert max((ddp[k] - ours[k]).abs().max().item() for k in ddp) <= 1e-5
     initial = tiny_lora_model(lora_seed=0, targets=targets).state_dict()
     moved = max((ddp[k] - initial[k[len("base_model.model."):]]).abs().max().item() for k in ddp)
