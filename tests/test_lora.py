@@ -122,6 +122,31 @@ def test_lora_linear_equals_peft_linear(use_rslora):
     assert max_diff(ours(x), base(x)) > 1e-2  # the update is really there
 
 
+def test_lora_dropout_equals_peft_in_training_and_is_off_in_eval():
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48)
+    ours = LoRALinear(base, r=4, alpha=8, dropout=0.5)
+    theirs = PeftLinear(nn.Linear(64, 48), "default", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5),
+                        r=4, lora_alpha=8, lora_dropout=0.5)
+    with torch.no_grad():
+        theirs.base_layer.load_state_dict(base.state_dict())
+        ours.lora_B.weight.normal_()
+        theirs.lora_A["default"].weight.copy_(ours.lora_A.weight)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B.weight)
+    x = torch.randn(3, 5, 64)
+    ours.train(), theirs.train()
+    torch.manual_seed(1)
+    dropped = ours(x)
+    torch.manual_seed(1)
+    assert max_diff(dropped, theirs(x)) <= 1e-6  # one mask of the same seed, on the LoRA path only
+    ours.eval(), theirs.eval()
+    assert max_diff(ours(x), theirs(x)) <= 1e-6
+    assert max_diff(dropped, ours(x)) > 1e-2  # in training the mask really changed the output
+
+
 def test_lora_linear_init_kaiming_A_zero_B_and_seeded():
     base = nn.Linear(64, 32)
     a = LoRALinear(base, r=8, alpha=16, generator=torch.Generator().manual_seed(3))

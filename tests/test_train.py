@@ -111,6 +111,16 @@ def test_answer_loss_equals_cross_entropy_over_full_logits_with_the_same_gradien
     assert torch.allclose(answer_loss(model, ids, labels, reduction="sum"), ref * n, rtol=1e-6)
 
 
+def test_the_head_runs_only_at_answer_positions():
+    model = tiny_lora_model()  # a LoRA on lm_head: the head is a module of its own, its input can be watched
+    rows = []
+    model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    batch = batch_of(pricer_items(5))
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    answer_loss(model, batch["input_ids"], batch["labels"], chunk_size=1024)
+    assert rows == [n] and n < batch["labels"][:, 1:].numel() / 3  # short answers after long prompts
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,0 +1,202 @@
+"""Does the suite see every feature? Switch each off, one at a time, and check some test fails.
+
+    python tests/mutants.py              # every mutant (make mutants); about 10 minutes on 2 cores
+    python tests/mutants.py --list       # their names
+    python tests/mutants.py warmup dropout   # only these
+
+Each mutant is one `Mutant(name, file, old, new, tests)` record below: in a scratch copy of the
+repository, `old` (a snippet of source that must occur exactly once in `file`) is replaced by `new`,
+and `pytest -x -q <tests>` runs there. A failing test kills the mutant; a mutant whose tests all
+pass survived: the feature can vanish without the suite noticing. A snippet not found (the code
+was refactored) is an error, never a silent pass: mend the record. Not part of `make test`.
+
+To add one: a record naming the behaviour the README claims, the smallest edit that switches it
+off, and the test files (with -k) that should notice.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Mutant(NamedTuple):
+    name: str
+    file: str            # relative to the repository root
+    old: str             # must occur exactly once in the file
+    new: str
+    tests: tuple         # pytest arguments: files, and -k expressions
+
+
+def k(file: str, expr: str) -> tuple:
+    return (file, "-k", expr)
+
+
+TRAIN, MODEL, LORA, QUANT, OPTIM = ("tests/test_train.py", "tests/test_model.py", "tests/test_lora.py",
+                                    "tests/test_quant.py", "tests/test_optim.py")
+
+MUTANTS = [
+    # ---------------------------------------------------------------- optimizers (train/optim.py)
+    Mutant("adamw8bit is torch's AdamW", "train/optim.py",
+           '"adamw8bit": bnb.optim.AdamW8bit,', '"adamw8bit": torch.optim.AdamW,', (OPTIM,)),
+    Mutant("adamw8bit keeps 32-bit moments", "train/optim.py",
+           '"adamw8bit": bnb.optim.AdamW8bit,', '"adamw8bit": bnb.optim.AdamW,', (OPTIM,)),
+    Mutant("paged_adamw is not paged", "train/optim.py",
+           '"paged_adamw": bnb.optim.PagedAdamW,', '"paged_adamw": bnb.optim.AdamW,', (OPTIM,)),
+    Mutant("paged_adamw8bit is not paged", "train/optim.py",
+           '"paged_adamw8bit": bnb.optim.PagedAdamW8bit}', '"paged_adamw8bit": bnb.optim.AdamW8bit}', (OPTIM,)),
+    Mutant("adamw is torch's, not the written-out one", "train/optim.py",
+           "        return AdamW(params, **kwargs)", "        return torch.optim.AdamW(params, **kwargs)", (OPTIM,)),
+    Mutant("AdamW without weight decay", "train/optim.py",
+           "w.mul_(1 - lr * decay)", "pass", (OPTIM,)),
+    Mutant("AdamW without the first bias correction", "train/optim.py",
+           "step_size = lr / (1 - beta1 ** t)", "step_size = lr", (OPTIM,)),
+    Mutant("AdamW without the second bias correction", "train/optim.py",
+           "denom = (v.sqrt() / (1 - beta2 ** t) ** 0.5).add_(eps)", "denom = v.sqrt().add_(eps)", (OPTIM,)),
+    Mutant("AdamW's moments not restored on resume", "train/loop.py",
+           'optimizer.load_state_dict(state["optimizer"])', "pass", k(TRAIN, "resumes")),
+    # ---------------------------------------------------------------- memory and speed switches
+    Mutant("gradient checkpointing does nothing", "model/llama.py",
+           "self.model.gradient_checkpointing = enabled", "self.model.gradient_checkpointing = False",
+           k(TRAIN, "checkpointing")),
+    Mutant("train() ignores grad_checkpointing", "train/loop.py",
+           "    if config.grad_checkpointing:", "    if False:", k(TRAIN, "checkpointing")),
+    Mutant("compile_layers does nothing", "model/llama.py",
+           "layer.compile(**compile_kwargs)", "pass", k(MODEL, "compiled")),
+    Mutant("train() ignores compile", "train/loop.py",
+           "    if config.compile:", "    if False:", k(TRAIN, "compile")),
+    Mutant("autocast_dtype ignored", "train/loop.py",
+           "    if dtype is None:\n        return nullcontext", "    if True:\n        return nullcontext",
+           k(TRAIN, "bf16")),
+    # ---------------------------------------------------------------- DDP (FSDP: add when it exists)
+    Mutant("torchrun ignored: each rank trains alone", "train/distributed.py",
+           'if "RANK" not in os.environ or world_size <= 1:', "if True:", k(TRAIN, "gloo")),
+    Mutant("DDP loss not scaled by world_size", "train/distributed.py",
+           "scale = ctx.world_size / n_answer_tokens", "scale = 1 / n_answer_tokens", k(TRAIN, "gloo")),
+    Mutant("validation loss not summed over ranks", "train/distributed.py",
+           "    if ctx.enabled:\n        t = t.clone()", "    if False:\n        t = t.clone()", k(TRAIN, "gloo")),
+    Mutant("rank 0's LoRA weights not broadcast", "train/distributed.py",
+           "dist.broadcast(p.data, src=0)", "pass", k(TRAIN, "gloo")),
+    # ---------------------------------------------------------------- the loss and the data
+    # the same loss (F.cross_entropy ignores -100), but the head computes logits at every position
+    Mutant("the head runs at every position", "train/loss.py",
+           "    h = hidden[:, :-1][keep]                                   # (N, D): only the positions with a label\n"
+           "    y = targets[keep]                                          # (N,)\n"
+           "    n = y.numel()\n",
+           "    h = hidden[:, :-1].flatten(0, 1)\n    y = targets.flatten()\n    n = int(keep.sum())\n",
+           k(TRAIN, "head_runs")),
+    Mutant("LinearCrossEntropy's gradient forgets the onehot", "train/loss.py",
+           "] -= 1.0      # - onehot(y)", "] -= 0.0", k(TRAIN, "linear_cross_entropy")),
+    Mutant("each micro-batch divided by its own tokens", "train/distributed.py",
+           "        (summed_loss * scale).backward()",
+           "        (summed_loss * ctx.world_size / len(micro_batches)"
+           " / int((batch['labels'][:, 1:] != -100).sum())).backward()", k(TRAIN, "accumulate")),
+    Mutant("no EOS after the answer", "train/data.py",
+           "if add_eos and tokenizer.eos_id is not None:", "if False:", k(TRAIN, "labels_mask")),
+    Mutant("no length bucketing", "train/data.py",
+           "    if not group_by_length:", "    if True:", k(TRAIN, "length_buckets")),
+    Mutant("keep_last keeps everything", "train/checkpoint.py",
+           "for _, old in list_checkpoints(out_dir)[:-keep_last]:", "for _, old in []:", k(TRAIN, "resumes")),
+    Mutant("no warmup", "train/schedule.py",
+           "        return base_lr * step / warmup_steps", "        return base_lr", k(TRAIN, "cosine")),
+    # ---------------------------------------------------------------- LoRA and NF4
+    Mutant("no dropout on the LoRA path", "lora/layer.py",
+           "nn.Dropout(dropout) if dropout > 0 else nn.Identity()", "nn.Identity()", k(LORA, "dropout")),
+    Mutant("rsLoRA scales by alpha / r", "lora/config.py",
+           "return alpha / math.sqrt(r) if use_rslora else alpha / r", "return alpha / r", k(LORA, "peft_linear")),
+    Mutant("Linear4bit drops its bias", "quant/linear4bit.py",
+           "bias = None if self.bias is None else self.bias.to(dtype)", "bias = None", k(QUANT, "x_times")),
+    # ---------------------------------------------------------------- the model
+    Mutant("qwen2 GGUF rows permuted like llama's", "model/gguf.py",
+           'permuted = arch in ("llama", "mistral")', "permuted = True", k(MODEL, "gguf_loads")),
+    Mutant("head_dim read as hidden / heads", "model/config.py",
+           'head_dim=d.get("head_dim"),', "head_dim=None,", k(MODEL, "padded_batches")),
+    Mutant("sampling is greedy", "model/generate.py",
+           "    probs = torch.softmax(logits.float() / temperature, dim=-1)",
+           "    return logits.argmax(-1)", k(MODEL, "sampling")),
+    Mutant("top_p ignored", "model/generate.py",
+           "sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)", "sorted_p = sorted_p", k(MODEL, "sampling")),
+]
+
+
+def scratch_copy() -> str:
+    """The tracked and untracked (not ignored) files of the repository, copied to a temporary folder."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    dest = tempfile.mkdtemp(prefix="mutants-")
+    for f in filter(None, files):
+        src = os.path.join(ROOT, f)
+        if os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dest, f)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dest, f))
+    return dest
+
+
+def run_mutant(m: Mutant, root: str) -> tuple[str, float]:
+    """'killed', 'survived' or 'error: ...', and the seconds the tests took."""
+    path = os.path.join(root, m.file)
+    if not os.path.isfile(path):
+        return f"error: {m.file} does not exist", 0.0
+    original = open(path, encoding="utf-8").read()
+    count = original.count(m.old)
+    if count != 1:
+        return f"error: the snippet occurs {count} times in {m.file} (expected once): {m.old!r}", 0.0
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(original.replace(m.old, m.new))
+    try:
+        t0 = time.perf_counter()
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
+                              cwd=root, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+    finally:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(original)
+    if done.returncode == 5:  # pytest: no test collected
+        return f"error: no test selected by {' '.join(m.tests)}", seconds
+    return ("killed" if done.returncode != 0 else "survived"), seconds
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", help="run only mutants whose name contains one of these words")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.names or any(n.lower() in m.name.lower() for n in args.names)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:50s} {m.file:22s} {' '.join(m.tests)}")
+        return 0
+    if not chosen:
+        print(f"no mutant matches {args.names}", file=sys.stderr)
+        return 2
+    root = scratch_copy()
+    results = []
+    try:
+        for i, m in enumerate(chosen, 1):
+            outcome, seconds = run_mutant(m, root)
+            results.append((m, outcome))
+            print(f"[{i:2d}/{len(chosen)}] {outcome.split(':')[0]:8s} {m.name}  ({seconds:.0f} s)"
+                  + (f"\n        {outcome}" if outcome.startswith("error") else ""), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    killed = sum(o == "killed" for _, o in results)
+    survived = [m.name for m, o in results if o == "survived"]
+    errors = [m.name for m, o in results if o.startswith("error")]
+    print(f"\nmutants killed: {killed}/{len(results)}")
+    if survived:
+        print("survived (a feature the suite does not see):\n  " + "\n  ".join(survived))
+    if errors:
+        print("errors (mend the record):\n  " + "\n  ".join(errors))
+    return 0 if killed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
