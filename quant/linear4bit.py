@@ -2,9 +2,11 @@
 
 The packed weight and its quant state are quantized and multiplied by bitsandbytes'
 kernels (CUDA on a GPU, its CPU backend otherwise); `quant.nf4` is the plain-torch
-specification those kernels are tested against. In the forward pass the weight is
-dequantized block by block to `compute_dtype` (bf16 on CUDA, fp32 on the CPU) and
-multiplied with the input: the memory saving is in storage, the arithmetic stays 16/32-bit.
+specification those kernels are tested against. In the forward pass of a batch of tokens,
+bitsandbytes dequantizes the whole weight into a temporary `compute_dtype` tensor (bf16 on
+CUDA, fp32 on the CPU), multiplies, and frees it; only a single token's input (generation, on
+CUDA) takes a kernel that reads the 4-bit codes directly. The memory saving is in storage,
+the arithmetic stays 16/32-bit.
 
 State dict layout (the same keys as bitsandbytes' own `Linear4bit`):
     weight                                   packed uint8, ((out*in + 1)//2, 1)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random Llama config and the embedded SmolLM2-135M-Instruct GGUF."""
+"""Shared fixtures: a tiny random Llama config and the embedded SmolLM2-135M-Instruct GGUF, loaded once."""
 import importlib.util
 import os
 import sys
@@ -43,3 +43,16 @@ def smollm2_gguf() -> str:
     ggufs = [f for f in os.listdir(folder) if f.endswith(".gguf")]
     assert ggufs, f"no .gguf file in {folder}"
     return os.path.join(folder, ggufs[0])
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """(model, tokenizer): SmolLM2-135M-Instruct in fp32, loaded once for the whole suite.
+
+    Shared by every test that reads it: use it as it is (forward passes, generation under no_grad)
+    or `copy.deepcopy` the model before changing it (quantizing, adapting, training).
+    """
+    from model import load_pretrained
+
+    model, tok = load_pretrained(smollm2_gguf)
+    return model.eval(), tok

@@ -578,11 +578,7 @@ def test_seeded_sampling_repeats_and_tiny_top_p_is_greedy(tiny_pair):
 
 
 # ------------------------------------------------------------------------------------------ SmolLM2
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    return load_pretrained(smollm2_gguf)
-
-
+# `smollm2` (ours, model and tokenizer) is conftest's session fixture, shared with tests/test_quant.py
 @pytest.fixture(scope="module")
 def smollm2_hf(smollm2_gguf):
     return transformers.AutoModelForCausalLM.from_pretrained(

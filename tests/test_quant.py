@@ -410,10 +410,11 @@ def test_other_bad_inputs_are_refused():
 # ----------------------------------------------------------------------------- SmolLM2
 
 @pytest.fixture(scope="module")
-def smollm2_quantized(smollm2_gguf):
-    from model import load_pretrained
+def smollm2_quantized(smollm2):
+    import copy
 
-    model, tok = load_pretrained(smollm2_gguf)
+    model, tok = smollm2
+    model = copy.deepcopy(model)  # the session's model stays fp32 for the other tests
     report = quantize_model(model)
     return model, tok, report
 

@@ -38,9 +38,11 @@ def build_examples(
     """Tokenize (prompt, answer) pairs into `Example`s; returns (examples, number skipped).
 
     `tokenizer.encode(text, bos=...)` gives the ids; the prompt starts with BOS, the answer ends with
-    EOS when `add_eos`. With `max_len`, the prompt is cut from the left so the whole answer fits;
-    an item whose answer has no token left (empty, or longer than max_len - 1) is skipped and
-    counted, with a warning, rather than trained on a truncated answer.
+    EOS when `add_eos`. With `max_len`, the prompt is cut from the left so the whole answer fits.
+    An empty answer with `add_eos` keeps its EOS and trains on it (stop right after the prompt);
+    an item left with no answer token (an empty answer without `add_eos`, or an answer with its
+    EOS longer than max_len - 1) is skipped and counted, with a warning, rather than trained on
+    a truncated answer.
     """
     if max_len is not None and max_len < 2:
         raise ValueError(f"max_len must be at least 2 (one prompt token and one answer token), got {max_len}")
