@@ -383,6 +383,10 @@ def test_two_gloo_processes_under_torchrun_end_with_the_single_process_adapter(t
         for kind, ref in (("train", result.train_losses), ("val", result.val_losses)):
             assert [s for s, _ in logged[kind]] == [s for s, _ in ref] and ref
             assert max(abs(a[1] - b[1]) for a, b in zip(logged[kind], ref)) <= 1e-5
+    # the gradient itself, not only AdamW's step (which a gradient off by a constant factor leaves almost alone)
+    norms = [_scalars(tmp_path / d / "runs" / "run")[0]["train/grad_norm"] for d in ("ddp", "one")]
+    assert sorted(norms[0]) == sorted(norms[1]) == [1, 2, 3]
+    assert all(norms[0][s] == pytest.approx(norms[1][s], rel=1e-4) for s in norms[1])
     state = load_checkpoint(str(tmp_path / "ddp" / "checkpoint-3"), tiny_lora_model(targets=targets))
     assert state["world_size"] == 2 and len(state["rng"]) == 2
 
