@@ -281,16 +281,16 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
         if checkpoint == path:  # this step is saved already (a signal right after save_every)
             return path
         rngs = all_gather_object(rng_state(), ctx)
-        if not ctx.is_main:
-            return path
-        epoch, k = divmod(step, plan.steps_per_epoch)
-        save_checkpoint(config.out_dir, step, unwrap(model), {
-            "step": step, "epoch": epoch, "step_in_epoch": k, "total_steps": total_steps, "warmup_steps": warmup,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
-            "train_losses": [list(x) for x in train_losses], "val_losses": [list(x) for x in val_losses],
-            "run_name": run_name, "world_size": ctx.world_size, "loss_scaler": scaler.state_dict(),
-        }, config.keep_last)
-        logger.flush()
+        if ctx.is_main:
+            epoch, k = divmod(step, plan.steps_per_epoch)
+            save_checkpoint(config.out_dir, step, unwrap(model), {
+                "step": step, "epoch": epoch, "step_in_epoch": k, "total_steps": total_steps, "warmup_steps": warmup,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
+                "train_losses": [list(x) for x in train_losses], "val_losses": [list(x) for x in val_losses],
+                "run_name": run_name, "world_size": ctx.world_size, "loss_scaler": scaler.state_dict(),
+            }, config.keep_last)
+            logger.flush()
+        all_reduce_sum(torch.zeros((), device=ctx.device), ctx)  # a barrier: no rank exits before the save is done
         return path
 
     stop, checkpoint = StopSignals().install(), None  # SIGTERM/SIGINT: finish the step, save, stop
