@@ -44,7 +44,7 @@ def _launch(out, mode, *extra, ddp=False):
 
 def _preempt(out, after: int, ddp=False, second_signal=False):
     """Start a run, SIGTERM it (rank 1 alone under torchrun) once it printed `done <after>`."""
-    extra = ["--sleep", "0.4"] + (["--second-signal"] if second_signal else [])
+    extra = ["--sleep", "0.2"] + (["--second-signal"] if second_signal else [])
     p = subprocess.Popen(_launch(out, "run", *extra, ddp=ddp), env=ENV, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     lines = []
@@ -56,13 +56,14 @@ def _preempt(out, after: int, ddp=False, second_signal=False):
     return p.returncode, lines, err
 
 
-@pytest.mark.parametrize("second_signal", [False, True])
-def test_sigterm_mid_run_saves_a_checkpoint_that_resumes_bit_identical(tmp_path, second_signal):
+def test_sigterm_mid_run_saves_a_checkpoint_that_resumes_bit_identical_despite_a_second_sigterm(tmp_path):
     full = subprocess.run(_launch(tmp_path / "full", "full"), env=ENV, capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr
     out = tmp_path / "cut"
-    code, lines, err = _preempt(out, after=2, second_signal=second_signal)
+    # a second SIGTERM arrives while the checkpoint is half written: noted, ignored, the save completes
+    code, lines, err = _preempt(out, after=2, second_signal=True)
     assert code == 143, err
+    assert "SIGTERM again: still saving" in err
     saved = [name for name in os.listdir(out) if name.startswith("checkpoint-")]
     assert len(saved) == 1 and not saved[0].endswith(".tmp")  # save_every is off: the signal wrote it
     step = int(saved[0].split("-")[1])
