@@ -6,11 +6,26 @@ and `qwen2` (bias on q, k and v but not on o).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _malformed_as_value_error(read):
+    """A reader of metadata whose values have the wrong type (a list for a size, a zero head count)
+    raises ValueError naming the source, like every other malformed input, not TypeError."""
+
+    @functools.wraps(read)
+    def wrapper(cls, fields, source: str = "model.gguf"):
+        try:
+            return read(cls, fields, source)
+        except (TypeError, ZeroDivisionError, OverflowError) as e:
+            raise ValueError(f"{source}: malformed metadata ({type(e).__name__}: {e})") from e
+
+    return wrapper
 
 
 @dataclass
@@ -165,6 +180,7 @@ class LlamaConfig:
 
     # ------------------------------------------------------------------ GGUF metadata
     @classmethod
+    @_malformed_as_value_error
     def from_gguf(cls, fields: dict[str, Any], source: str = "model.gguf") -> "LlamaConfig":
         """Build from GGUF metadata already read into plain Python values ({key: value}).
 

@@ -183,6 +183,21 @@ def test_config_json_of_random_bytes_gives_a_value_error(data, tmp_path):
     assert config is None  # random bytes are never a model
 
 
+GGUF_FIELDS = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.block_count": 2,
+               "llama.feed_forward_length": 96, "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
+               "llama.context_length": 256, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+               "llama.rope.freq_base": 5e4, "llama.vocab_size": 128, "_has_output_tensor": True}
+
+
+@SOME
+@given(fields=_mutations(GGUF_FIELDS))
+def test_malformed_gguf_metadata_gives_a_value_error_or_a_valid_config(fields):
+    config = _raises_value_error_or_loads(LlamaConfig.from_gguf, fields)
+    if config is not None:
+        assert all(isinstance(getattr(config, n), int) and getattr(config, n) > 0
+                   for n in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim"))
+
+
 PEFT = LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj")).to_peft_dict()
 
 
