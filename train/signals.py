@@ -18,8 +18,8 @@ checkpoint is being written is recorded the same way and ignored, so it cannot c
 """
 from __future__ import annotations
 
+import os
 import signal
-import sys
 import threading
 
 import torch
@@ -44,6 +44,15 @@ class TrainingInterrupted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step} of {total_steps}: {where}")
 
 
+def _say(text: str) -> None:
+    # os.write, not print: the handler may interrupt a print to stderr (the progress bar), and
+    # re-entering a buffered stream raises RuntimeError
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
+
+
 class StopSignals:
     """A context manager that turns SIGTERM/SIGINT into a request read once per step."""
 
@@ -53,11 +62,12 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
         if self.signum is None:
             self.signum = signum
-            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint", file=sys.stderr)
+            _say(f"\n{name}: finishing this step, then saving a checkpoint\n")
         else:  # during the save: noted and ignored, the save completes
-            print(f"{signal.Signals(signum).name} again: still saving, stopping when done", file=sys.stderr)
+            _say(f"{name} again: still saving, stopping when done\n")
 
     def install(self) -> "StopSignals":
         """Route the signals to this object; returns self."""
