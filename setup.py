@@ -28,6 +28,7 @@ setup(
             "pytest==9.2.0",
             "transformers==5.23.0",
             "peft==0.21.2",
+            "hypothesis==6.170.17",
         ],
         "demo": ["matplotlib==3.11.2"],
     },

@@ -6,7 +6,8 @@
 The items are the first --n of the seed's shuffled order: the training script's test split, then
 its validation split (never trained on), so use the seed the adapter was trained with. Prints the
 first 20 items coloured by verdict, then error, RMSLE and hit rate beside a constant-mean baseline,
-and writes the truth-vs-guess chart (PNG and TensorBoard).
+and writes the truth-vs-guess chart (PNG and TensorBoard). A mistake in the flags or files
+prints `error: <message>` and exits with status 2.
 """
 from __future__ import annotations
 
@@ -63,13 +64,34 @@ def adapter_base(adapter_dir: str) -> str | None:
     file = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (expected a PEFT adapter folder)")
-    with open(file) as f:
-        base = json.load(f).get("base_model_name_or_path")
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"{file}: base_model_name_or_path must be a string, got {base!r}")
     return base if base and os.path.exists(base) else None
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the script; user errors (bad flags, missing or broken files) become one line and status 2.
+
+    The library reports bad input as ValueError or FileNotFoundError, naming the flag, file or key;
+    any other exception is a bug and keeps its traceback.
+    """
     args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     device = resolve_device(args.device)
     model_path = args.model or (adapter_base(args.adapter) if args.adapter else None)

@@ -9,11 +9,16 @@ AdamW step), score the test split again, save the adapter in PEFT's layout and t
 
 Writes under --out: checkpoint-<step>/ (every --save-every steps), adapter/ (the final adapter),
 runs/<run name>/ (TensorBoard) and pricer.png (truth against guess on the test split).
+
+SIGTERM or Ctrl-C finishes the step, writes a checkpoint and exits (143 or 130) with the command
+that resumes; run it (the same flags plus --resume) to continue exactly where the run stopped.
+A mistake in the flags or files prints `error: <message>` and exits with status 2.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 
@@ -27,7 +32,7 @@ from pricer import (  # noqa: E402
     answer_tokens, constant_baseline, evaluate_prices, load_model, load_source, log_to_tensorboard,
     print_report, resolve_device, results_table, save_scatter, split_items,
 )
-from train import TrainConfig, train  # noqa: E402
+from train import TrainConfig, TrainingInterrupted, train  # noqa: E402
 
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -128,21 +133,53 @@ def parse_layers(spec: str | None, n_layers: int) -> tuple[int, ...] | None:
     return tuple(sorted(set(layers)))
 
 
+def compute_dtype(device: str) -> torch.dtype | None:
+    """bf16 autocast on GPUs that have it; fp16 with loss scaling on those that do not (T4, V100)."""
+    if device != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def resume_command(argv: list[str] | None) -> str:
+    """The command line that continues this run: the same flags, plus --resume."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["python", os.path.relpath(os.path.abspath(__file__))] + argv +
+                      ([] if "--resume" in argv else ["--resume"]))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the script; user errors (bad flags, missing or broken files) become one line and status 2.
+
+    The library reports bad input as ValueError or FileNotFoundError, always naming the flag, file
+    or key; any other exception is a bug and keeps its traceback.
+    """
     args = parse_args(argv)
+    try:
+        return run(args)
+    except TrainingInterrupted as e:
+        print(f"{e}; resume with: {resume_command(argv)}", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     if args.preset == "llama31-8b" and args.model is None:
-        raise SystemExit("--preset llama31-8b needs --model, a local Llama-3.1-8B folder (config.json + safetensors)")
+        raise ValueError("--preset llama31-8b needs --model, a local Llama-3.1-8B folder (config.json + safetensors)")
+    targets = tuple(ALL_PROJECTIONS.split(",")) if args.target == "all" else tuple(args.target.split(","))
+    LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets)  # checked before loading
+    dtype = compute_dtype(device)
 
-    model, tokenizer, model_path = load_model(args.model, args.quant, device)
+    model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=dtype)
     loaded = load_source(args.data, tokenizer)
     print(loaded.summary())
     split = split_items(loaded.items, args.seed, args.test_size, args.val_size, args.train_size)
     print(f"split (seed {args.seed}): {len(split.train):,} train, {len(split.val):,} validation, {len(split.test):,} test")
 
-    targets = tuple(ALL_PROJECTIONS.split(",")) if args.target == "all" else tuple(args.target.split(","))
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
     apply_lora(model, LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets,
                                  layers=layers, seed=args.seed))
@@ -158,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, save_every=args.save_every,
         keep_last=args.keep_last, optimizer=args.optimizer, seed=args.seed, out_dir=args.out, device=device,
-        autocast_dtype=torch.bfloat16 if device == "cuda" else None, max_len=args.max_len,
+        autocast_dtype=dtype, max_len=args.max_len,
         group_by_length=args.group_by_length, progress=not args.no_progress,  # runs named by start time
         compile=args.compile,
     )

@@ -48,9 +48,9 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         check_rank(self.r)
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0 < self.alpha < math.inf:
             raise ValueError(f"LoRA alpha must be a positive number, got alpha={self.alpha!r} (rule of thumb: alpha = 2r)")
-        if not 0.0 <= float(self.dropout) < 1.0:
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={self.dropout!r}")
         if isinstance(self.target_modules, str):
             # A bare string would iterate as characters; PEFT reads a string as a regex, which we do not support.
@@ -100,6 +100,8 @@ class LoRAConfig:
     @classmethod
     def from_peft_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> "LoRAConfig":
         """Read PEFT's `adapter_config.json` dict; refuse what plain LoRA cannot reproduce."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         if d.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"{source}: peft_type is {d.get('peft_type')!r}; only 'LORA' adapters are supported")
         for key in ("r", "lora_alpha", "target_modules"):
@@ -117,6 +119,8 @@ class LoRAConfig:
             if d.get(key) not in allowed:
                 raise ValueError(f"{source}: {key}={d[key]!r} is not supported by plain LoRA; expected {allowed[0]!r}")
         targets = d["target_modules"]
+        if not isinstance(targets, (str, list, tuple, set, frozenset)):
+            raise ValueError(f"{source}: target_modules must be a list of module names, got {targets!r}")
         if isinstance(targets, str):
             raise ValueError(
                 f"{source}: target_modules is the regular expression {targets!r}; "

@@ -6,11 +6,26 @@ and `qwen2` (bias on q, k and v but not on o).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _malformed_as_value_error(read):
+    """A reader of metadata whose values have the wrong type (a list for a size, a zero head count)
+    raises ValueError naming the source, like every other malformed input, not TypeError."""
+
+    @functools.wraps(read)
+    def wrapper(cls, fields, source: str = "model.gguf"):
+        try:
+            return read(cls, fields, source)
+        except (TypeError, ZeroDivisionError, OverflowError) as e:
+            raise ValueError(f"{source}: malformed metadata ({type(e).__name__}: {e})") from e
+
+    return wrapper
 
 
 @dataclass
@@ -39,6 +54,16 @@ class LlamaConfig:
     rope_freq_factors: list[float] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        # a malformed config.json or GGUF header must fail here, by name, not deep inside the model
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings") + (("head_dim",) if self.head_dim is not None else ()):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -55,6 +80,8 @@ class LlamaConfig:
         RoPE is read in any of its three spellings: `rope_theta` alone (classic), `rope_theta` plus
         `rope_scaling` (Llama-3.1's own file), or transformers 5's `rope_parameters` dict.
         """
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -68,6 +95,9 @@ class LlamaConfig:
         rope_theta = d.get("rope_theta", 10000.0)
         rope_scaling = d.get("rope_scaling")
         params = d.get("rope_parameters")
+        for key, value in (("rope_scaling", rope_scaling), ("rope_parameters", params)):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{source}: {key} must be an object or null, got {value!r}")
         if params:  # transformers 5 folds the base and the scaling into one dict
             params = dict(params)
             rope_theta = params.pop("rope_theta", rope_theta)
@@ -103,7 +133,7 @@ class LlamaConfig:
             head_dim=d.get("head_dim"),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
+            rope_theta=float(rope_theta) if isinstance(rope_theta, (int, float)) else rope_theta,
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
@@ -150,6 +180,7 @@ class LlamaConfig:
 
     # ------------------------------------------------------------------ GGUF metadata
     @classmethod
+    @_malformed_as_value_error
     def from_gguf(cls, fields: dict[str, Any], source: str = "model.gguf") -> "LlamaConfig":
         """Build from GGUF metadata already read into plain Python values ({key: value}).
 

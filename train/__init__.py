@@ -3,17 +3,23 @@
     from train import TrainConfig, train, evaluate, cosine_with_warmup, answer_loss
     result = train(model, tok, train_items, val_items, TrainConfig(epochs=1, out_dir="out", save_every=500))
 """
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointSpaceError, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint,
+    verify_checkpoint,
+)
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Example, LengthBucketSampler, build_examples, collate, epoch_batches
 from .loop import TrainResult, evaluate, train, training_step
 from .loss import answer_loss
 from .optim import AdamW, make_optimizer
+from .precision import LossScaler
 from .schedule import cosine_with_warmup
+from .signals import StopSignals, TrainingInterrupted
 
 __all__ = [
     "TrainConfig", "train", "evaluate", "TrainResult", "training_step", "cosine_with_warmup", "answer_loss",
     "AdamW", "make_optimizer",
     "build_examples", "collate", "epoch_batches", "LengthBucketSampler", "Example", "IGNORE_INDEX",
-    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
+    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "verify_checkpoint",
+    "prune_checkpoints", "CheckpointSpaceError", "TrainingInterrupted", "StopSignals", "LossScaler",
 ]

@@ -40,7 +40,9 @@ class TrainConfig:
     seed: int = 42
     out_dir: str | None = None
     device: str = "cpu"
-    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 on CUDA
+    autocast_dtype: torch.dtype | None = None  # torch.bfloat16 on CUDA; torch.float16 (loss-scaled) without bf16
+    fp16_init_scale: float = 2.0 ** 16   # fp16 only: the first loss scale S
+    fp16_growth_interval: int = 2000     # fp16 only: clean steps before S doubles
     max_len: int | None = None           # truncate prompt + answer: the prompt loses tokens on the left
     group_by_length: bool = False        # length-bucketed batches: less padding, same epoch coverage
     run_name: str | None = None          # None: the start date and time
@@ -55,7 +57,7 @@ class TrainConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
 
-        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "fp16_growth_interval"):
             positive(name)
         for name in ("max_steps", "eval_every", "save_every", "keep_last", "max_len"):
             positive(name, allow_none=True)
@@ -73,6 +75,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_grad_norm must be positive (or None for no clipping), got {self.max_grad_norm!r}")
         if self.save_every is not None and self.out_dir is None:
             raise ValueError("TrainConfig.save_every needs out_dir: set out_dir to the folder for checkpoint-<step>/")
+        if self.autocast_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"TrainConfig.autocast_dtype must be None, torch.bfloat16 or torch.float16, got {self.autocast_dtype!r}")
+        if not (self.fp16_init_scale > 0 and math.isfinite(self.fp16_init_scale)):
+            raise ValueError(f"TrainConfig.fp16_init_scale must be a positive number, got {self.fp16_init_scale!r}")
         self.betas = tuple(self.betas)
 
     def warmup_for(self, total_steps: int) -> int:

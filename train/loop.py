@@ -13,6 +13,7 @@ checkpoints and resumes.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 import warnings
@@ -32,7 +33,9 @@ from .distributed import (DistContext, accumulate, all_gather_object, all_reduce
 from .log import RunLogger, default_run_name
 from .loss import AnswerLossModule, answer_loss, unwrap
 from .optim import make_optimizer
+from .precision import NO_SCALING, LossScaler
 from .schedule import cosine_with_warmup
+from .signals import StopSignals, TrainingInterrupted
 
 
 @dataclass
@@ -44,17 +47,20 @@ class TrainResult:
     out_dir: str | None = None
     run_dir: str | None = None                         # the TensorBoard folder
     skipped_items: int = 0                             # training items with no answer token to learn
+    skipped_steps: int = 0                             # fp16: steps skipped because a gradient overflowed
 
 
 def training_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]],
                   optimizer: torch.optim.Optimizer, scheduler, params: list[nn.Parameter],
                   n_answer_tokens: int, ctx: DistContext, max_grad_norm: float | None,
-                  autocast, step: int) -> tuple[float, float, float]:
+                  autocast, step: int, scaler: LossScaler = NO_SCALING) -> tuple[float, float, float]:
     """One optimizer step over the micro-batches of this rank; returns (loss, grad_norm, lr).
 
     `accumulate` (train/distributed.py) divides each micro-batch's summed loss by the answer tokens
     of the whole step and lets DDP synchronise the gradients on the last one: k accumulated
     micro-batches, on any number of ranks, give the gradient of one batch k times larger.
+    fp16 (`scaler`) multiplies the loss by S and divides the gradients back (train/precision.py);
+    otherwise the scaler does nothing.
     """
     lr = optimizer.param_groups[0]["lr"]
     loss_sum = torch.zeros((), device=ctx.device)
@@ -67,15 +73,16 @@ def training_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, torc
         # 3. backward pass: the gradients accumulate in each LoRA parameter's .grad. For a plain
         #    (un-adapted) head, LinearCrossEntropy already made the head's gradient, softmax − onehot,
         #    during step 2; here autograd only scales it and carries it back through the layers
-        backward(loss)
+        backward(scaler.scale(loss))  # fp16: times the loss scale S, else unchanged
         loss_sum += loss.detach()
     mean_loss = all_reduce_sum(loss_sum, ctx).item() / n_answer_tokens
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"non-finite training loss ({mean_loss}) at step {step}; stopping before the update, "
                                  "so the last checkpoint saved stays the last good one")
     # 4. optimizer step: clip the gradient norm, AdamW update (train/optim.py), then the next learning rate
+    scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else math.inf)
-    optimizer.step()
+    scaler.step(optimizer)  # fp16: skipped (and counted) when a gradient overflowed
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return mean_loss, float(grad_norm), lr
@@ -181,7 +188,10 @@ def train(model: nn.Module, tokenizer, train_items: Sequence[tuple[str, str]], v
 
     The model arrives with LoRA applied (only its parameters require grad). Under torchrun the same
     call trains with DistributedDataParallel. `resume=True` continues from the newest complete
-    `<out_dir>/checkpoint-<step>/`.
+    `<out_dir>/checkpoint-<step>/` that passes its manifest.
+
+    SIGTERM or SIGINT during the run: the step in flight finishes, a checkpoint is written (with
+    out_dir), and `TrainingInterrupted` is raised (train/signals.py).
     """
     ctx = setup_distributed(config.device)
     try:
@@ -215,10 +225,10 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
 
     state = None
     if resume:
-        path = latest_checkpoint(config.out_dir)
+        path = latest_checkpoint(config.out_dir)  # the newest that passes its manifest
         if path is None:
             raise ValueError(f"resume=True but {config.out_dir} holds no complete checkpoint-<step>/ folder")
-        state = load_checkpoint(path, model)
+        state = load_checkpoint(path, model, verify=False)
         if state["total_steps"] != total_steps:
             warnings.warn(f"{path} was saved by a run of {state['total_steps']} steps; this one has {total_steps}")
 
@@ -229,6 +239,8 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
     min_ratio = config.min_lr_ratio
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup, 1.0, min_ratio))
+    scaler = LossScaler(config.autocast_dtype == torch.float16, ctx.device, config.fp16_init_scale,
+                        config.fp16_growth_interval)
     step, train_losses, val_losses = 0, [], []
     run_name = config.run_name or default_run_name()
     if state is not None:
@@ -238,6 +250,7 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
         train_losses = [tuple(x) for x in state["train_losses"]]
         val_losses = [tuple(x) for x in state["val_losses"]]
         run_name = config.run_name or state["run_name"]
+        scaler.load_state_dict(state.get("loss_scaler", {}))
         rngs = state["rng"]  # one per rank: each process continues its own dropout stream
         set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
 
@@ -253,19 +266,24 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
         val_losses.append((step, t[0].item() / max(t[1].item(), 1.0)))
         logger.log_eval(step, val_losses[-1][1])
 
-    def save() -> None:
+    def save() -> str:
+        path = os.path.join(config.out_dir, f"checkpoint-{step}")
+        if checkpoint == path:  # this step is saved already (a signal right after save_every)
+            return path
         rngs = all_gather_object(rng_state(), ctx)
-        if not ctx.is_main:
-            return
-        epoch, k = divmod(step, plan.steps_per_epoch)
-        save_checkpoint(config.out_dir, step, unwrap(model), {
-            "step": step, "epoch": epoch, "step_in_epoch": k, "total_steps": total_steps, "warmup_steps": warmup,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
-            "train_losses": [list(x) for x in train_losses], "val_losses": [list(x) for x in val_losses],
-            "run_name": run_name, "world_size": ctx.world_size,
-        }, config.keep_last)
-        logger.flush()
+        if ctx.is_main:
+            epoch, k = divmod(step, plan.steps_per_epoch)
+            save_checkpoint(config.out_dir, step, unwrap(model), {
+                "step": step, "epoch": epoch, "step_in_epoch": k, "total_steps": total_steps, "warmup_steps": warmup,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
+                "train_losses": [list(x) for x in train_losses], "val_losses": [list(x) for x in val_losses],
+                "run_name": run_name, "world_size": ctx.world_size, "loss_scaler": scaler.state_dict(),
+            }, config.keep_last)
+            logger.flush()
+        all_reduce_sum(torch.zeros((), device=ctx.device), ctx)  # a barrier: no rank exits before the save is done
+        return path
 
+    stop, checkpoint = StopSignals().install(), None  # SIGTERM/SIGINT: finish the step, save, stop
     try:
         while step < total_steps:
             micro_indices = plan.step_batches(step)
@@ -278,7 +296,7 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
                              for mb in micro_indices]
             t0 = time.perf_counter()
             loss, grad_norm, lr = training_step(loss_module, micro_batches, optimizer, scheduler, params,
-                                                n_answer_tokens, ctx, config.max_grad_norm, autocast, step + 1)
+                                                n_answer_tokens, ctx, config.max_grad_norm, autocast, step + 1, scaler)
             step += 1
             train_losses.append((step, loss))
             logger.log_step(step, loss, lr, grad_norm, n_tokens / (time.perf_counter() - t0),
@@ -287,7 +305,14 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
                     (config.eval_every and step % config.eval_every == 0) or step == total_steps):
                 run_eval()
             if config.save_every and (step % config.save_every == 0 or step == total_steps):
-                save()
+                checkpoint = save()
+            if step < total_steps and stop.agreed(ctx):  # a signal: every rank stops after this same step
+                checkpoint = save() if config.out_dir else None
+                break
     finally:
+        stop.restore()
         logger.close({"hparam/final_eval_loss": val_losses[-1][1]} if val_losses and step == total_steps else None)
-    return TrainResult(step, total_steps, train_losses, val_losses, config.out_dir, logger.run_dir, skipped)
+    if step < total_steps and stop.signum:
+        raise TrainingInterrupted(stop.signum, step, total_steps, checkpoint)
+    return TrainResult(step, total_steps, train_losses, val_losses, config.out_dir, logger.run_dir, skipped,
+                       scaler.skipped)

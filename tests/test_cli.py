@@ -1,0 +1,135 @@
+"""The example command lines answer a user's mistake with one line, `error: <message>`, and status 2.
+
+Each case runs the script's `main(argv)` in this process on a tiny model written to disk; a bug
+(any other exception) must still raise with its traceback.
+"""
+import importlib.util
+import os
+import signal
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = os.path.join(os.path.dirname(HERE), "examples")
+sys.path.insert(0, HERE)
+
+from test_pricer import write_csv, write_tiny_checkpoint  # noqa: E402
+
+from train import TrainingInterrupted  # noqa: E402
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), os.path.join(EXAMPLES, name))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    return load_script("train_pricer.py"), load_script("eval_pricer.py")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = write_tiny_checkpoint(str(root / "tiny"))
+    data = root / "items.csv"
+    write_csv(data, ["text", "price"], [[f"Diamond: 0.{i} carat, Ideal cut", 100 + 37 * i] for i in range(16)])
+    empty = root / "empty.csv"
+    write_csv(empty, ["text", "price"], [])
+    broken = root / "broken_adapter"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_bytes(b"\x00\xff{not json")
+    (broken / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    return dict(model=model, data=str(data), empty=str(empty), broken=str(broken), out=str(root / "out"))
+
+
+def one_error_line(capsys, code, expected):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+
+
+def train_args(files, *extra):
+    return ["--model", files["model"], "--data", files["data"], "--quant", "none", "--device", "cpu", "--out",
+            files["out"], "--train-size", "8", "--val-size", "2", "--test-size", "2", "--layers", "all", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("bad rank", "LoRA rank r must be a positive integer, got r=0"),
+    ("unknown target", "q_projj"),
+    ("missing model", "no_such_model"),
+    ("missing data", "no_such_data.csv"),
+    ("empty data", "0 items leave none to train on"),
+    ("llama preset without a model", "--preset llama31-8b needs --model"),
+])
+def test_train_pricer_user_errors_are_one_line_and_status_2(scripts, files, capsys, case, expected):
+    args = {
+        "bad rank": train_args(files, "--r", "0"),
+        "unknown target": train_args(files, "--target", "q_projj"),
+        "missing model": train_args(files, "--model", os.path.join(files["out"], "no_such_model")),
+        "missing data": train_args(files, "--data", os.path.join(files["out"], "no_such_data.csv")),
+        "empty data": train_args(files, "--data", files["empty"]),
+        "llama preset without a model": ["--preset", "llama31-8b", "--device", "cpu"],
+    }[case]
+    one_error_line(capsys, scripts[0].main(args), expected)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("unreadable adapter config", "adapter_config.json: not valid JSON"),
+    ("missing adapter", "no_such_adapter"),
+    ("unreadable adapter weights", "adapter_model.safetensors"),
+])
+def test_eval_pricer_user_errors_are_one_line_and_status_2(scripts, files, capsys, tmp_path, case, expected):
+    adapter = files["broken"]
+    if case == "missing adapter":
+        adapter = str(tmp_path / "no_such_adapter")
+    elif case == "unreadable adapter weights":  # a valid config, weights cut short
+        import shutil
+
+        from lora import LoRAConfig
+
+        adapter = str(tmp_path / "adapter")
+        os.makedirs(adapter)
+        import json
+
+        with open(os.path.join(adapter, "adapter_config.json"), "w") as f:
+            json.dump(LoRAConfig(r=4, alpha=8).to_peft_dict(), f)
+        shutil.copy(os.path.join(files["broken"], "adapter_model.safetensors"), adapter)
+    code = scripts[1].main(["--adapter", adapter, "--model", files["model"], "--data", files["data"], "--quant", "none",
+                            "--device", "cpu", "--n", "2", "--out", str(tmp_path / "eval")])
+    one_error_line(capsys, code, expected)
+
+
+def test_a_bug_keeps_its_traceback_and_a_preemption_names_checkpoint_and_resume_command(scripts, files, monkeypatch,
+                                                                                      capsys):
+    train_pricer = scripts[0]
+
+    def bug(*a, **kw):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr(train_pricer, "load_model", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        train_pricer.main(train_args(files))
+
+    def preempted(args):
+        raise TrainingInterrupted(signal.SIGTERM, 3, 10, os.path.join(args.out, "checkpoint-3"))
+
+    monkeypatch.setattr(train_pricer, "run", preempted)
+    assert train_pricer.main(train_args(files)) == 143
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"stopped by SIGTERM after step 3 of 10: checkpoint {files['out']}/checkpoint-3; resume with: "
+                     f"python {os.path.relpath(os.path.join(EXAMPLES, 'train_pricer.py'))} "
+                     + " ".join(train_args(files)) + " --resume"]
+
+
+def test_the_course_preset_picks_fp16_where_the_gpu_has_no_bf16(scripts, monkeypatch):
+    train_pricer = scripts[0]
+    for has_bf16, want in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: has_bf16)
+        assert train_pricer.compute_dtype("cuda") == want
+    assert train_pricer.compute_dtype("cpu") is None
