@@ -217,6 +217,8 @@ def load_pretrained(
     assert not pending, f"linears left unquantized: {list(pending)}"
     model.tie_weights()
     # Built on meta, the RoPE buffer holds no numbers yet: compute it for real.
-    model.model.rotary_emb._buffers["inv_freq"] = config.rope_inv_freq().to(device)   # (hs/2,)
+    for rope in (model.model.rotary_emb, model.model.rotary_emb_local):
+        if rope is not None:
+            rope.reset_inv_freq(device)                                              # (rotary_dim/2,)
     model.eval()
     return model, load_tokenizer(path)
