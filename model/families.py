@@ -136,7 +136,7 @@ def family_fields(d: dict[str, Any], model_type: str, source: str) -> dict[str, 
     if gemma:
         fields.update(
             norm_offset=1.0, sandwich_norm=True, embed_scale=float(d["hidden_size"]) ** 0.5,
-            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
+            query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
             attn_logit_softcapping=d.get("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None),
             final_logit_softcapping=d.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None),
         )

@@ -1,0 +1,234 @@
+"""The families beyond Llama (Mistral, Qwen3, Gemma 2, Gemma 3, Phi-3) against transformers and PEFT.
+
+Each family is tried in two tiny random configurations, written by transformers' `save_pretrained`
+and read back by our `load_pretrained`: logits on left- and right-padded batches, greedy generation
+with and without the KV cache, PEFT adapters both ways, an NF4 base. Sliding windows of 4 tokens
+are shorter than the test sequences, so a window that were ignored would show.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_hf_config
+from lora import LoRAConfig, apply_lora, load_adapter, lora_modules, save_adapter
+from model import LlamaConfig, load_pretrained, pad_batch
+from quant import Linear4bit
+
+import transformers  # noqa: E402  (test extra: the reference for every logit here)
+
+V = 128
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(4)],
+            "long_factor": [2.0 + 0.5 * i for i in range(4)], "original_max_position_embeddings": 8}
+FAMILIES = {
+    # GQA, untied, head_dim (32) != hidden / heads (16)
+    "qwen3_gqa_head_dim": tiny_hf_config(model_type="qwen3", head_dim=32),
+    # tied, no GQA, a sliding window above max_window_layers
+    "qwen3_tied_window": tiny_hf_config(model_type="qwen3", num_key_value_heads=4, tie_word_embeddings=True,
+                                        use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    "mistral_window": tiny_hf_config(model_type="mistral", sliding_window=4),
+    # GQA, tied (Gemma's default), alternating windows, soft-caps tight enough to bite
+    "gemma2_gqa_tied": tiny_hf_config(model_type="gemma2", tie_word_embeddings=True, head_dim=16, sliding_window=4,
+                                      query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                                      final_logit_softcapping=3.0, num_hidden_layers=3),
+    "gemma2_untied": tiny_hf_config(model_type="gemma2", num_key_value_heads=4, head_dim=16, sliding_window=3,
+                                    query_pre_attn_scalar=16),
+    # five-to-one local/global pattern made 1:1, local RoPE base, linear scaling on global layers
+    "gemma3_gqa_linear_rope": tiny_hf_config(model_type="gemma3_text", head_dim=16, sliding_window=4,
+                                             sliding_window_pattern=2, rope_theta=1e6, rope_local_base_freq=1e4,
+                                             rope_scaling={"rope_type": "linear", "factor": 4.0},
+                                             query_pre_attn_scalar=16, tie_word_embeddings=True, num_hidden_layers=3),
+    "gemma3_untied_softcap": tiny_hf_config(model_type="gemma3_text", head_dim=16, sliding_window=4,
+                                            num_key_value_heads=4, final_logit_softcapping=3.0,
+                                            query_pre_attn_scalar=16, layer_types=["full_attention",
+                                                                                   "sliding_attention"]),
+    # GQA, longrope (long factors past 8 positions), partial rotary (Phi-4-mini)
+    "phi3_gqa_longrope_partial": tiny_hf_config(model_type="phi3", pad_token_id=0, rope_scaling=LONGROPE, partial_rotary_factor=0.5,
+                                                max_position_embeddings=64, original_max_position_embeddings=8),
+    "phi3_tied_window": tiny_hf_config(model_type="phi3", pad_token_id=0, tie_word_embeddings=True, sliding_window=4,
+                                       num_key_value_heads=4),
+}
+ATTN_MLP = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def targets_of(d):
+    return ATTN_MLP.get(d["model_type"], DEFAULT_TARGETS)
+
+
+def hf_model(d: dict, seed: int = 0):
+    """transformers' model for a config dict, random weights, norms moved off their init, eager attention."""
+    cfg = transformers.AutoConfig.for_model(**d)
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:  # Gemma's norms scale by 1 + w, the rest by w: move both off their init
+                p.add_(0.3 * torch.randn_like(p))
+            elif any(k in name for k in ("q_proj", "k_proj", "qkv_proj")):  # peaked attention, not near-uniform
+                p.mul_(10.0)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory):
+    """A word-level tokenizer.json of V tokens, copied into each checkpoint folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("tok")
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, V)}},
+                                     unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return folder
+
+
+def save(hf, folder, tokenizer_files) -> str:
+    hf.save_pretrained(str(folder))
+    for f in os.listdir(tokenizer_files):
+        (folder / f).write_bytes((tokenizer_files / f).read_bytes())
+    return str(folder)
+
+
+def batch(side: str, long: bool = False):
+    seqs = [[5, 9, 17, 33, 4, 8, 60, 2, 11, 70, 71, 72], [7, 3, 21, 90], [44, 12, 13, 14, 15, 16, 100, 101]]
+    if long:  # past phi3's original context of 8 positions ... and well past it
+        seqs = [s * 2 for s in seqs]
+    ids, mask = pad_batch(seqs, pad_id=0, side=side)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def logits_diff(ours, hf, long: bool = False) -> float:
+    worst = 0.0
+    for side in ("left", "right"):
+        ids, mask, pos = batch(side, long)
+        with torch.no_grad():
+            a = ours(ids, attention_mask=mask)
+            b = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        worst = max(worst, (a[mask.bool()] - b[mask.bool()]).abs().max().item())
+    return worst
+
+
+# ------------------------------------------------------------------------------------------ logits
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_logits_equal_transformers_on_padded_batches(name, tmp_path, tokenizer_files):
+    d = FAMILIES[name]
+    hf = hf_model(d)
+    model, _ = load_pretrained(save(hf, tmp_path, tokenizer_files))
+    assert set(model.state_dict()) == set(hf.state_dict())
+    worst = logits_diff(model, hf, long=d["model_type"] == "phi3")
+    print(f"\n{name}: max |logits - transformers| = {worst:.2e}")
+    assert worst <= 1e-4
+    if model.config.sliding_window:  # the window matters at this length: without it the logits move
+        model.config.sliding_window = None
+        assert logits_diff(model, hf) > 1e-3
+
+
+SWITCHES = {
+    "norm offset": lambda m: setattr(m.model.norm, "offset", 0.0),
+    "GeGLU": lambda m: setattr(m.model.layers[0].mlp, "act", "silu"),
+    "sandwich norms": lambda m: setattr(m.model.layers[0], "sandwich", False),
+    "query_pre_attn_scalar": lambda m: setattr(m.model.layers[0].self_attn, "scale", None),
+    "attention soft-cap": lambda m: setattr(m.model.layers[0].self_attn, "softcap", None),
+    "final soft-cap": lambda m: setattr(m.lm_head, "cap", 1e9),
+    "embedding scale": lambda m: setattr(m.config, "embed_scale", 1.0),
+}
+
+
+def test_family_switches_each_change_the_logits(tmp_path, tokenizer_files):
+    """Every switch Gemma 2 sets is live: turning one off moves the logits away from transformers'."""
+    hf = hf_model(FAMILIES["gemma2_gqa_tied"])
+    folder = save(hf, tmp_path, tokenizer_files)
+    for name, off in SWITCHES.items():
+        model, _ = load_pretrained(folder)
+        off(model)
+        assert logits_diff(model, hf) > 1e-3, name
+
+
+def test_to_hf_round_trips_every_family():
+    for name, d in FAMILIES.items():
+        config = LlamaConfig.from_hf(d)
+        again = LlamaConfig.from_hf(json.loads(json.dumps(config.to_hf())))
+        assert again == config, name
+        hf_cfg = transformers.AutoConfig.for_model(**config.to_hf())
+        assert type(hf_cfg).__name__.lower().startswith(d["model_type"].split("_")[0]), name
+
+
+# ------------------------------------------------------------------------------------------ generation
+@pytest.mark.parametrize("name", ["qwen3_tied_window", "mistral_window", "gemma2_gqa_tied", "gemma3_gqa_linear_rope",
+                                  "phi3_tied_window", "phi3_gqa_longrope_partial"])
+def test_greedy_generation_with_cache_equals_without(name, tmp_path, tokenizer_files):
+    model, _ = load_pretrained(save(hf_model(FAMILIES[name]), tmp_path, tokenizer_files))
+    ids, mask, _ = batch("left")
+    with_cache = model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_id=[], use_cache=True)
+    without = model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_id=[], use_cache=False)
+    assert with_cache.shape == (3, ids.shape[1] + 8)
+    assert torch.equal(with_cache, without)
+
+
+# ------------------------------------------------------------------------------------------ adapters
+def nf4_reference(model, hf):
+    """transformers' model holding our NF4 base's dequantized weights (bitsandbytes' bytes, tests in test_quant)."""
+    sd = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Linear4bit):
+            sd[name + ".weight"] = m.dequantize().float()
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected
+    return hf
+
+
+FAMILY_ADAPTERS = ["qwen3_gqa_head_dim", "gemma2_gqa_tied", "gemma3_gqa_linear_rope", "phi3_gqa_longrope_partial"]
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+@pytest.mark.parametrize("name", FAMILY_ADAPTERS)
+def test_peft_adapter_loads_into_ours_and_ours_into_peft(name, quant, tmp_path, tokenizer_files):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    d = FAMILIES[name]
+    (tmp_path / "base").mkdir()
+    folder = save(hf_model(d), tmp_path / "base", tokenizer_files)
+    load = dict(quant="nf4", compute_dtype=torch.float32) if quant else {}
+
+    def reference():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+        return nf4_reference(load_pretrained(folder, **load)[0], hf) if quant else hf
+
+    torch.manual_seed(3)
+    peft_model = get_peft_model(reference(), LoraConfig(r=4, lora_alpha=8, target_modules=targets_of(d),
+                                                        init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "theirs"))
+    ours, _ = load_pretrained(folder, **load)
+    names = load_adapter(ours, str(tmp_path / "theirs"))
+    assert len(names) == len(targets_of(d)) * d["num_hidden_layers"]
+    into_ours = logits_diff(ours, peft_model)
+
+    model, _ = load_pretrained(folder, **load)
+    apply_lora(model, LoRAConfig(r=4, alpha=16, target_modules=tuple(targets_of(d)), dropout=0.0, seed=0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(0.1 * torch.randn(m.lora_B.weight.shape, generator=g))
+    save_adapter(model, str(tmp_path / "ours"))
+    into_peft = logits_diff(model, PeftModel.from_pretrained(reference(), str(tmp_path / "ours")))
+    plain = logits_diff(model, reference())
+    print(f"\n{name} {quant or 'fp32'}: PEFT adapter in ours {into_ours:.2e}, ours in PEFT {into_peft:.2e}")
+    assert into_ours <= 1e-4 and into_peft <= 1e-4
+    assert plain > 1e-3  # the adapter really changes the logits
+
+
+# ------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("override, words", [
+    (dict(model_type="gemma3"), "model_type 'gemma3' is not supported"),
+    (dict(model_type="gemma2", hidden_activation="gelu"), "hidden activation 'gelu'"),
+    (dict(model_type="phi3", rope_scaling={"rope_type": "yarn", "factor": 2.0}), "longrope scaling lacks"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope scaling type 'dynamic'"),
+    (dict(model_type="gemma3_text", use_bidirectional_attention=True), "use_bidirectional_attention"),
+    (dict(model_type="gemma2", sliding_window=4, layer_types=["sliding_attention"]), "layer_types must list 2"),
+])
+def test_unsupported_keys_are_refused_by_name(override, words):
+    with pytest.raises(ValueError, match=words):
+        LlamaConfig.from_hf(tiny_hf_config(**override), source="x/config.json")
