@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .families import KEYS as FAMILY_KEYS, SLIDING, SUPPORTED_MODEL_TYPES, family_fields, family_hf
+from .families import (GGUF_ARCHITECTURES, KEYS as FAMILY_KEYS, SLIDING, SUPPORTED_MODEL_TYPES, family_fields,
+                       family_hf, gguf_family_fields)
 from .rope import scaled_inv_freq
 
 
@@ -153,8 +154,9 @@ class LlamaConfig:
         `<arch>.block_count`, ... for the shape.
         """
         arch = fields.get("general.architecture")
-        if arch not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
+        if arch not in GGUF_ARCHITECTURES:
+            raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported; "
+                             f"expected one of {tuple(GGUF_ARCHITECTURES)}")
 
         def get(key: str, default: Any = None) -> Any:
             value = fields.get(f"{arch}.{key}", default)
@@ -164,6 +166,7 @@ class LlamaConfig:
 
         n_heads = int(get("attention.head_count"))
         hidden = int(get("embedding_length"))
+        head_dim = int(fields.get(f"{arch}.attention.key_length", hidden // n_heads))
         vocab = fields.get(f"{arch}.vocab_size") or len(fields.get("tokenizer.ggml.tokens", []))
         return cls(
             vocab_size=int(vocab),
@@ -172,17 +175,17 @@ class LlamaConfig:
             num_hidden_layers=int(get("block_count")),
             num_attention_heads=n_heads,
             num_key_value_heads=int(get("attention.head_count_kv", n_heads)),
-            head_dim=int(fields.get(f"{arch}.attention.key_length", hidden // n_heads)),
+            head_dim=head_dim,
             max_position_embeddings=int(get("context_length", 2048)),
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_theta=float(get("rope.freq_base", 1e6 if arch == "gemma3" else 10000.0)),
             tie_word_embeddings=not fields.get("_has_output_tensor", False),
-            qkv_bias=arch == "qwen2",
-            model_type=arch,
+            model_type=GGUF_ARCHITECTURES[arch],
             bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
             pad_token_id=fields.get("tokenizer.ggml.padding_token_id"),
             rope_freq_factors=fields.get("_rope_freqs"),
+            **gguf_family_fields(fields, arch, head_dim, source),
         )
 
     # ------------------------------------------------------------------ RoPE

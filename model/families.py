@@ -171,3 +171,56 @@ def family_hf(c) -> dict[str, Any]:
         if mt in ("qwen2", "qwen3"):
             d["use_sliding_window"] = c.sliding_window is not None
     return d
+
+
+# ---------------------------------------------------------------------------- GGUF metadata
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                      "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3"}  # GGUF name -> model_type
+
+
+def gguf_family_fields(fields: dict[str, Any], arch: str, head_dim: int, source: str) -> dict[str, Any]:
+    """The family fields of a GGUF file's metadata, as llama.cpp's converter writes and its runtime reads them.
+
+    llama.cpp keeps no `query_pre_attn_scalar` for Gemma: it scales scores by head_dim^-½, except for
+    the 27B models (hidden / heads instead), and so do we. Gemma 3's local RoPE base and its five
+    local layers per global one are fixed in llama.cpp unless the file says otherwise.
+    """
+    model_type = GGUF_ARCHITECTURES[arch]
+    get = lambda key, default=None: fields.get(f"{arch}.{key}", default)  # noqa: E731
+    n_layers, hidden, n_heads = int(get("block_count")), int(get("embedding_length")), int(get("attention.head_count"))
+    out: dict[str, Any] = dict(qkv_bias=arch == "qwen2", qk_norm=arch in ("qwen3", "gemma3"),
+                               fused_projections=arch == "phi3")
+    window = get("attention.sliding_window") or None  # 0: none
+    if arch == "phi3":
+        rot = get("rope.dimension_count", head_dim)
+        out["partial_rotary_factor"] = rot / head_dim
+        if fields.get("_rope_factors_long") is not None:
+            out["rope_scaling"] = {
+                "rope_type": "longrope", "long_factor": fields["_rope_factors_long"],
+                "short_factor": fields["_rope_factors_short"],
+                "original_max_position_embeddings": int(get("rope.scaling.original_context_length")),
+                "attention_factor": get("rope.scaling.attn_factor"),
+            }
+    if arch in ("mistral", "phi3") and window:
+        out.update(sliding_window=int(window), layer_types=[SLIDING] * n_layers)
+    if arch in ("gemma2", "gemma3"):
+        pattern = get("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+        if isinstance(pattern, list):  # per layer, True where the layer slides
+            types = [SLIDING if p else FULL for p in pattern]
+        else:
+            types = [SLIDING if (i + 1) % int(pattern) else FULL for i in range(n_layers)]
+        big = (arch, n_layers) in (("gemma2", 46), ("gemma3", 62))  # the 27B models
+        out.update(
+            hidden_act="gelu_pytorch_tanh", norm_offset=1.0, sandwich_norm=True, embed_scale=float(hidden) ** 0.5,
+            query_pre_attn_scalar=hidden // n_heads if big else head_dim,
+            attn_logit_softcapping=get("attn_logit_softcapping"), final_logit_softcapping=get("final_logit_softcapping"),
+            sliding_window=None if window is None else int(window), layer_types=types,
+        )
+    if arch == "gemma3":
+        out["rope_local_theta"] = float(get("rope.freq_base_swa", 10000.0))
+        kind = get("rope.scaling.type")
+        if kind not in (None, "none", "linear"):
+            raise ValueError(f"{source}: GGUF RoPE scaling {kind!r} on Gemma 3 is not supported; expected 'linear'")
+        if kind == "linear":
+            out["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    return out

@@ -93,8 +93,8 @@ def _iter_with_source(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
     """(HF name, tensor, file it came from), one tensor at a time."""
     if _check_path(path) == "gguf":
         config = read_config(path)
-        for name, t in iter_gguf_tensors(path, config.num_attention_heads, config.num_key_value_heads,
-                                         config.model_type):
+        arch = gguf_metadata(path)["general.architecture"]
+        for name, t in iter_gguf_tensors(path, config.num_attention_heads, config.num_key_value_heads, arch):
             yield name, t, path
         return
     from safetensors import safe_open
