@@ -29,8 +29,6 @@ from pricer import (  # noqa: E402
 )
 from train import TrainConfig, train  # noqa: E402
 
-ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
 # The demo: small enough for two CPU cores in minutes. The course's rule of thumb holds (r = 8,
 # alpha = 2r); a 135M model learning a new task from 4,000 short examples gains from adapting every
 # projection, not only attention, but only in the upper half of the network: the backward pass
@@ -38,7 +36,7 @@ ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # Few steps call for a learning rate well above the course's 1e-4.
 PRESETS: dict[str, dict] = {
     "demo": dict(
-        quant="nf4", r=8, alpha=16, dropout=0.0, target=ALL_PROJECTIONS, layers="15-", epochs=1,
+        quant="nf4", r=8, alpha=16, dropout=0.0, target="all", layers="15-", epochs=1,
         max_steps=500, batch_size=8, grad_accum=1, lr=2e-3, warmup_ratio=0.05, weight_decay=0.0,
         max_grad_norm=1.0, optimizer="adamw", max_len=None, group_by_length=False,
         train_size=4000, val_size=64, test_size=200, eval_every=None, save_every=250, keep_last=2,
@@ -73,7 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tuned("--r", "LoRA rank: the inner dimension of A (r x in) and B (out x r)", type=int)
     tuned("--alpha", "LoRA scaling: the update is (alpha / r) B A x", type=float)
     tuned("--dropout", "dropout on the LoRA path's input", type=float)
-    tuned("--target", "comma-separated module names to adapt, or 'all' (the seven projections)")
+    tuned("--target", "comma-separated module names to adapt, or 'all' (every projection of a decoder layer: "
+                      "q, k, v, o, gate, up, down; Phi-3's fused qkv_proj and gate_up_proj)")
+    p.add_argument("--dora", action="store_true", help="DoRA: train each output feature's length apart from "
+                                                       "the direction of W0 + B A")
     tuned("--layers", "decoder layers to adapt: 'all', '15-' (15 to the last), '10-19' or '3,5,7'")
     tuned("--epochs", "passes over the training split, when --max-steps is not set", type=int)
     tuned("--max-steps", "optimizer steps; overrides --epochs (0: run the epochs)", type=int)
@@ -128,6 +129,13 @@ def parse_layers(spec: str | None, n_layers: int) -> tuple[int, ...] | None:
     return tuple(sorted(set(layers)))
 
 
+def all_projections(model) -> tuple[str, ...]:
+    """The names of the linear projections in a decoder layer, in order: whatever the family calls them."""
+    layer = model.model.layers[0]
+    return tuple(dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in layer.named_modules()
+                               if hasattr(m, "in_features") and name))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -142,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     split = split_items(loaded.items, args.seed, args.test_size, args.val_size, args.train_size)
     print(f"split (seed {args.seed}): {len(split.train):,} train, {len(split.val):,} validation, {len(split.test):,} test")
 
-    targets = tuple(ALL_PROJECTIONS.split(",")) if args.target == "all" else tuple(args.target.split(","))
+    targets = all_projections(model) if args.target == "all" else tuple(args.target.split(","))
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
     apply_lora(model, LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets,
-                                 layers=layers, seed=args.seed))
+                                 layers=layers, seed=args.seed, use_dora=args.dora))
     print(trainable_parameters(model))
 
     max_new = answer_tokens(tokenizer, [item.price for item in split.train])

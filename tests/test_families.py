@@ -339,6 +339,29 @@ def assert_same_but_for_gguf(ours: LlamaConfig, theirs: LlamaConfig) -> None:
     assert (ours.rope_scaling is None) == (theirs.rope_scaling is None)
 
 
+# ------------------------------------------------------------------------------------------ the pricer
+def test_pricer_trains_a_phi3_checkpoint_with_dora_on_every_projection(tmp_path):
+    """examples/train_pricer.py --model takes any family: 'all' is Phi-3's fused qkv_proj and gate_up_proj."""
+    from safetensors.torch import load_file
+    from test_pricer import run_script, write_csv, write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(str(tmp_path / "phi3"))  # the pricer's digit-level tokenizer
+    for f in ("config.json", "model.safetensors"):
+        os.remove(os.path.join(folder, f))
+    hf_model(dict(FAMILIES["phi3_tied_window"], pad_token_id=3)).save_pretrained(folder)
+    data = tmp_path / "items.csv"
+    write_csv(data, ["text", "price"], [[f"Diamond: 0.{i} carat", 100 + 37 * i] for i in range(12)])
+    out = tmp_path / "run"
+    log = run_script("train_pricer.py", "--model", folder, "--data", str(data), "--out", str(out), "--max-steps", "1",
+                     "--batch-size", "4", "--train-size", "4", "--val-size", "4", "--test-size", "4", "--r", "4",
+                     "--layers", "all", "--dora", "--device", "cpu", "--no-progress", cwd=tmp_path)
+    assert "| after training |" in log
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] and config["target_modules"] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert len(saved) == 3 * 4 * 2  # A, B and the magnitude of four projections in two layers
+
+
 # ------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("override, words", [
     (dict(model_type="gemma3"), "model_type 'gemma3' is not supported"),
