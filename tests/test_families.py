@@ -156,6 +156,24 @@ def test_to_hf_round_trips_every_family():
         assert type(hf_cfg).__name__.lower().startswith(d["model_type"].split("_")[0]), name
 
 
+@pytest.mark.parametrize("name", ["gemma2_gqa_tied", "mistral_window"])
+def test_training_loss_sees_the_soft_cap_and_the_window(name, tmp_path, tokenizer_files):
+    """The training loss (model.model + lm_head, chunked) equals cross-entropy of transformers' logits."""
+    from train import answer_loss
+
+    hf = hf_model(FAMILIES[name])
+    model, _ = load_pretrained(save(hf, tmp_path, tokenizer_files))
+    ids, mask, pos = batch("right")
+    labels = ids.masked_fill(mask == 0, -100)
+    model.train()
+    ours = answer_loss(model, ids, labels, mask)
+    ours.backward()
+    ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    want = torch.nn.functional.cross_entropy(ref[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+    print(f"\n{name}: training loss {ours.item():.6f}, from transformers' logits {want.item():.6f}")
+    assert abs(ours.item() - want.item()) <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------ generation
 @pytest.mark.parametrize("name", ["qwen3_tied_window", "mistral_window", "gemma2_gqa_tied", "gemma3_gqa_linear_rope",
                                   "phi3_tied_window", "phi3_gqa_longrope_partial"])
