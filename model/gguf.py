@@ -170,3 +170,53 @@ def iter_gguf_tensors(path: str, n_heads: int, n_kv_heads: int, arch: str) -> It
         elif gemma and name.endswith("norm.weight"):
             w = w - 1.0
         yield name, w
+
+
+# ---------------------------------------------------------------------------- sentencepiece vocabularies
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int32s travel as 64-bit two's complement
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, value) -> bytes:
+    """One protobuf field: bytes/str (length-delimited), float (fixed 32), or int/bool (varint)."""
+    import struct
+
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    if isinstance(value, bytes):
+        return _varint(number << 3 | 2) + _varint(len(value)) + value
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    return _varint(number << 3) + _varint(int(value))
+
+
+def spm_model_proto(meta: dict[str, Any]) -> bytes:
+    """A GGUF `llama` vocabulary (tokenizer.ggml.model "llama": Llama 2, Gemma, Phi-3) as a serialized
+    sentencepiece ModelProto, so sentencepiece itself runs it.
+
+    llama.cpp keeps each piece, its score and its type (1 normal, 2 unknown, 3 control, 4 user-defined,
+    5 unused, 6 byte: sentencepiece's own numbering) and whether a space is put in front of the text;
+    the model is sentencepiece's BPE (merges by score) with the identity normalizer.
+    """
+    tokens, scores = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.scores") or []
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    pieces = b"".join(
+        _field(1, _field(1, t) + _field(2, float(scores[i]) if i < len(scores) else 0.0) + _field(3, types[i]))
+        for i, t in enumerate(tokens))
+
+    def special(key: str) -> int:
+        value = meta.get(f"tokenizer.ggml.{key}")
+        return -1 if value is None else int(value)
+
+    trainer = (_field(3, 2) + _field(4, len(tokens)) + _field(35, 6 in types) + _field(40, max(special("unknown_token_id"), 0))
+               + _field(41, special("bos_token_id")) + _field(42, special("eos_token_id"))
+               + _field(43, special("padding_token_id")))
+    normalizer = (_field(1, "identity") + _field(3, bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+                  + _field(4, False) + _field(5, True))
+    return pieces + _field(2, trainer) + _field(3, normalizer)

@@ -1,11 +1,15 @@
 """GGUF files of the families (qwen3, gemma2, gemma3, phi3), written as llama.cpp's converter writes
 them, read by our loader: the logits of the HF model they were written from, the tensors that
 transformers' own GGUF loader reads, every family field back from the metadata."""
+import json
+
 import pytest
 import torch
 
-from model import LlamaConfig, iter_tensors, load_pretrained
+from conftest import tiny_hf_config
+from model import LlamaConfig, Tokenizer, iter_tensors, load_pretrained
 from test_families import FAMILIES, hf_model, logits_diff
+from test_model import SP_COMPARABLE, STRINGS, sp_model_file  # noqa: F401  (a fixture: the trained sentencepiece model)
 
 import transformers  # noqa: E402  (test extra: the reference)
 
@@ -124,3 +128,37 @@ def assert_same_but_for_gguf(ours: LlamaConfig, theirs: LlamaConfig) -> None:
     assert not diff, diff
     assert ours.rms_norm_eps == pytest.approx(theirs.rms_norm_eps)
     assert (ours.rope_scaling is None) == (theirs.rope_scaling is None)
+
+
+def test_gguf_sentencepiece_vocabulary_encodes_as_sentencepiece(sp_model_file, tmp_path):
+    """A `llama` GGUF vocabulary (Gemma's, Phi-3's: pieces, scores, types) runs as the sentencepiece
+    model it was written from, and saves as a tokenizer.model that transformers reads to the same ids."""
+    import gguf
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=sp_model_file)
+    n = sp.GetPieceSize()
+    kind = [2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 6 if sp.IsByte(i) else 1 for i in range(n)]
+    w = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "gemma2")
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.IdToPiece(i) for i in range(n)])
+    w.add_token_scores([sp.GetScore(i) for i in range(n)])
+    w.add_token_types(kind)
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    w.add_add_space_prefix(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = Tokenizer.from_gguf(str(tmp_path / "spm.gguf"))
+    assert ours.sp is not None and (ours.bos_id, ours.eos_id) == (sp.bos_id(), sp.eos_id())
+    for s in STRINGS:
+        assert ours.encode(s) == sp.EncodeAsIds(s), s
+        assert ours.decode(ours.encode(s)) == sp.DecodeIds(sp.EncodeAsIds(s)), s
+    ours.save_pretrained(str(tmp_path / "saved"))
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(tiny_hf_config()))
+    ref = transformers.LlamaTokenizer.from_pretrained(str(tmp_path / "saved"), legacy=False)
+    for s in SP_COMPARABLE:
+        assert ref.encode(s, add_special_tokens=False) == sp.EncodeAsIds(s), s
