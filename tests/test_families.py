@@ -238,6 +238,29 @@ def test_peft_adapter_loads_into_ours_and_ours_into_peft(name, quant, tmp_path, 
     assert plain > 1e-3  # the adapter really changes the logits
 
 
+@pytest.mark.parametrize("name", ["qwen3_tied_window", "gemma2_gqa_tied", "gemma3_gqa_linear_rope",
+                                  "phi3_gqa_longrope_partial"])
+def test_export_merged_of_each_family_loads_in_transformers(name, tmp_path, tokenizer_files):
+    """config.json written by to_hf and the merged weights give transformers our adapted logits."""
+    from lora import export_merged
+
+    d = FAMILIES[name]
+    (tmp_path / "base").mkdir()
+    folder = save(hf_model(d), tmp_path / "base", tokenizer_files)
+    model, _ = load_pretrained(folder)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=tuple(targets_of(d)), dropout=0.0, seed=0))
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(std=0.1)
+    save_adapter(model, str(tmp_path / "adapter"))
+    out = export_merged(folder, str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(merged).__name__ == type(hf_model(d)).__name__
+    diff = logits_diff(model, merged, long=d["model_type"] == "phi3")
+    print(f"\n{name}: export_merged in transformers vs ours + adapter {diff:.2e}")
+    assert diff <= 1e-4
+
+
 # ------------------------------------------------------------------------------------------ the pricer
 def test_pricer_trains_a_phi3_checkpoint_with_dora_on_every_projection(tmp_path):
     """examples/train_pricer.py --model takes any family: 'all' is Phi-3's fused qkv_proj and gate_up_proj."""
