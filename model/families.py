@@ -149,11 +149,10 @@ def family_hf(c) -> dict[str, Any]:
     mt = c.model_type
     if mt in GEMMA:
         d.update(hidden_activation=c.hidden_act, query_pre_attn_scalar=c.query_pre_attn_scalar,
-                 attn_logit_softcapping=c.attn_logit_softcapping, final_logit_softcapping=c.final_logit_softcapping,
-                 attention_bias=c.qkv_bias)
+                 attn_logit_softcapping=c.attn_logit_softcapping, final_logit_softcapping=c.final_logit_softcapping)
     else:
         d["hidden_act"] = c.hidden_act
-    if mt not in ("qwen2",) and mt not in GEMMA:
+    if mt != "qwen2":  # qwen2's biases are fixed (q, k, v only), the others' follow attention_bias
         d["attention_bias"] = c.qkv_bias
     if mt == "gemma3_text":
         full = {"rope_type": "default", **(c.rope_scaling or {}), "rope_theta": c.rope_theta}

@@ -37,13 +37,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.offset = offset
 
+    @property
+    def effective_weight(self) -> torch.Tensor:
+        """offset + weight (dim,): fp32 when there is an offset, since 1 + w in bf16 would round w away."""
+        return self.weight.float() + self.offset if self.offset else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:  # Gemma scales in fp32 before rounding back, with 1 + w formed in fp32 too
-            return (x * (self.weight.float() + self.offset)).to(dtype)
-        return self.weight * x.to(dtype)
+        w = self.effective_weight
+        # Llama rounds x back before scaling, Gemma scales in fp32 first: each as its reference does
+        return (w * x).to(dtype) if self.offset else w * x.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
