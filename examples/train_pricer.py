@@ -34,8 +34,6 @@ from pricer import (  # noqa: E402
 )
 from train import TrainConfig, TrainingInterrupted, train  # noqa: E402
 
-ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
 # The demo: small enough for two CPU cores in minutes. The course's rule of thumb holds (r = 8,
 # alpha = 2r); a 135M model learning a new task from 4,000 short examples gains from adapting every
 # projection, not only attention, but only in the upper half of the network: the backward pass
@@ -43,7 +41,7 @@ ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # Few steps call for a learning rate well above the course's 1e-4.
 PRESETS: dict[str, dict] = {
     "demo": dict(
-        quant="nf4", r=8, alpha=16, dropout=0.0, target=ALL_PROJECTIONS, layers="15-", epochs=1,
+        quant="nf4", r=8, alpha=16, dropout=0.0, target="all", layers="15-", epochs=1,
         max_steps=500, batch_size=8, grad_accum=1, lr=2e-3, warmup_ratio=0.05, weight_decay=0.0,
         max_grad_norm=1.0, optimizer="adamw", max_len=None, group_by_length=False,
         train_size=4000, val_size=64, test_size=200, eval_every=None, save_every=250, keep_last=2,
@@ -78,7 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tuned("--r", "LoRA rank: the inner dimension of A (r x in) and B (out x r)", type=int)
     tuned("--alpha", "LoRA scaling: the update is (alpha / r) B A x", type=float)
     tuned("--dropout", "dropout on the LoRA path's input", type=float)
-    tuned("--target", "comma-separated module names to adapt, or 'all' (the seven projections)")
+    tuned("--target", "comma-separated module names to adapt, or 'all' (every projection of a decoder layer: "
+                      "q, k, v, o, gate, up, down; Phi-3's fused qkv_proj and gate_up_proj)")
+    p.add_argument("--dora", action="store_true", help="DoRA: train each output feature's length apart from "
+                                                       "the direction of W0 + B A")
     tuned("--layers", "decoder layers to adapt: 'all', '15-' (15 to the last), '10-19' or '3,5,7'")
     tuned("--epochs", "passes over the training split, when --max-steps is not set", type=int)
     tuned("--max-steps", "optimizer steps; overrides --epochs (0: run the epochs)", type=int)
@@ -147,6 +148,13 @@ def resume_command(argv: list[str] | None) -> str:
                       ([] if "--resume" in argv else ["--resume"]))
 
 
+def all_projections(model) -> tuple[str, ...]:
+    """The names of the linear projections in a decoder layer, in order: whatever the family calls them."""
+    layer = model.model.layers[0]
+    return tuple(dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in layer.named_modules()
+                               if hasattr(m, "in_features") and name))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the script; user errors (bad flags, missing or broken files) become one line and status 2.
 
@@ -170,8 +178,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.preset == "llama31-8b" and args.model is None:
         raise ValueError("--preset llama31-8b needs --model, a local Llama-3.1-8B folder (config.json + safetensors)")
-    targets = tuple(ALL_PROJECTIONS.split(",")) if args.target == "all" else tuple(args.target.split(","))
-    LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets)  # checked before loading
+    # r, alpha and dropout checked before the slow load ("all" is known only once the model is)
+    LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout,
+               target_modules=("q_proj",) if args.target == "all" else tuple(args.target.split(",")))
     dtype = compute_dtype(device)
 
     model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=dtype)
@@ -180,9 +189,10 @@ def run(args: argparse.Namespace) -> int:
     split = split_items(loaded.items, args.seed, args.test_size, args.val_size, args.train_size)
     print(f"split (seed {args.seed}): {len(split.train):,} train, {len(split.val):,} validation, {len(split.test):,} test")
 
+    targets = all_projections(model) if args.target == "all" else tuple(args.target.split(","))
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
     apply_lora(model, LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets,
-                                 layers=layers, seed=args.seed))
+                                 layers=layers, seed=args.seed, use_dora=args.dora))
     print(trainable_parameters(model))
 
     max_new = answer_tokens(tokenizer, [item.price for item in split.train])

@@ -1,6 +1,7 @@
 """lora: low-rank adapters written by hand, in PEFT's layout.
 
     h = W0 x + (alpha / r) · B A x        W0 frozen (plain or NF4), only A (r x in) and B (out x r) train
+    DoRA (use_dora=True): h = m ⊙ (W0 + s·BA) x / ‖W0 + s·BA‖, the length m per output feature trained too
 
     from lora import LoRAConfig, apply_lora, trainable_parameters, save_adapter, load_adapter
     apply_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.05, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))

@@ -36,6 +36,8 @@ class LoRAConfig:
                      higher rank does not shrink the update.
     layers:          optional layer indices (`model.layers.<i>.`) to restrict suffix matches to.
     seed:            seed of A's initialisation (a local generator; the global RNG is untouched).
+    use_dora:        DoRA (Liu et al. 2024): each output feature's length m is trained apart from
+                     the direction of W0 + scaling · B A (lora/dora.py); PEFT's `use_dora`.
     """
 
     r: int = 8
@@ -45,6 +47,7 @@ class LoRAConfig:
     use_rslora: bool = False
     layers: tuple[int, ...] | None = None
     seed: int | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         check_rank(self.r)
@@ -90,7 +93,7 @@ class LoRAConfig:
             "bias": "none",
             "fan_in_fan_out": False,
             "use_rslora": self.use_rslora,
-            "use_dora": False,
+            "use_dora": bool(self.use_dora),
             "init_lora_weights": True,
             "modules_to_save": None,
             "rank_pattern": {},
@@ -110,7 +113,6 @@ class LoRAConfig:
         unsupported = {
             "fan_in_fan_out": (False, None),
             "bias": ("none", None),
-            "use_dora": (False, None),
             "rank_pattern": ({}, None),
             "alpha_pattern": ({}, None),
             "modules_to_save": (None, []),
@@ -136,5 +138,6 @@ class LoRAConfig:
             dropout=d.get("lora_dropout", 0.0),
             target_modules=tuple(sorted(targets)) if isinstance(targets, (set, frozenset)) else tuple(targets),
             use_rslora=bool(d.get("use_rslora", False)),
+            use_dora=bool(d.get("use_dora", False)),
             layers=layers if layers not in ([],) else None,
         )

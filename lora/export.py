@@ -22,6 +22,7 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
+from .dora import MAGNITUDE, merge_into
 from .io import PEFT_PREFIX, read_adapter
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -41,16 +42,20 @@ def parse_size(size: int | str) -> int:
     return n
 
 
-def _deltas(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
-    """{weight name: A}, {weight name: B} and the scaling of the adapter in `adapter_dir`."""
+def _deltas(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float, dict]:
+    """{weight name: A}, {weight name: B}, the scaling and {weight name: DoRA magnitude} of an adapter."""
     config, sd = read_adapter(adapter_dir)
-    A, B = {}, {}
+    A, B, M = {}, {}, {}
     for key, t in sd.items():
-        m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight", key)
-        if m is None:
+        m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A\.weight|lora_B\.weight|" + MAGNITUDE + ")", key)
+        if m is None or (m.group(2) == MAGNITUDE and not config.use_dora):
+            dora = f" or '.{MAGNITUDE}'" if config.use_dora else ""
             raise ValueError(f"{adapter_dir}: unexpected adapter tensor {key!r} (expected "
-                             f"'{PEFT_PREFIX}<module>.lora_A.weight' or '.lora_B.weight')")
-        (A if m.group(2) == "A" else B)[m.group(1) + ".weight"] = t.float()
+                             f"'{PEFT_PREFIX}<module>.lora_A.weight', '.lora_B.weight'{dora})")
+        {"lora_A.weight": A, "lora_B.weight": B, MAGNITUDE: M}[m.group(2)][m.group(1) + ".weight"] = t.float()
+    if config.use_dora and set(M) != set(A):
+        raise ValueError(f"{adapter_dir}: a DoRA adapter needs {MAGNITUDE} beside every lora_A; "
+                         f"missing for {sorted(set(A) - set(M))[:4]}")
     lonely = sorted(set(A) ^ set(B))
     if lonely:
         raise ValueError(f"{adapter_dir}: {lonely[0][:-len('.weight')]} has only one of lora_A and lora_B")
@@ -58,7 +63,7 @@ def _deltas(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.
         if A[name].shape[0] != config.r or B[name].shape[1] != config.r:
             raise ValueError(f"{adapter_dir}: {name}: lora_A {tuple(A[name].shape)} and lora_B "
                              f"{tuple(B[name].shape)} do not have rank r={config.r}")
-    return A, B, config.scaling
+    return A, B, config.scaling, M
 
 
 def export_merged(
@@ -80,7 +85,7 @@ def export_merged(
     limit = parse_size(max_shard_size)
     config = model_load.read_config(checkpoint)
     hf_config = config.to_hf()  # before any work: a config that config.json cannot state fails here
-    A, B, scaling = _deltas(adapter_dir)
+    A, B, scaling, M = _deltas(adapter_dir)
     if config.tie_word_embeddings and "lm_head.weight" in A:
         raise ValueError(f"{adapter_dir}: the adapter changes lm_head, which this model ties to the embedding; "
                          "a merged head would no longer be tied")
@@ -92,7 +97,8 @@ def export_merged(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".", suffix=".tmp", dir=parent)
     try:
-        shards = _write_shards(model_load.iter_tensors(checkpoint), A, B, scaling, dtype, limit, tmp, checkpoint)
+        shards = _write_shards(model_load.iter_tensors(checkpoint), A, B, scaling, M, dtype, limit, tmp,
+                               checkpoint)
         unused = sorted(set(A) - {n for shard in shards for n in shard})
         if unused:
             raise ValueError(f"{adapter_dir}: adapted weights {unused[:4]} are not in the checkpoint {checkpoint}")
@@ -107,8 +113,9 @@ def export_merged(
     return out_dir
 
 
-def _write_shards(tensors, A, B, scaling, dtype, limit, folder, checkpoint) -> list[dict[str, int]]:
-    """Write merged tensors into shards of at most `limit` bytes; returns [{name: nbytes}] per shard."""
+def _write_shards(tensors, A, B, scaling, M, dtype, limit, folder, checkpoint) -> list[dict[str, int]]:
+    """Write merged tensors into shards of at most `limit` bytes; returns [{name: nbytes}] per shard.
+    M: DoRA's magnitudes, {} for plain LoRA: the merged weight is then m/‖W0 + s·BA‖ ⊙ (W0 + s·BA)."""
     shards: list[dict[str, int]] = []
     current: dict[str, torch.Tensor] = {}
     size = 0
@@ -127,7 +134,7 @@ def _write_shards(tensors, A, B, scaling, dtype, limit, folder, checkpoint) -> l
             if tuple(W.shape) != tuple(delta.shape):
                 raise ValueError(f"{checkpoint}: tensor {name!r} has shape {tuple(W.shape)} but the adapter's "
                                  f"B @ A has shape {tuple(delta.shape)}")
-            W = W.float() + delta
+            W = merge_into(W, A[name], B[name], scaling, M[name])[0] if M else W.float() + delta
         W = W.to(out_dtype).contiguous()
         nbytes = W.numel() * W.element_size()
         if current and size + nbytes > limit:

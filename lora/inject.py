@@ -92,7 +92,8 @@ def wrap_targets(model: nn.Module, targets: dict[str, nn.Module], config: LoRACo
     for p in model.parameters():
         p.requires_grad_(False)
     for name, base in targets.items():
-        layer = LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora, generator)
+        layer = LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora, generator,
+                           use_dora=config.use_dora)
         layer.train(base.training)  # a model in eval mode stays there: no dropout sneaks in
         model.set_submodule(name, layer)
     model.lora_config = config  # read back by save_adapter

@@ -4,6 +4,7 @@
       adapter_config.json          LoRAConfig.to_peft_dict()
       adapter_model.safetensors    base_model.model.<module path>.lora_A.weight  (r, in)   fp32
                                    base_model.model.<module path>.lora_B.weight  (out, r)  fp32
+                                   base_model.model.<module path>.lora_magnitude_vector (out,) DoRA only
 
 Every file is written to a temporary name in the same folder and then renamed, so a save that is
 interrupted (a crash, a full disk) never leaves a half-written adapter behind.
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import LoRAConfig
+from .dora import MAGNITUDE
 from .inject import find_targets, lora_modules, unwrap, wrap_targets
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -36,19 +38,24 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, m in lora_modules(model).items():
         sd[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().float()  # (r, in)
         sd[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().float()  # (out, r)
+        if m.use_dora:
+            sd[f"{PEFT_PREFIX}{name}.{MAGNITUDE}"] = getattr(m, MAGNITUDE).detach().float()  # (out,)
     return sd
 
 
 def _normalise_key(key: str) -> str:
     # A state dict taken from a live PEFT model still names the adapter ("lora_A.default.weight").
-    return key.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight", ".lora_B.weight")
+    key = key.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight", ".lora_B.weight")
+    return key.replace(f".{MAGNITUDE}.default.weight", f".{MAGNITUDE}")
 
 
-def _expected_shapes(modules: dict[str, nn.Module], r: int) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(modules: dict[str, nn.Module], r: int, use_dora: bool) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for name, m in modules.items():
         shapes[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (r, m.in_features)
         shapes[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (m.out_features, r)
+        if use_dora:
+            shapes[f"{PEFT_PREFIX}{name}.{MAGNITUDE}"] = (m.out_features,)
     return shapes
 
 
@@ -79,12 +86,14 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: 
     if not modules:
         raise ValueError("the model carries no LoRA adapters; call apply_lora or load_adapter first")
     sd = {_normalise_key(k): v for k, v in sd.items()}
-    r = next(iter(modules.values())).r
-    _check_state_dict(sd, _expected_shapes(modules, r), source)
+    first = next(iter(modules.values()))
+    _check_state_dict(sd, _expected_shapes(modules, first.r, first.use_dora), source)
     with torch.no_grad():
         for name, m in modules.items():
             m.lora_A.weight.copy_(sd[f"{PEFT_PREFIX}{name}.lora_A.weight"])
             m.lora_B.weight.copy_(sd[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+            if m.use_dora:
+                getattr(m, MAGNITUDE).copy_(sd[f"{PEFT_PREFIX}{name}.{MAGNITUDE}"])
 
 
 def _config_of(model: nn.Module) -> LoRAConfig:
@@ -97,7 +106,7 @@ def _config_of(model: nn.Module) -> LoRAConfig:
         m = next(iter(modules.values()))
         dropout = m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0
         config = LoRAConfig(r=m.r, alpha=m.alpha, dropout=dropout, target_modules=tuple(modules),
-                            use_rslora=m.use_rslora)
+                            use_rslora=m.use_rslora, use_dora=m.use_dora)
     return config
 
 
@@ -168,16 +177,18 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> list[str]:
     if existing:
         m = next(iter(existing.values()))
         targets = find_targets(model, config)  # names of the wrapped modules, by the saved rule
-        if set(targets) != set(existing) or m.r != config.r or m.scaling != config.scaling:
+        if (set(targets) != set(existing) or m.r != config.r or m.scaling != config.scaling
+                or m.use_dora != config.use_dora):
             raise ValueError(
-                f"{adapter_dir}: the adapter (r={config.r}, scaling={config.scaling:g}, {len(targets)} modules) "
-                f"differs from the LoRA the model carries (r={m.r}, scaling={m.scaling:g}, {len(existing)} modules)"
+                f"{adapter_dir}: the adapter (r={config.r}, scaling={config.scaling:g}, use_dora={config.use_dora}, "
+                f"{len(targets)} modules) differs from the LoRA the model carries (r={m.r}, scaling={m.scaling:g}, "
+                f"use_dora={m.use_dora}, {len(existing)} modules)"
             )
         load_lora_state_dict(model, sd, source=weights_path)
         return list(existing)
 
     targets = find_targets(model, config)
-    _check_state_dict(sd, _expected_shapes(targets, config.r), weights_path)
+    _check_state_dict(sd, _expected_shapes(targets, config.r, config.use_dora), weights_path)
     # Seeded so that loading never draws from the global RNG; the loaded A, B replace this init.
     wrap_targets(model, targets, config, torch.Generator().manual_seed(0))
     load_lora_state_dict(model, sd, source=weights_path)

@@ -6,7 +6,8 @@
 
 The base is an `nn.Linear` or a `quant.Linear4bit` (QLoRA: the frozen W0 is stored in NF4 and only
 A and B, a few million parameters, are trained in full precision). Submodule names equal PEFT's
-(`base_layer`, `lora_A`, `lora_B`, `lora_dropout`), so state-dict keys line up with PEFT's files.
+(`base_layer`, `lora_A`, `lora_B`, `lora_dropout`, DoRA's `lora_magnitude_vector`), so state-dict
+keys line up with PEFT's files. With `use_dora` the layer is DoRA's (lora/dora.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from quant import Linear4bit
 
+from . import dora
 from .config import check_rank, lora_scaling
 
 ADAPTABLE = (nn.Linear, Linear4bit)  # the layers a LoRA can wrap
@@ -45,6 +47,7 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         generator: torch.Generator | None = None,
+        use_dora: bool = False,
     ):
         super().__init__()
         if not isinstance(base, ADAPTABLE):
@@ -66,6 +69,9 @@ class LoRALinear(nn.Module):
         self.base_is_4bit = isinstance(base, Linear4bit)
         self.merged = False
         self._quantized_base: nn.Module | None = None  # the Linear4bit set aside while merged
+        self.use_dora = use_dora  # DoRA: a trained length per output feature (lora/dora.py)
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.ones(self.out_features, device=device))  # (out,)
         self.reset_lora_parameters(generator)
 
     @torch.no_grad()
@@ -78,6 +84,8 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
         self.lora_A.weight.copy_(A)
         self.lora_B.weight.zero_()
+        if self.use_dora:
+            dora.init_magnitude(self)  # m = ‖W0‖: the fresh layer is the base exactly
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -89,6 +97,8 @@ class LoRALinear(nn.Module):
             x = x.to(dtype)
         if A.dtype != dtype:  # a low-precision base; autograd still reaches the fp32 A and B
             A, B = A.to(dtype), B.to(dtype)
+        if self.use_dora:
+            return dora.dora_forward(self, x, y, A, B)
         xa = F.linear(self.lora_dropout(x), A)                           # (..., r)
         if y.dtype != xa.dtype:  # the base returned another dtype than it computes in
             return torch.add(y, F.linear(xa, B), alpha=self.scaling)
@@ -113,7 +123,8 @@ class LoRALinear(nn.Module):
             return
         base = self.base_layer
         if isinstance(base, Linear4bit):
-            W = base.dequantize().float() + self.delta_weight()          # (out, in)
+            W0 = base.dequantize()
+            W = dora.merged_weight(self, W0)[0] if self.use_dora else W0.float() + self.delta_weight()  # (out, in)
             dtype = base.compute_dtype
             merged = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
                                device="meta", dtype=dtype).to_empty(device=W.device)
@@ -123,6 +134,9 @@ class LoRALinear(nn.Module):
             merged.requires_grad_(False)
             self._quantized_base = base
             self.base_layer = merged
+        elif self.use_dora:  # the norm of the unmerged weight is kept: unmerge needs it
+            W, self._dora_norm = dora.merged_weight(self, base.weight)
+            base.weight.copy_(W.to(base.weight.dtype))
         else:
             W = base.weight
             W.copy_((W.float() + self.delta_weight()).to(W.dtype))
@@ -139,6 +153,9 @@ class LoRALinear(nn.Module):
         if self._quantized_base is not None:
             self.base_layer = self._quantized_base.to(self.lora_A.weight.device)  # in place; a no-op if there
             self._quantized_base = None
+        elif self.use_dora:
+            W = self.base_layer.weight
+            W.copy_(dora.unmerged_weight(self, W, self._dora_norm).to(W.dtype))
         else:
             W = self.base_layer.weight
             W.copy_((W.float() - self.delta_weight()).to(W.dtype))
@@ -152,4 +169,5 @@ class LoRALinear(nn.Module):
             super().__setattr__(name, value)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+        dora_note = ", dora=True" if self.use_dora else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}{dora_note}, merged={self.merged}"

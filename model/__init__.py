@@ -1,5 +1,8 @@
 """model: a Llama-family decoder in plain PyTorch, its loaders, tokenizer and generation.
 
+One decoder for llama, mistral, qwen2, qwen3, gemma2, gemma3_text and phi3 checkpoints: each
+family is a set of LlamaConfig fields (model/families.py).
+
     from model import load_pretrained, Llama, LlamaConfig, Tokenizer
     model, tok = load_pretrained(path, dtype=torch.float32, device="cpu", quant=None)
     ids, mask = pad_batch([tok.encode(p) for p in prompts], tok.pad_id)

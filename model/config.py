@@ -1,8 +1,8 @@
 """LlamaConfig: the shape of a Llama-family decoder, read from an HF `config.json` or GGUF metadata.
 
-One dataclass covers the three `model_type`s whose checkpoints share Llama's layout:
-`llama` (Llama 2/3, SmolLM2), `mistral` (sliding window ignored: our contexts are short),
-and `qwen2` (bias on q, k and v but not on o).
+One dataclass covers every supported `model_type` (llama, mistral, qwen2, qwen3, gemma2,
+gemma3_text, phi3): each family's difference is a field here, read from config.json in one place
+(`model/families.py`), so there is one decoder and no copies of it.
 """
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from .families import (GGUF_ARCHITECTURES, KEYS as FAMILY_KEYS, SLIDING, SUPPORTED_MODEL_TYPES, family_fields,
+                       family_hf, gguf_family_fields)
+from .rope import scaled_inv_freq
 
 
 def _malformed_as_value_error(read):
@@ -52,6 +54,20 @@ class LlamaConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown keys, kept for to_hf()
     # GGUF's `rope_freqs` tensor: llama.cpp's spelling of Llama-3.1's scaling, one divisor per frequency
     rope_freq_factors: list[float] | None = field(default=None, repr=False)
+    # ---- family switches (model/families.py says which family sets which)
+    hidden_act: str = "silu"             # "gelu_pytorch_tanh": Gemma's GeGLU
+    norm_offset: float = 0.0             # RMSNorm scales by (offset + w): Gemma stores w around 0
+    qk_norm: bool = False                # RMSNorm on each head's q and k before RoPE (Qwen3, Gemma 3)
+    sandwich_norm: bool = False          # norms after attention and MLP too (Gemma)
+    embed_scale: float = 1.0             # embeddings × this (Gemma: √hidden)
+    query_pre_attn_scalar: float | None = None   # scores × this^-½ instead of head_dim^-½ (Gemma)
+    attn_logit_softcapping: float | None = None  # scores -> cap · tanh(scores / cap) (Gemma 2)
+    final_logit_softcapping: float | None = None # logits -> cap · tanh(logits / cap) (Gemma 2)
+    sliding_window: int | None = None    # a query sees the last `sliding_window` keys, itself included
+    layer_types: list[str] | None = None # per layer "sliding_attention" / "full_attention"; None: all alike
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3)
+    partial_rotary_factor: float = 1.0   # RoPE on the first fraction of each head (Phi-4-mini: 0.75)
+    fused_projections: bool = False      # Phi-3: qkv_proj and gate_up_proj instead of q/k/v, gate/up
 
     def __post_init__(self) -> None:
         # a malformed config.json or GGUF header must fail here, by name, not deep inside the model
@@ -71,6 +87,21 @@ class LlamaConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention"
             )
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether decoder layer `layer` attends through the sliding window."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == SLIDING
+
+    def uses_local_rope(self, layer: int) -> bool:
+        """Whether layer `layer` takes the local RoPE base (Gemma 3's sliding layers)."""
+        return self.rope_local_theta is not None and self.layer_types is not None and self.layer_types[layer] == SLIDING
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many dimensions of each head RoPE rotates (all but with a partial rotary factor)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
@@ -92,36 +123,9 @@ class LlamaConfig:
         if missing:
             raise ValueError(f"{source}: missing required keys {missing}")
 
-        rope_theta = d.get("rope_theta", 10000.0)
-        rope_scaling = d.get("rope_scaling")
-        params = d.get("rope_parameters")
-        for key, value in (("rope_scaling", rope_scaling), ("rope_parameters", params)):
-            if value is not None and not isinstance(value, dict):
-                raise ValueError(f"{source}: {key} must be an object or null, got {value!r}")
-        if params:  # transformers 5 folds the base and the scaling into one dict
-            params = dict(params)
-            rope_theta = params.pop("rope_theta", rope_theta)
-            rope_scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else None
-        if rope_scaling is not None:
-            rope_scaling = dict(rope_scaling)
-            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            if rope_type == "default":
-                rope_scaling = None
-            elif rope_type != "llama3":
-                raise ValueError(f"{source}: rope scaling type {rope_type!r} is not supported; expected 'llama3'")
-            else:  # one spelling of the key, whichever the file used ("type" is the older one)
-                rope_scaling.pop("type", None)
-                rope_scaling["rope_type"] = "llama3"
-
-        if model_type == "qwen2":
-            qkv_bias, o_bias = True, False
-        else:
-            qkv_bias = o_bias = bool(d.get("attention_bias", False))
-
-        known = set(required) | {
-            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-            "rope_scaling", "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias",
-            "model_type", "bos_token_id", "eos_token_id", "pad_token_id",
+        known = set(required) | FAMILY_KEYS | {
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+            "mlp_bias", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "architectures",
         }
         return cls(
             vocab_size=d["vocab_size"],
@@ -133,17 +137,14 @@ class LlamaConfig:
             head_dim=d.get("head_dim"),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta) if isinstance(rope_theta, (int, float)) else rope_theta,
-            rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", model_type in ("gemma2", "gemma3_text"))),
             mlp_bias=bool(d.get("mlp_bias", False)),
             model_type=model_type,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
             extra={k: v for k, v in d.items() if k not in known},
+            **family_fields(d, model_type, source),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -153,8 +154,6 @@ class LlamaConfig:
                              "config.json cannot state; export from the HF checkpoint instead")
         d = dict(self.extra)
         d.update(
-            architectures=[{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                            "qwen2": "Qwen2ForCausalLM"}[self.model_type]],
             model_type=self.model_type,
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -165,17 +164,13 @@ class LlamaConfig:
             head_dim=self.head_dim,
             max_position_embeddings=self.max_position_embeddings,
             rms_norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta,
-            rope_scaling=self.rope_scaling,
             tie_word_embeddings=self.tie_word_embeddings,
             mlp_bias=self.mlp_bias,
-            hidden_act="silu",
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
+            **family_hf(self),
         )
-        if self.model_type != "qwen2":
-            d["attention_bias"] = self.qkv_bias
         return d
 
     # ------------------------------------------------------------------ GGUF metadata
@@ -188,8 +183,9 @@ class LlamaConfig:
         `<arch>.block_count`, ... for the shape.
         """
         arch = fields.get("general.architecture")
-        if arch not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
+        if arch not in GGUF_ARCHITECTURES:
+            raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported; "
+                             f"expected one of {tuple(GGUF_ARCHITECTURES)}")
 
         def get(key: str, default: Any = None) -> Any:
             value = fields.get(f"{arch}.{key}", default)
@@ -199,6 +195,7 @@ class LlamaConfig:
 
         n_heads = int(get("attention.head_count"))
         hidden = int(get("embedding_length"))
+        head_dim = int(fields.get(f"{arch}.attention.key_length", hidden // n_heads))
         vocab = fields.get(f"{arch}.vocab_size") or len(fields.get("tokenizer.ggml.tokens", []))
         return cls(
             vocab_size=int(vocab),
@@ -207,49 +204,34 @@ class LlamaConfig:
             num_hidden_layers=int(get("block_count")),
             num_attention_heads=n_heads,
             num_key_value_heads=int(get("attention.head_count_kv", n_heads)),
-            head_dim=int(fields.get(f"{arch}.attention.key_length", hidden // n_heads)),
+            head_dim=head_dim,
             max_position_embeddings=int(get("context_length", 2048)),
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_theta=float(get("rope.freq_base", 1e6 if arch == "gemma3" else 10000.0)),
             tie_word_embeddings=not fields.get("_has_output_tensor", False),
-            qkv_bias=arch == "qwen2",
-            model_type=arch,
+            model_type=GGUF_ARCHITECTURES[arch],
             bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
             pad_token_id=fields.get("tokenizer.ggml.padding_token_id"),
             rope_freq_factors=fields.get("_rope_freqs"),
+            **gguf_family_fields(fields, arch, head_dim, source),
         )
 
     # ------------------------------------------------------------------ RoPE
-    def rope_inv_freq(self) -> "torch.Tensor":  # noqa: F821
-        """Inverse frequencies of RoPE, (head_dim/2,), with Llama-3's `llama3` scaling when configured.
+    def rope_inv_freq(self, local: bool = False, long: bool = False) -> "torch.Tensor":  # noqa: F821
+        """Inverse frequencies of RoPE, (rotary_dim/2,), with the configured scaling (model/rope.py).
 
-        Llama 3.1 stretches long wavelengths by `factor`, keeps short ones, and blends in between, so
-        the model reaches 128k tokens without retraining the high-frequency dimensions.
+        local: of the sliding layers where they have their own base (Gemma 3); long: longrope's long
+        factors (Phi-3, past the original context).
         """
         import torch
 
-        dim = self.head_dim
-        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        if local and self.rope_local_theta is not None:
+            return scaled_inv_freq(self.rope_local_theta, self.rotary_dim, None)
+        inv_freq = scaled_inv_freq(self.rope_theta, self.rotary_dim, self.rope_scaling, long)
         if self.rope_freq_factors is not None:
-            if len(self.rope_freq_factors) != dim // 2:
+            if len(self.rope_freq_factors) != self.rotary_dim // 2:
                 raise ValueError(f"tensor 'rope_freqs.weight' has {len(self.rope_freq_factors)} values, "
-                                 f"expected head_dim/2 = {dim // 2}")
+                                 f"expected head_dim/2 = {self.rotary_dim // 2}")
             return inv_freq / torch.tensor(self.rope_freq_factors, dtype=torch.float32)
-        s = self.rope_scaling
-        if not s:
-            return inv_freq
-        factor = s["factor"]
-        low_freq_factor = s.get("low_freq_factor", 1.0)
-        high_freq_factor = s.get("high_freq_factor", 4.0)
-        old_len = s.get("original_max_position_embeddings", 8192)
-        low_freq_wavelen = old_len / low_freq_factor
-        high_freq_wavelen = old_len / high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-        blended = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
-        return torch.where(medium, blended, scaled)
-
-
+        return inv_freq

@@ -28,10 +28,20 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",      # qwen3, gemma3
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_qkv": "self_attn.qkv_proj",       # phi3
 }
+# Where an architecture's names differ: Gemma's four norms per block, Phi-3's fused gate and up.
+_ARCH_BLOCK_NAMES = {
+    "gemma2": {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+    "phi3": {"ffn_up": "mlp.gate_up_proj"},
+}
+_ARCH_BLOCK_NAMES["gemma3"] = _ARCH_BLOCK_NAMES["gemma2"]
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 # Tensors that only carry RoPE frequencies: the model recomputes them from the config.
-ROPE_TENSORS = ("rope_freqs",)
+ROPE_TENSORS = ("rope_freqs", "rope_factors_long", "rope_factors_short")
 # Arrays too large to turn into Python lists just to read the shape of the model.
 _BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
 
@@ -80,9 +90,11 @@ def gguf_metadata(path: str, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
                 fields["_n_tokens"] = len(field.data)
             continue
         fields[key] = field.contents()
-    factors = _rope_factors(reader)
-    if factors is not None:
-        fields["_rope_freqs"] = factors.tolist()
+    for tensor, key in (("rope_freqs", "_rope_freqs"), ("rope_factors_long", "_rope_factors_long"),
+                        ("rope_factors_short", "_rope_factors_short")):
+        factors = _rope_factors(reader, tensor)
+        if factors is not None:
+            fields[key] = factors.tolist()
     arch = fields.get("general.architecture")
     if fields.get(f"{arch}.vocab_size") is None and "_n_tokens" in fields:
         fields[f"{arch}.vocab_size"] = fields["_n_tokens"]
@@ -98,19 +110,19 @@ def _to_torch(t) -> torch.Tensor:
     return torch.from_numpy(a if a.flags.writeable else a.copy()).reshape(-1)
 
 
-def _rope_factors(reader) -> torch.Tensor | None:
-    """The (head_dim/2,) `rope_freqs` tensor of a GGUF file, or None.
+def _rope_factors(reader, name: str = "rope_freqs") -> torch.Tensor | None:
+    """The (head_dim/2,) `rope_freqs` tensor of a GGUF file (or Phi-3's `rope_factors_long`/`_short`), or None.
 
     llama.cpp stores Llama-3.1's frequency scaling this way instead of in the metadata: each inverse
     frequency of RoPE is divided by its factor (1 for short wavelengths, `factor` for long ones).
     """
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
+        if t.name == f"{name}.weight":
             return _to_torch(t)
     return None
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for RoPE frequency tensors."""
     base, _, kind = gguf_name.rpartition(".")
     if base in ROPE_TENSORS:
@@ -118,8 +130,9 @@ def hf_name(gguf_name: str) -> str | None:
     if base in _TOP_NAMES:
         return f"{_TOP_NAMES[base]}.{kind}"
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{kind}"
+    names = {**_BLOCK_NAMES, **_ARCH_BLOCK_NAMES.get(arch, {})}
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{kind}"
     return gguf_name  # unknown: the loader reports it by its own name
 
 
@@ -135,11 +148,16 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def iter_gguf_tensors(path: str, n_heads: int, n_kv_heads: int, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, fp32 tensor in HF layout) for every tensor of a GGUF file, one at a time."""
+    """Yield (HF name, fp32 tensor in HF layout) for every tensor of a GGUF file, one at a time.
+
+    arch: the GGUF architecture. llama.cpp's converter stores Gemma's norm weights as 1 + w (its
+    runtime has no offset); HF's w is that minus one.
+    """
     reader = open_gguf(path)
-    permuted = arch in ("llama", "mistral")  # their converter permutes q/k; qwen2's keeps HF order
+    permuted = arch in ("llama", "mistral")  # their converter permutes q/k; the others keep HF order
+    gemma = arch in ("gemma2", "gemma3")
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             continue
         # GGUF lists dimensions innermost first; numpy data already has HF's (out, in) order
@@ -149,4 +167,56 @@ def iter_gguf_tensors(path: str, n_heads: int, n_kv_heads: int, arch: str) -> It
             w = unpermute_rows(w, n_heads)
         elif permuted and ".self_attn.k_proj." in name:
             w = unpermute_rows(w, n_kv_heads)
+        elif gemma and name.endswith("norm.weight"):
+            w = w - 1.0
         yield name, w
+
+
+# ---------------------------------------------------------------------------- sentencepiece vocabularies
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int32s travel as 64-bit two's complement
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, value) -> bytes:
+    """One protobuf field: bytes/str (length-delimited), float (fixed 32), or int/bool (varint)."""
+    import struct
+
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    if isinstance(value, bytes):
+        return _varint(number << 3 | 2) + _varint(len(value)) + value
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    return _varint(number << 3) + _varint(int(value))
+
+
+def spm_model_proto(meta: dict[str, Any]) -> bytes:
+    """A GGUF `llama` vocabulary (tokenizer.ggml.model "llama": Llama 2, Gemma, Phi-3) as a serialized
+    sentencepiece ModelProto, so sentencepiece itself runs it.
+
+    llama.cpp keeps each piece, its score and its type (1 normal, 2 unknown, 3 control, 4 user-defined,
+    5 unused, 6 byte: sentencepiece's own numbering) and whether a space is put in front of the text;
+    the model is sentencepiece's BPE (merges by score) with the identity normalizer.
+    """
+    tokens, scores = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.scores") or []
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    pieces = b"".join(
+        _field(1, _field(1, t) + _field(2, float(scores[i]) if i < len(scores) else 0.0) + _field(3, types[i]))
+        for i, t in enumerate(tokens))
+
+    def special(key: str) -> int:
+        value = meta.get(f"tokenizer.ggml.{key}")
+        return -1 if value is None else int(value)
+
+    trainer = (_field(3, 2) + _field(4, len(tokens)) + _field(35, 6 in types) + _field(40, max(special("unknown_token_id"), 0))
+               + _field(41, special("bos_token_id")) + _field(42, special("eos_token_id"))
+               + _field(43, special("padding_token_id")))
+    normalizer = (_field(1, "identity") + _field(3, bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+                  + _field(4, False) + _field(5, True))
+    return pieces + _field(2, trainer) + _field(3, normalizer)

@@ -7,6 +7,9 @@ checkpoint's tensors, a PEFT adapter's keys and our `state_dict()` map one to on
                            └─ RoPE cos/sin from the positions, shared by every layer
 
 Shapes: B batch, T tokens, D hidden, nh query heads, nkv key/value heads, hs head size.
+
+Other families switch parts of it on through LlamaConfig (see model/families.py): q/k norms,
+norms after attention and MLP, GeGLU, soft-caps, sliding windows, fused projections.
 """
 from __future__ import annotations
 
@@ -17,36 +20,35 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import SoftCappedHead, attend, attention_mask_4d, default_positions
 from .config import LlamaConfig
+from .rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) · weight, computed in fp32 as the reference does."""
+    """x / sqrt(mean(x²) + eps) · (offset + weight), computed in fp32 as the reference does.
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    offset is 0 (Llama) or 1 (Gemma, whose stored weights are centred on 0).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.offset = offset
+
+    @property
+    def effective_weight(self) -> torch.Tensor:
+        """offset + weight (dim,): fp32 when there is an offset, since 1 + w in bf16 would round w away."""
+        return self.weight.float() + self.offset if self.offset else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-class RotaryEmbedding(nn.Module):
-    """RoPE: rotate each (x_i, x_{i+hs/2}) pair of q and k by an angle proportional to the position."""
-
-    def __init__(self, config: LlamaConfig):
-        super().__init__()
-        self.register_buffer("inv_freq", config.rope_inv_freq(), persistent=False)
-
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # (B, T) positions -> cos, sin of shape (B, 1, T, hs), broadcast over heads
-        freqs = position_ids[:, :, None].float() * self.inv_freq.float()[None, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        w = self.effective_weight
+        # Llama rounds x back before scaling, Gemma scales in fp32 first: each as its reference does
+        return (w * x).to(dtype) if self.offset else w * x.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +57,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if cos.shape[-1] < x.shape[-1]:  # partial rotary: the rest of each head passes unrotated
+        rot, rest = x.split((cos.shape[-1], x.shape[-1] - cos.shape[-1]), dim=-1)
+        return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
     return x * cos + rotate_half(x) * sin
 
 
@@ -87,10 +92,19 @@ class Attention(nn.Module):
         super().__init__()
         self.nh, self.nkv, self.hs = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         D = config.hidden_size
-        self.q_proj = nn.Linear(D, self.nh * self.hs, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(D, self.nkv * self.hs, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(D, self.nkv * self.hs, bias=config.qkv_bias)
+        if config.fused_projections:  # Phi-3: one (nh + 2 nkv)·hs x D matrix, HF's name and shape
+            self.qkv_proj = nn.Linear(D, (self.nh + 2 * self.nkv) * self.hs, bias=config.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(D, self.nh * self.hs, bias=config.qkv_bias)
+            self.k_proj = nn.Linear(D, self.nkv * self.hs, bias=config.qkv_bias)
+            self.v_proj = nn.Linear(D, self.nkv * self.hs, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hs, D, bias=config.o_bias)
+        if config.qk_norm:  # Qwen3, Gemma 3: each head's q and k normalised before RoPE
+            self.q_norm = RMSNorm(self.hs, config.rms_norm_eps, config.norm_offset)
+            self.k_norm = RMSNorm(self.hs, config.rms_norm_eps, config.norm_offset)
+        self.qk_norm = config.qk_norm
+        self.scale = config.query_pre_attn_scalar ** -0.5 if config.query_pre_attn_scalar else None
+        self.softcap = config.attn_logit_softcapping
 
     def forward(
         self,
@@ -106,57 +120,71 @@ class Attention(nn.Module):
         q = q.view(B, T, self.nh, self.hs).transpose(1, 2)                 # (B, nh, T, hs)
         k = k.view(B, T, self.nkv, self.hs).transpose(1, 2)                # (B, nkv, T, hs)
         v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)                # (B, nkv, T, hs)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(cache_start, k, v)                         # (B, nkv, S, hs), S = cache_start + T
-        # SDPA shares each key/value head with its group of query heads itself (enable_gqa), without
-        # copying k and v nh/nkv times. CUDA's fused kernels do so only without a mask; with one the
-        # copies are made there, or SDPA would fall back to its slow math kernel.
-        gqa = self.nkv != self.nh
-        if gqa and mask is not None and x.device.type != "cpu":
-            k = k.repeat_interleave(self.nh // self.nkv, dim=1)            # (B, nh, S, hs)
-            v = v.repeat_interleave(self.nh // self.nkv, dim=1)
-            gqa = False
-        if mask is None:  # no padding, no cache: the fused causal path
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, nh, T, hs)
+        y = attend(q, k, v, mask, self.scale, self.softcap)                # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v projections of one input x (B, T, D): one place that an adapter package may
-        replace with a fused projection of all three."""
+        replace with a fused projection of all three. Phi-3's fused weight is split here."""
+        if hasattr(self, "qkv_proj"):
+            return self.qkv_proj(x).split((self.nh * self.hs, self.nkv * self.hs, self.nkv * self.hs), dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); GeGLU (Gemma) with the tanh GELU in place of silu."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         D, H = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(D, H, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(D, H, bias=config.mlp_bias)
+        if config.fused_projections:  # Phi-3: gate and up stacked in one 2H x D matrix
+            self.gate_up_proj = nn.Linear(D, 2 * H, bias=config.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(D, H, bias=config.mlp_bias)
+            self.up_proj = nn.Linear(D, H, bias=config.mlp_bias)
         self.down_proj = nn.Linear(H, D, bias=config.mlp_bias)
+        self.act = config.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = self.project_gate_up(x)                                     # (B, T, H) each
+        if self.act == "gelu_pytorch_tanh":
+            return self.down_proj(F.gelu(g, approximate="tanh") * u)
         return self.down_proj(F.silu(g) * u)
 
     def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """gate and up projections of one input x (B, T, D); an adapter package may fuse them."""
+        if hasattr(self, "gate_up_proj"):
+            return self.gate_up_proj(x).chunk(2, dim=-1)
         return self.gate_proj(x), self.up_proj(x)
 
 
 class DecoderLayer(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)). Gemma's sandwich adds a norm on each branch's output;
+    its names are HF's: post_attention_layernorm then normalises the attention output, and
+    pre_/post_feedforward_layernorm wrap the MLP."""
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)  # noqa: E731
+        self.input_layernorm = norm()
         self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = norm()
         self.mlp = MLP(config)
+        self.sandwich = config.sandwich_norm
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
     def forward(self, x, cos, sin, mask, cache=None, cache_start=0):
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache,
+                                                                 cache_start))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -168,8 +196,10 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
         self.rotary_emb = RotaryEmbedding(config)
+        self.rotary_emb_local = RotaryEmbedding(config, local=True) if config.rope_local_theta is not None else None
+        self.config = config
         self.gradient_checkpointing = False  # recompute each layer in the backward pass to save memory
 
     def forward(
@@ -181,45 +211,25 @@ class LlamaModel(nn.Module):
         cache_start: int = 0,
     ) -> torch.Tensor:
         B, T = input_ids.shape
+        c = self.config
         x = self.embed_tokens(input_ids)                                     # (B, T, D)
+        if c.embed_scale != 1.0:  # Gemma: × √D, rounded to the embedding's dtype first as HF does
+            x = x * torch.tensor(c.embed_scale, dtype=x.dtype)
         if position_ids is None:
             position_ids = default_positions(attention_mask, B, T, cache_start, x.device)
-        cos, sin = self.rotary_emb(position_ids, x.dtype)                    # (B, 1, T, hs)
-        mask = attention_mask_4d(attention_mask, T, cache_start, x.device)
+        rope = self.rotary_emb(position_ids, x.dtype)                        # cos, sin: (B, 1, T, hs)
+        local_rope = self.rotary_emb_local(position_ids, x.dtype) if self.rotary_emb_local is not None else rope
+        full_mask = attention_mask_4d(attention_mask, T, cache_start, x.device)
+        window_mask = attention_mask_4d(attention_mask, T, cache_start, x.device, c.sliding_window)
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
+            cos, sin = local_rope if c.uses_local_rope(i) else rope
+            mask = window_mask if c.is_sliding(i) else full_mask
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, layer_cache, cache_start)
         return self.norm(x)
-
-
-def default_positions(attention_mask, B: int, T: int, start: int, device) -> torch.Tensor:
-    """Positions 0, 1, 2, ... counted over real tokens only, so left padding does not shift RoPE."""
-    if attention_mask is None:
-        return torch.arange(start, start + T, device=device).expand(B, T)
-    pos = attention_mask.long().cumsum(-1) - 1                               # (B, S)
-    return pos.clamp(min=0)[:, -T:]
-
-
-def attention_mask_4d(attention_mask, T: int, start: int, device) -> torch.Tensor | None:
-    """(B, S) 1 = token, 0 = padding  ->  boolean (B, 1, T, S), True where a query may look.
-
-    Each query sees the keys at or before its own position that are not padding. A padding query
-    would see nothing at all (and SDPA would return NaN), so it is allowed to see itself: its output
-    is never used, but it stays finite.
-    """
-    if attention_mask is None and start == 0:
-        return None
-    S = start + T
-    q_pos = torch.arange(start, S, device=device)[:, None]
-    k_pos = torch.arange(S, device=device)[None, :]
-    allowed = (k_pos <= q_pos)[None, None]                                   # (1, 1, T, S)
-    if attention_mask is not None:
-        keys = attention_mask.bool()[:, None, None, :S]                      # (B, 1, 1, S)
-        allowed = (allowed & keys) | (k_pos == q_pos)[None, None]
-    return allowed
 
 
 class Llama(nn.Module):
@@ -229,7 +239,10 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.final_logit_softcapping:  # Gemma 2: the cap travels with the head
+            self.lm_head = SoftCappedHead(config.hidden_size, config.vocab_size, config.final_logit_softcapping)
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def forward(

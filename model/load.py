@@ -93,8 +93,8 @@ def _iter_with_source(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
     """(HF name, tensor, file it came from), one tensor at a time."""
     if _check_path(path) == "gguf":
         config = read_config(path)
-        for name, t in iter_gguf_tensors(path, config.num_attention_heads, config.num_key_value_heads,
-                                         config.model_type):
+        arch = gguf_metadata(path)["general.architecture"]
+        for name, t in iter_gguf_tensors(path, config.num_attention_heads, config.num_key_value_heads, arch):
             yield name, t, path
         return
     from safetensors import safe_open
@@ -217,6 +217,8 @@ def load_pretrained(
     assert not pending, f"linears left unquantized: {list(pending)}"
     model.tie_weights()
     # Built on meta, the RoPE buffer holds no numbers yet: compute it for real.
-    model.model.rotary_emb._buffers["inv_freq"] = config.rope_inv_freq().to(device)   # (hs/2,)
+    for rope in (model.model.rotary_emb, model.model.rotary_emb_local):
+        if rope is not None:
+            rope.reset_inv_freq(device)                                              # (rotary_dim/2,)
     model.eval()
     return model, load_tokenizer(path)

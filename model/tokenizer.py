@@ -3,7 +3,8 @@
 - `tokenizer.model`: a sentencepiece model (Llama 2, Mistral), run by `sentencepiece` itself;
 - `tokenizer.json`: an HF `tokenizers` pipeline (Llama 3, Qwen2, SmolLM2), run by `tokenizers`;
 - a GGUF file's `tokenizer.ggml.*` metadata: for byte-level BPE vocabularies (`tokenizer.ggml.model`
-  "gpt2", as SmolLM2's) we rebuild the `tokenizers` pipeline from the tokens and merges.
+  "gpt2", as SmolLM2's and Qwen's) we rebuild the `tokenizers` pipeline from the tokens and merges;
+  for sentencepiece ones ("llama": Gemma's, Phi-3's) the sentencepiece model from pieces and scores.
 
 `encode` never adds special tokens on its own: `bos=True` asks for the BOS id in front.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 GGUF_CONTROL = 3  # llama.cpp token type of special tokens such as <|im_start|>
@@ -55,9 +55,9 @@ class Tokenizer:
     """
 
     def __init__(self, backend: Any = None, sp: Any = None, bos_id: int | None = None, eos_id: int | None = None,
-                 pad_id: int | None = None, sp_file: str | None = None, special: dict[str, str | None] | None = None):
+                 pad_id: int | None = None, special: dict[str, str | None] | None = None):
         assert (backend is None) != (sp is None), "exactly one of backend and sp"
-        self.backend, self.sp, self.sp_file = backend, sp, sp_file
+        self.backend, self.sp = backend, sp
         self.bos_id, self.eos_id = bos_id, eos_id
         self.pad_id = pad_id if pad_id is not None else eos_id
         self.special = special or {}  # bos/eos/pad/unk token strings, for save_pretrained
@@ -96,13 +96,14 @@ class Tokenizer:
                    special=special)
 
     @classmethod
-    def from_sentencepiece(cls, file: str) -> "Tokenizer":
-        """A sentencepiece `tokenizer.model`, run by sentencepiece itself (byte fallback included)."""
+    def from_sentencepiece(cls, file: str, proto: bytes | None = None) -> "Tokenizer":
+        """A sentencepiece `tokenizer.model` (or its serialized `proto`, read from `file`), run by
+        sentencepiece itself (byte fallback included)."""
         import sentencepiece
 
         sp = sentencepiece.SentencePieceProcessor()
         try:
-            sp.Load(file)
+            sp.LoadFromSerializedProto(proto) if proto is not None else sp.Load(file)
         except Exception as e:
             raise ValueError(f"{file}: not a sentencepiece model ({e})") from e
 
@@ -112,21 +113,24 @@ class Tokenizer:
         ids = {"bos": valid(sp.bos_id()), "eos": valid(sp.eos_id()), "pad": valid(sp.pad_id()),
                "unk": valid(sp.unk_id())}
         special = {k: sp.IdToPiece(i) if i is not None else None for k, i in ids.items()}
-        return cls(sp=sp, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], sp_file=file, special=special)
+        return cls(sp=sp, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], special=special)
 
     @classmethod
     def from_gguf(cls, path: str) -> "Tokenizer":
-        """The byte-level BPE vocabulary a GGUF file embeds (`tokenizer.ggml.model == "gpt2"`)."""
+        """The vocabulary a GGUF file embeds: byte-level BPE ("gpt2") or sentencepiece ("llama")."""
         from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as Backend
 
-        from .gguf import gguf_metadata
+        from .gguf import gguf_metadata, spm_model_proto
 
-        arrays = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+        arrays = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
         meta = gguf_metadata(path, arrays=arrays)
         kind = meta.get("tokenizer.ggml.model")
+        if kind == "llama":
+            return cls.from_sentencepiece(path, proto=spm_model_proto(meta))
         if kind != "gpt2":
-            raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is supported")
+            raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; expected byte-level BPE ('gpt2') "
+                             "or sentencepiece ('llama')")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
         spell = bytes_to_unicode()
         alphabet = set(spell.values())
@@ -192,7 +196,8 @@ class Tokenizer:
         os.makedirs(folder, exist_ok=True)
         config: dict[str, Any] = {f"{k}_token": v for k, v in self.special.items() if v is not None}
         if self.sp is not None:
-            shutil.copyfile(self.sp_file, os.path.join(folder, "tokenizer.model"))
+            with open(os.path.join(folder, "tokenizer.model"), "wb") as f:  # the file read, or one built from GGUF
+                f.write(self.sp.serialized_model_proto())
             config.update(tokenizer_class="LlamaTokenizer", add_bos_token=False, add_eos_token=False, legacy=False)
         else:
             tmp = os.path.join(folder, "tokenizer.json.tmp")
