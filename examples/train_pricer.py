@@ -144,8 +144,9 @@ def compute_dtype(device: str) -> torch.dtype | None:
 def resume_command(argv: list[str] | None) -> str:
     """The command line that continues this run: the same flags, plus --resume."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return shlex.join(["python", os.path.relpath(os.path.abspath(__file__))] + argv +
-                      ([] if "--resume" in argv else ["--resume"]))
+    script = os.path.relpath(os.path.abspath(__file__))
+    script = script if not script.startswith("..") else os.path.abspath(__file__)  # short when run from the repo
+    return shlex.join(["python", script] + argv + ([] if "--resume" in argv else ["--resume"]))
 
 
 def all_projections(model) -> tuple[str, ...]:

@@ -121,9 +121,11 @@ def test_a_bug_keeps_its_traceback_and_a_preemption_names_checkpoint_and_resume_
 
     monkeypatch.setattr(train_pricer, "run", preempted)
     assert train_pricer.main(train_args(files)) == 143
+    script = os.path.relpath(os.path.join(EXAMPLES, "train_pricer.py"))
+    script = script if not script.startswith("..") else os.path.join(EXAMPLES, "train_pricer.py")
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"stopped by SIGTERM after step 3 of 10: checkpoint {files['out']}/checkpoint-3; resume with: "
-                     f"python {os.path.relpath(os.path.join(EXAMPLES, 'train_pricer.py'))} "
+                     f"python {script} "
                      + " ".join(train_args(files)) + " --resume"]
 
 

@@ -119,10 +119,12 @@ def test_save_then_load_an_adapter_gives_back_every_tensor_bit_for_bit(r, seed, 
 
 tensors = st.builds(lambda shape, dtype, seed: (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 10).to(dtype),
                     st.lists(st.integers(0, 5), max_size=3), st.sampled_from(DTYPES + [torch.int64]), st.integers(0, 99))
+def _containers(inner):
+    return st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4))
+
+
 states = st.recursive(st.one_of(tensors, st.integers(-2 ** 40, 2 ** 40), st.floats(allow_nan=False), st.text(max_size=8),
-                                st.booleans(), st.none()),
-                      lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
-                      max_leaves=12)
+                                st.booleans(), st.none()), _containers, max_leaves=12)
 
 
 def _same(a, b):
@@ -151,8 +153,7 @@ def test_save_then_load_a_checkpoint_gives_back_the_adapter_and_the_state(state,
 # ---------------------------------------------------------------------------------------- malformed input
 json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10 ** 6, 10 ** 6),
                                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8)),
-                           lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
-                           max_leaves=6)
+                           _containers, max_leaves=6)
 
 
 def _mutations(valid: dict):

@@ -283,7 +283,7 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
         all_reduce_sum(torch.zeros((), device=ctx.device), ctx)  # a barrier: no rank exits before the save is done
         return path
 
-    stop, checkpoint = StopSignals().install(), None  # SIGTERM/SIGINT: finish the step, save, stop
+    stop, stopped, checkpoint = StopSignals().install(), 0, None  # SIGTERM/SIGINT: finish the step, save, stop
     try:
         while step < total_steps:
             micro_indices = plan.step_batches(step)
@@ -306,13 +306,14 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
                 run_eval()
             if config.save_every and (step % config.save_every == 0 or step == total_steps):
                 checkpoint = save()
-            if step < total_steps and stop.agreed(ctx):  # a signal: every rank stops after this same step
+            stopped = stop.agreed(ctx)  # a signal: every rank stops after this same step
+            if stopped:
                 checkpoint = save() if config.out_dir else None
                 break
     finally:
-        stop.restore()
         logger.close({"hparam/final_eval_loss": val_losses[-1][1]} if val_losses and step == total_steps else None)
-    if step < total_steps and stop.signum:
-        raise TrainingInterrupted(stop.signum, step, total_steps, checkpoint)
+        stop.restore()
+    if stopped:  # also after the last step: the caller asked to stop, and may resume to finish its work
+        raise TrainingInterrupted(stopped, step, total_steps, checkpoint)
     return TrainResult(step, total_steps, train_losses, val_losses, config.out_dir, logger.run_dir, skipped,
                        scaler.skipped)
