@@ -92,7 +92,7 @@ def _rope(d: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
         theta = d.get("rope_theta", default_theta)
         scaling = _scaling(d.get("rope_scaling"), d, model_type, source)
     for name, value in (("rope_theta", theta), ("partial_rotary_factor", partial), ("rope_local_base_freq", local_theta)):
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        if (value is not None or name != "rope_local_base_freq") and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             raise ValueError(f"{source}: {name} must be a number, got {value!r}")
     return dict(rope_theta=float(theta), rope_scaling=scaling, partial_rotary_factor=float(partial),
                 rope_local_theta=None if local_theta is None else float(local_theta))
