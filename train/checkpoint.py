@@ -67,8 +67,13 @@ def latest_checkpoint(out_dir: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(out_dir: str, step: int, model: nn.Module, state: dict[str, Any], keep_last: int | None = None) -> str:
-    """Write `<out_dir>/checkpoint-<step>/` through a temporary folder; prune beyond `keep_last`."""
+def save_checkpoint(out_dir: str, step: int, model: nn.Module, state: dict[str, Any], keep_last: int | None = None,
+                    move_in: dict[str, str] | None = None) -> str:
+    """Write `<out_dir>/checkpoint-<step>/` through a temporary folder; prune beyond `keep_last`.
+
+    `move_in` {name: path}: folders already written elsewhere (FSDP's sharded optimizer state)
+    that are moved into the checkpoint under `name` before it is completed.
+    """
     from lora import save_adapter
 
     final = os.path.join(out_dir, f"checkpoint-{step}")
@@ -76,6 +81,8 @@ def save_checkpoint(out_dir: str, step: int, model: nn.Module, state: dict[str, 
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_adapter(model, tmp)
+    for name, src in (move_in or {}).items():
+        os.replace(src, os.path.join(tmp, name))
     torch.save(state, os.path.join(tmp, STATE_FILE))
     if os.path.exists(final):  # the same step saved again (a resumed run): replace it whole
         shutil.rmtree(final)

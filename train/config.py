@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -45,6 +46,7 @@ class TrainConfig:
     run_name: str | None = None          # None: the start date and time
     progress: bool = True                # tqdm bar on stderr
     add_eos: bool = True                 # end each answer with EOS so the model learns to stop
+    parallel: str = "ddp"                # under torchrun: "ddp" copies the model, "fsdp" shards it (train/fsdp.py)
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -60,6 +62,8 @@ class TrainConfig:
             positive(name, allow_none=True)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"TrainConfig.parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         if not 0.0 <= self.warmup_ratio <= 1.0:

@@ -1,0 +1,121 @@
+"""FSDP2 (`TrainConfig(parallel="fsdp")`): N gloo processes under torchrun against one process.
+
+Each torchrun case starts a few CPU processes on the tiny random Llama of tests/train_script.py.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lora import read_adapter
+from train import TrainConfig, train
+from train_script import CharTokenizer, pricer_items, run_config, tiny_lora_model
+
+PY = sys.executable
+SCRIPT = os.path.join(os.path.dirname(__file__), "train_script.py")
+PREFIX = "base_model.model."
+
+
+def torchrun(n: int, out, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), SCRIPT, str(out), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {f"{PREFIX}{k}": p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The single-process run each sharded run must reproduce: rank 0's initial adapter, 8 steps."""
+    out = {}
+    for base in ("nf4", "bf16"):
+        model = tiny_lora_model(lora_seed=0, base=base)
+        config = run_config(str(tmp_path_factory.mktemp(base)), save_every=None, keep_last=None, eval_every=None,
+                            epochs=1, max_steps=8, group_by_length=False)
+        result = train(model, CharTokenizer(), pricer_items(24), pricer_items(6, 100), config)
+        out[base] = trainable(model), result.train_losses
+    return out
+
+
+def sharded_run(n: int, out, base: str = "nf4", *flags: str, parallel: str = "fsdp") -> subprocess.CompletedProcess:
+    return torchrun(n, out, "ddp", "--parallel", parallel, "--base", base, "--steps", "8", *flags)
+
+
+def adapter_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def two_nf4(tmp_path_factory):
+    """Two processes, NF4 base, 8 steps, a checkpoint every 2: the uninterrupted sharded run."""
+    out = tmp_path_factory.mktemp("fsdp2")
+    done = sharded_run(2, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def check_held(out, n: int, base: str) -> None:
+    """Each process holds 1/N of every tensor (whole rows of dim 0): packed 4-bit weights, absmax, LoRA."""
+    held = [json.load(open(out / f"held-{r}.json")) for r in range(n)]
+    for name, (_, total, rows, dtype) in held[0].items():
+        per_rank = [h[name][0] for h in held]
+        assert sum(per_rank) == total and max(per_rank) <= -(-rows // n) * (total // rows), (name, per_rank)
+        if dtype == "torch.uint8" and name.endswith(".weight"):  # NF4: 1/N within one block of 64 weights
+            assert max(abs(b - total / n) for b in per_rank) <= 32, (name, per_rank)
+    packed = [k for k, v in held[0].items() if v[3] == "torch.uint8" and k.endswith(".weight")]
+    absmax = [k for k in held[0] if k.endswith(".absmax")]
+    assert (len(packed), len(absmax)) == ((14, 14) if base == "nf4" else (0, 0))  # 2 layers x 7 linear layers
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_n_sharded_processes_on_an_nf4_base_end_with_the_single_process_adapter(tmp_path, one_process, two_nf4, n):
+    out = two_nf4
+    if n != 2:
+        out = tmp_path
+        done = sharded_run(n, out)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ours, losses = one_process["nf4"]
+    sharded = read_adapter(str(out / "final"))[1]  # written once, gathered, in PEFT's layout
+    assert adapter_diff(sharded, ours) <= 1e-5
+    initial = trainable(tiny_lora_model(lora_seed=0, base="nf4"))
+    assert adapter_diff(sharded, initial) > 1e-3  # training moved it
+    logged = json.load(open(out / "result.json"))["train"]
+    assert [s for s, _ in logged] == [s for s, _ in losses] == list(range(1, 9))
+    assert max(abs(a[1] - b[1]) for a, b in zip(logged, losses)) <= 1e-5
+    check_held(out, n, "nf4")
+
+
+def test_two_sharded_processes_on_a_bf16_base_equal_ddp_and_one_process_up_to_bf16_rounding(tmp_path, one_process):
+    for parallel in ("fsdp", "ddp"):
+        done = sharded_run(2, tmp_path / parallel, "bf16", parallel=parallel)
+        assert done.returncode == 0, done.stderr[-3000:]
+    sharded, ddp = (read_adapter(str(tmp_path / p / "final"))[1] for p in ("fsdp", "ddp"))
+    assert adapter_diff(sharded, ddp) <= 1e-5
+    # each process's bf16 gradient of half the rows is rounded before the fp32 sum: about 4e-4 apart
+    assert adapter_diff(sharded, one_process["bf16"][0]) <= 2e-3
+    check_held(tmp_path / "fsdp", 2, "bf16")
+
+
+def test_a_sharded_run_killed_after_a_checkpoint_resumes_bit_identically_and_onto_4_processes(tmp_path, two_nf4):
+    killed = sharded_run(2, tmp_path / "a", "nf4", "--kill")  # SIGKILL of rank 0 right after checkpoint-4
+    assert killed.returncode != 0
+    assert sorted(p for p in os.listdir(tmp_path / "a") if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(os.listdir(tmp_path / "a" / "checkpoint-4" / "optimizer")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    uninterrupted = read_adapter(str(two_nf4 / "final"))[1]
+    resumed = sharded_run(2, tmp_path / "a", "nf4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ours = read_adapter(str(tmp_path / "a" / "final"))[1]
+    assert ours.keys() == uninterrupted.keys() and all(torch.equal(ours[k], uninterrupted[k]) for k in ours)
+    assert json.load(open(tmp_path / "a" / "result.json")) == json.load(open(two_nf4 / "result.json"))
+    # four processes from a two-process checkpoint: torch.distributed.checkpoint reshards AdamW's moments
+    resumed = sharded_run(4, tmp_path / "b", "nf4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert adapter_diff(read_adapter(str(tmp_path / "b" / "final"))[1], uninterrupted) <= 1e-5
