@@ -119,3 +119,54 @@ def test_a_sharded_run_killed_after_a_checkpoint_resumes_bit_identically_and_ont
     resumed = sharded_run(4, tmp_path / "b", "nf4", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert adapter_diff(read_adapter(str(tmp_path / "b" / "final"))[1], uninterrupted) <= 1e-5
+
+
+def test_bad_sharded_set_ups_give_clear_errors(tmp_path, two_nf4):
+    from torch import nn
+
+    from train.fsdp import check_shardable, load_optimizer
+
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        TrainConfig(parallel="zero3")
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node"):  # no torchrun: nothing to shard across
+        train(tiny_lora_model(), CharTokenizer(), pricer_items(8), None, TrainConfig(max_steps=1, parallel="fsdp", progress=False))
+    with pytest.raises(ValueError, match="decoder layer"):
+        check_shardable(nn.Sequential(nn.Linear(4, 4)), 2)
+    model = tiny_lora_model(base="nf4")
+    check_shardable(model, 32)  # k_proj: 64 x 32 weights, 1024 packed bytes = 32 blocks of 32 bytes
+    with pytest.raises(ValueError, match=r"k_proj: a 32x64 4-bit weight has 1024 packed bytes.*64 processes"):
+        check_shardable(model, 64)
+    # a whole (single-process) optimizer state is not resharded for FSDP, nor FSDP's shards for one process
+    cfg = run_config(str(tmp_path / "one"), max_steps=2, save_every=2, eval_every=None)
+    train(tiny_lora_model(), CharTokenizer(), pricer_items(8), None, cfg)
+    state = torch.load(tmp_path / "one" / "checkpoint-2" / "training_state.pt", weights_only=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(ValueError, match="checkpoint-2 was saved with parallel='ddp'.*cannot be resharded"):
+        load_optimizer(model, optimizer, state, str(tmp_path / "one" / "checkpoint-2"), "fsdp")
+    shutil.copytree(two_nf4 / "checkpoint-8", tmp_path / "two" / "checkpoint-8")
+    with pytest.raises(ValueError, match=r"sharded optimizer state \(parallel='fsdp', 2 processes"):
+        train(tiny_lora_model(base="nf4"), CharTokenizer(), pricer_items(24), None,
+              run_config(str(tmp_path / "two"), max_steps=10, eval_every=None), resume=True)
+
+
+def test_train_pricer_runs_sharded_under_torchrun_and_writes_the_adapter_once(tmp_path):
+    from test_pricer import EXAMPLES, write_csv, write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(str(tmp_path / "tiny"))
+    data = tmp_path / "items.csv"
+    write_csv(data, ["text", "price"], [[f"Diamond: 0.{i} carat, {['Ideal', 'Good'][i % 2]} cut", 100 + 37 * i]
+                                        for i in range(16)])
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", NO_COLOR="1")
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(EXAMPLES, "train_pricer.py"), "--parallel", "fsdp", "--model", checkpoint, "--data", str(data),
+           "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--train-size", "8", "--val-size", "4",
+           "--test-size", "4", "--save-every", "0", "--layers", "all", "--lr", "1e-2",  # torchrun takes --r for its own
+           "--device", "cpu", "--no-progress", "--eval-batch-size", "4"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("| after training |") == 1  # rank 0 alone scores the trained adapter
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-2"]
+    final = read_adapter(str(out / "adapter"))[1]
+    assert len(final) == 2 * 7 * 2 and final.keys() == read_adapter(str(out / "checkpoint-2"))[1].keys()
+    assert all(torch.equal(v, read_adapter(str(out / "checkpoint-2"))[1][k]) for k, v in final.items())
