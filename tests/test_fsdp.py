@@ -13,7 +13,7 @@ import torch
 
 from lora import read_adapter
 from train import TrainConfig, train
-from train_script import CharTokenizer, pricer_items, run_config, tiny_lora_model
+from train_script import CharTokenizer, nonzero_b, pricer_items, run_config, tiny_lora_model
 
 PY = sys.executable
 SCRIPT = os.path.join(os.path.dirname(__file__), "train_script.py")
@@ -170,3 +170,30 @@ def test_train_pricer_runs_sharded_under_torchrun_and_writes_the_adapter_once(tm
     final = read_adapter(str(out / "adapter"))[1]
     assert len(final) == 2 * 7 * 2 and final.keys() == read_adapter(str(out / "checkpoint-2"))[1].keys()
     assert all(torch.equal(v, read_adapter(str(out / "checkpoint-2"))[1][k]) for k, v in final.items())
+
+
+def test_load_sharded_reads_each_process_its_rows_equal_to_one_process_load_and_trains_the_same(tmp_path):
+    from lora import LoRAConfig, apply_lora
+    from model import load_pretrained
+    from test_pricer import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(str(tmp_path / "tiny"))
+    done = torchrun(2, tmp_path / "run", "load", "--checkpoint", checkpoint, "--steps", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"), seed=0)
+    model, _ = load_pretrained(checkpoint, quant="nf4")  # the reference: the whole model in one process
+    apply_lora(model, lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(nonzero_b(p.shape))
+    reference = dict(model.named_parameters()) | dict(model.named_buffers())
+    loaded = torch.load(tmp_path / "run" / "loaded-0.pt", weights_only=True)  # the shards, gathered for the test
+    assert loaded.keys() == reference.keys() and len(loaded) == 100  # parameters and buffers
+    assert all(torch.equal(loaded[k].reshape(reference[k].shape), reference[k]) for k in loaded)
+    check_held(tmp_path / "run", 2, "nf4")
+    model.train()
+    config = run_config(str(tmp_path / "one"), save_every=None, keep_last=None, eval_every=None, epochs=1,
+                        max_steps=4, group_by_length=False)
+    train(model, CharTokenizer(), pricer_items(24), pricer_items(6, 100), config)
+    assert adapter_diff(read_adapter(str(tmp_path / "run" / "final"))[1], trainable(model)) <= 1e-5

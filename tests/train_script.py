@@ -59,6 +59,11 @@ def tiny_lora_model(dropout: float = 0.0, lora_seed: int = 0, targets=("q_proj",
     return model
 
 
+def nonzero_b(shape) -> torch.Tensor:
+    """The values a test gives a LoRA B (out, r) so that every A receives a gradient from the first step."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(1)) * 0.02
+
+
 def pricer_items(n: int, offset: int = 0) -> list[tuple[str, str]]:
     """Prompts of varied length, answers of 4 to 7 characters."""
     return [(f"How much is item {i}{' x' * (i % 5)}?\nPrice is $", f"{(i * 37) % 900 + 5 * (i % 3) ** 3}.00")
@@ -79,7 +84,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("mode", choices=["full", "kill", "resume", "ddp"])
+    ap.add_argument("mode", choices=["full", "kill", "resume", "ddp", "load"])
+    ap.add_argument("--checkpoint", help="load mode: an HF folder read straight into FSDP shards")
     ap.add_argument("--kill-after", type=int, default=4)
     ap.add_argument("--targets", default="q_proj,v_proj,lm_head", help="LoRA targets of the ddp mode")
     ap.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"])
@@ -89,7 +95,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="ddp mode: resume from the newest checkpoint")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    rank, fsdp = int(os.environ.get("RANK", "0")), args.parallel == "fsdp"
+    rank, fsdp = int(os.environ.get("RANK", "0")), args.parallel == "fsdp" or args.mode == "load"
+    os.makedirs(args.out, exist_ok=True)
     if args.mode == "kill" or args.kill:
         import train.loop as loop
 
@@ -103,7 +110,22 @@ def main() -> None:
 
         loop.save_checkpoint = save_then_die
 
-    if args.mode == "ddp":
+    if args.mode == "load":  # load_sharded, then the same training as the ddp mode
+        from train.sharded_load import fill_shard, load_sharded
+
+        lora = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"), seed=0)
+        model, _ = load_sharded(args.checkpoint, lora)
+        for name, p in model.named_parameters():  # B = 0 would leave A's first gradients at rounding noise
+            if "lora_B" in name:
+                fill_shard(p, nonzero_b(p.shape), name)
+        full = {n: p.full_tensor() for n, p in model.named_parameters()}  # a test-only gather, to compare
+        full.update(model.named_buffers())
+        if rank == 0:
+            torch.save(full, os.path.join(args.out, "loaded-0.pt"))
+        config = run_config(args.out, save_every=2, keep_last=None, eval_every=None, epochs=1, max_steps=args.steps,
+                            group_by_length=False, parallel="fsdp")
+        result = train(model, CharTokenizer(), pricer_items(24), pricer_items(6, 100), config)
+    elif args.mode == "ddp":
         # each rank its own A, B: rank 0's win; FSDP writes the gathered adapter in its last checkpoint
         model = tiny_lora_model(lora_seed=rank, targets=tuple(args.targets.split(",")), base=args.base)
         config = run_config(args.out, save_every=2 if fsdp else None, keep_last=None, eval_every=None,

@@ -6,7 +6,11 @@ into N pieces along dim 0 and gives each of the N processes one piece, so the fr
 
     each decoder layer        fully_shard(layer)   all-gathered just before its forward (and again
                                                    for its backward), freed right after
-    the rest (root)           fully_shard(loss)    embeddings, final norm, head, their LoRA
+    the rest (root)           fully_shard(model)   embeddings, final norm, head, their LoRA
+
+The training step calls the loss (decoder, then the head at answer positions only), not the
+model's forward, so the loss is registered as a forward method of the root: FSDP gathers the
+root's tensors around it as it would around `model(...)`.
 
 A 4-bit layer's packed uint8 weight is a (frozen) parameter, so FSDP shards it like any other.
 Its quant state (absmax per block of 64 weights, the nested absmax of double quantization) are
@@ -21,6 +25,7 @@ scaling of `training_step` stays the same.
 """
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 
@@ -28,10 +33,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from .distributed import DistContext, wrap_ddp
+from .loss import AnswerLossModule, answer_loss
 
 SHARDED_QUANT_STATE = ("absmax", "nested_absmax")  # per-block scales: they grow with the weight
 OPTIMIZER_DIR = "optimizer"                        # torch.distributed.checkpoint folder in a checkpoint
@@ -82,29 +88,49 @@ def quant_state_as_parameters(model: nn.Module) -> None:
                     m.register_parameter(name, nn.Parameter(t, requires_grad=False))
 
 
+def shard_model(model: nn.Module, mesh) -> nn.Module:
+    """fully_shard each decoder layer, then the root, in place (real or meta tensors alike)."""
+    check_shardable(model, mesh.size())
+    quant_state_as_parameters(model)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)  # the root: embeddings, final norm, head
+
+
+class ShardedAnswerLoss(AnswerLossModule):
+    """AnswerLossModule for a sharded model: the loss runs as a registered forward method of the root."""
+
+    def forward(self, input_ids, labels, attention_mask=None):
+        return self.model.fsdp_answer_loss(input_ids, labels, attention_mask)
+
+    def set_requires_gradient_sync(self, now: bool) -> None:
+        self.model.set_requires_gradient_sync(now)
+
+    def reshard(self) -> None:
+        self.model.reshard()
+
+
 def wrap_fsdp(loss_module: nn.Module, ctx: DistContext) -> nn.Module:
-    """Shard `loss_module` (an AnswerLossModule) in place: each decoder layer, then the root.
+    """Shard the model inside `loss_module` (unless it was loaded sharded) and return the loss to call.
 
     Every process must hold the same values before sharding (each keeps its own slice of its own
     copy): the trainable parameters are broadcast from rank 0, as DDP does; the frozen base was
     read from the same file everywhere.
     """
     model = loss_module.model
-    check_shardable(model, ctx.world_size)
-    with torch.no_grad():
-        for p in loss_module.parameters():
-            if p.requires_grad:
-                dist.broadcast(p.data, src=0)
-    quant_state_as_parameters(loss_module)
-    mesh = init_device_mesh(torch.device(ctx.device).type, (ctx.world_size,))
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(loss_module, mesh=mesh)  # the root: embeddings, final norm, head
-    return loss_module
+    if not isinstance(model, FSDPModule):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, src=0)
+        shard_model(model, init_device_mesh(torch.device(ctx.device).type, (ctx.world_size,)))
+    model.fsdp_answer_loss = functools.partial(answer_loss, model, reduction="sum")
+    register_fsdp_forward_method(model, "fsdp_answer_loss")
+    return ShardedAnswerLoss(model)
 
 
 def is_sharded(module: nn.Module) -> bool:
-    return isinstance(module, FSDPModule)
+    return isinstance(module, (FSDPModule, ShardedAnswerLoss))
 
 
 def set_gradient_sync(module: nn.Module, now: bool) -> None:
