@@ -64,8 +64,14 @@ def two_nf4(tmp_path_factory):
 def check_held(out, n: int, base: str) -> None:
     """Each process holds 1/N of every tensor (whole rows of dim 0): packed 4-bit weights, absmax, LoRA."""
     held = [json.load(open(out / f"held-{r}.json")) for r in range(n)]
+    replicated = ("quant_map", "offset", "inv_freq")  # code books (16 and 256 values), a scalar, RoPE's table
     for name, (_, total, rows, dtype) in held[0].items():
         per_rank = [h[name][0] for h in held]
+        if dtype == "moments":
+            continue
+        if name.endswith(replicated):
+            assert per_rank == [total] * n, name
+            continue
         assert sum(per_rank) == total and max(per_rank) <= -(-rows // n) * (total // rows), (name, per_rank)
         if dtype == "torch.uint8" and name.endswith(".weight"):  # NF4: 1/N within one block of 64 weights
             assert max(abs(b - total / n) for b in per_rank) <= 32, (name, per_rank)
@@ -197,3 +203,49 @@ def test_load_sharded_reads_each_process_its_rows_equal_to_one_process_load_and_
                         max_steps=4, group_by_length=False)
     train(model, CharTokenizer(), pricer_items(24), pricer_items(6, 100), config)
     assert adapter_diff(read_adapter(str(tmp_path / "run" / "final"))[1], trainable(model)) <= 1e-5
+
+
+def test_the_memory_model_matches_what_each_sharded_process_holds_and_what_autograd_saves(two_nf4):
+    from lora import LoRAConfig, apply_lora
+    from model import Llama, LlamaConfig
+    from quant import quantize_model
+    from train.memory import Shape, per_process_bytes
+
+    from conftest import tiny_hf_config
+
+    shape = Shape.of(LlamaConfig.from_hf(tiny_hf_config()))
+    # the two-process NF4 run: r=4 on q, v and the head, fp32 embeddings, head and norms on the CPU
+    model = per_process_bytes(shape, 2, r=4, targets=("q_proj", "v_proj", "lm_head"), frozen_bytes=4)
+    for rank in range(2):
+        held = json.load(open(two_nf4 / f"held-{rank}.json"))
+        bytes_of = lambda test: sum(v[0] for k, v in held.items() if test(k, v[3]))  # noqa: E731
+        measured = {
+            "base": bytes_of(lambda k, d: d == "torch.uint8" and k.endswith(".weight")),
+            "quant state": bytes_of(lambda k, d: k.endswith(("absmax", "quant_map", "offset"))),
+            "other frozen": bytes_of(lambda k, d: d == "torch.float32" and "lora_" not in k and "absmax" not in k
+                                     and not k.endswith(("quant_map", "offset"))),
+            "LoRA": bytes_of(lambda k, d: "lora_" in k),
+            "optimizer": held["optimizer state"][0],
+        }
+        for part, got in measured.items():
+            assert got == pytest.approx(model[part], rel=0.05), (rank, part, got, model[part])
+    # activations: the bytes autograd keeps for one more decoder layer (saved_tensors_hooks, storages once)
+    def saved_bytes(layers: int) -> int:
+        torch.manual_seed(0)
+        m = Llama(LlamaConfig.from_hf(tiny_hf_config(num_hidden_layers=layers)))
+        quantize_model(m)
+        apply_lora(m, LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
+        seen = {}
+
+        def keep(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            m.model(torch.randint(3, 100, (2, 16)))
+        return sum(seen.values())
+
+    one_layer = saved_bytes(3) - saved_bytes(2)
+    act = lambda layers: per_process_bytes(Shape.of(LlamaConfig.from_hf(tiny_hf_config(num_hidden_layers=layers))),  # noqa: E731
+                                           1, r=4, batch=2, seq=16, act_bytes=4)["activations"]
+    assert act(3) - act(2) == pytest.approx(one_layer, rel=0.05)

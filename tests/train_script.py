@@ -110,6 +110,11 @@ def main() -> None:
 
         loop.save_checkpoint = save_then_die
 
+    if fsdp:  # keep hold of the optimizer, to count what each process holds of its state
+        import train.loop as loop
+
+        made, make = [], loop.make_optimizer
+        loop.make_optimizer = lambda *a, **kw: made.append(make(*a, **kw)) or made[-1]
     if args.mode == "load":  # load_sharded, then the same training as the ddp mode
         from train.sharded_load import fill_shard, load_sharded
 
@@ -139,8 +144,10 @@ def main() -> None:
     if fsdp:  # what this process holds of each weight, then the gathered adapter of the last checkpoint
         from train.fsdp import local_nbytes
 
-        held = {n: [local_nbytes(p), p.numel() * p.element_size(), p.shape[0], str(p.dtype)]
-                for n, p in model.named_parameters()}
+        held = {n: [local_nbytes(p), p.numel() * p.element_size(), p.shape[0] if p.dim() else 1, str(p.dtype)]
+                for n, p in list(model.named_parameters()) + list(model.named_buffers())}
+        moments = [t for state in made[-1].state.values() for k, t in state.items() if k in ("exp_avg", "exp_avg_sq")]
+        held["optimizer state"] = [sum(local_nbytes(t) for t in moments), None, None, "moments"]
         with open(os.path.join(args.out, f"held-{rank}.json"), "w") as f:
             json.dump(held, f)
     if rank == 0:
