@@ -166,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         group_by_length=args.group_by_length, progress=not args.no_progress,  # runs named by start time
         compile=args.compile, parallel=args.parallel,
     )
-    if args.parallel == "fsdp" and config.save_every is None:
-        config.save_every = 10 ** 9  # FSDP hands the adapter back gathered in a checkpoint: at least the last step's
     result = train(model, tokenizer, [(i.prompt, i.answer) for i in split.train],
                    [(i.prompt, i.answer) for i in split.val], config, resume=args.resume)
     if result.val_losses:

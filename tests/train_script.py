@@ -135,7 +135,8 @@ def main() -> None:
         model = tiny_lora_model(lora_seed=rank, targets=tuple(args.targets.split(",")), base=args.base)
         config = run_config(args.out, save_every=2 if fsdp else None, keep_last=None, eval_every=None,
                             epochs=1, max_steps=args.steps, group_by_length=False, parallel=args.parallel)
-        result = train(model, CharTokenizer(), pricer_items(24), pricer_items(6, 100), config, resume=args.resume)
+        result = train(model, CharTokenizer(), pricer_items(24), pricer_items(18 if fsdp else 6, 100), config,
+                       resume=args.resume)
     else:
         model = tiny_lora_model(dropout=0.1)
         # 20 items, micro-batches of 4, 2 per step: 3 steps an epoch, the last with one micro-batch

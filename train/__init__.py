@@ -9,9 +9,10 @@ from .data import IGNORE_INDEX, Example, LengthBucketSampler, build_examples, co
 from .loop import TrainResult, evaluate, train, training_step
 from .loss import answer_loss
 from .schedule import cosine_with_warmup
+from .sharded_load import load_sharded
 
 __all__ = [
     "TrainConfig", "train", "evaluate", "TrainResult", "training_step", "cosine_with_warmup", "answer_loss",
     "build_examples", "collate", "epoch_batches", "LengthBucketSampler", "Example", "IGNORE_INDEX",
-    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
+    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "load_sharded",
 ]

@@ -74,6 +74,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainConfig.max_grad_norm must be positive (or None for no clipping), got {self.max_grad_norm!r}")
+        if self.parallel == "fsdp" and self.out_dir is None:
+            raise ValueError("TrainConfig.parallel='fsdp' needs out_dir: the sharded model's adapter is gathered into "
+                             "its last checkpoint-<step>/")
         if self.save_every is not None and self.out_dir is None:
             raise ValueError("TrainConfig.save_every needs out_dir: set out_dir to the folder for checkpoint-<step>/")
         self.betas = tuple(self.betas)

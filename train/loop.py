@@ -194,7 +194,8 @@ def train(model: nn.Module, tokenizer, train_items: Sequence[tuple[str, str]], v
     """Fine-tune the trainable (LoRA) parameters of `model` on (prompt, answer) pairs.
 
     The model arrives with LoRA applied (only its parameters require grad). Under torchrun the same
-    call trains with DistributedDataParallel. `resume=True` continues from the newest complete
+    call trains with DistributedDataParallel, or with `parallel="fsdp"` sharded by FSDP2 (train/fsdp.py;
+    the model then stays sharded: the gathered adapter is in the last checkpoint). `resume=True` continues from the newest complete
     `<out_dir>/checkpoint-<step>/`.
     """
     ctx = setup_distributed(config.device)
@@ -308,7 +309,8 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
             if val_examples and (
                     (config.eval_every and step % config.eval_every == 0) or step == total_steps):
                 run_eval()
-            if config.save_every and (step % config.save_every == 0 or step == total_steps):
+            last = step == total_steps and (config.save_every or config.parallel == "fsdp")  # FSDP: the adapter
+            if last or (config.save_every and step % config.save_every == 0):
                 save()
     finally:
         logger.close({"hparam/final_eval_loss": val_losses[-1][1]} if val_losses and step == total_steps else None)
