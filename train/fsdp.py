@@ -13,10 +13,11 @@ model's forward, so the loss is registered as a forward method of the root: FSDP
 root's tensors around it as it would around `model(...)`.
 
 A 4-bit layer's packed uint8 weight is a (frozen) parameter, so FSDP shards it like any other.
-Its quant state (absmax per block of 64 weights, the nested absmax of double quantization) are
-buffers, which FSDP would copy whole to every process; they are turned into frozen parameters
+Its quant state (absmax per block of 64 weights, the nested absmax of double quantization) lives
+in buffers, which FSDP would copy whole to every process; they are turned into frozen parameters
 first so they are sharded too. The code books (16 and 256 values) and the scalar offset stay
-replicated: about 1 KB per layer.
+replicated: 1,092 bytes per 4-bit layer. The root's tensors stay gathered from the forward pass to
+the end of the backward pass (FSDP does not free the root in between): `train.memory` counts them.
 
 Gradients: each process runs its rows of the micro-batch; in the backward pass FSDP
 reduce-scatters (averages) the LoRA gradients, each process keeping the slice its optimizer owns,
