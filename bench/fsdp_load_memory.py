@@ -11,6 +11,7 @@ Each side runs in fresh processes (the N-process side under torchrun). Figures p
     tokenizer.json alone takes about 40 MiB of Python objects, as much as the model's shards.
 
     python bench/fsdp_load_memory.py                          # SmolLM2-135M (the default checkpoint), 2 processes
+    python bench/fsdp_load_memory.py --hf                     # the same weights as an HF folder (bf16 safetensors)
     python bench/fsdp_load_memory.py --path CHECKPOINT --nproc 4 --dtype bfloat16
 """
 from __future__ import annotations
@@ -83,6 +84,8 @@ def main() -> None:
     ap.add_argument("--path", help="HF folder or .gguf [model.default_checkpoint(): SmolLM2-135M]")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--hf", action="store_true", help="write the GGUF's weights to a temporary HF folder and load that: "
+                    "load_sharded reads the rows of each tensor that is not quantized from safetensors files")
     ap.add_argument("--probe", choices=("one", "sharded"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.path is None:
@@ -91,11 +94,25 @@ def main() -> None:
         args.path = default_checkpoint()
     if args.probe:
         return probe(args.path, args.dtype, args.probe == "sharded")
+    if args.hf:
+        import tempfile
+
+        from load_memory import write_hf_folder
+
+        with tempfile.TemporaryDirectory() as folder:
+            write_hf_folder(args.path, folder)
+            return report(folder, args)
+    report(args.path, args)
+
+
+def report(path: str, args) -> None:
+    args.path = path
     common = ["--path", args.path, "--dtype", args.dtype]
     one = run(common + ["--probe", "one"], 1)[0]
     many = run(common + ["--probe", "sharded"], args.nproc)
     mib = lambda b: b / 2**20  # noqa: E731
-    print(f"{os.path.basename(args.path)}, NF4 base in {args.dtype}, LoRA r={LORA['r']} on q,k,v,o; "
+    source = "SmolLM2-135M written as an HF folder" if args.hf else args.path
+    print(f"{source}, NF4 base in {args.dtype}, LoRA r={LORA['r']} on q,k,v,o; "
           f"per process, 1 against {args.nproc} processes\n")
     print("| run | rank | base bytes held MiB | peak RSS above baseline MiB | peak anonymous above baseline MiB "
           "| load s |")
