@@ -2,6 +2,7 @@
 
     python examples/train_pricer.py                      # the demo: SmolLM2-135M, NF4 base, diamonds, CPU
     python examples/train_pricer.py --preset llama31-8b --model ~/Llama-3.1-8B --data pricer_train.jsonl
+    torchrun --nproc-per-node 2 examples/train_pricer.py --parallel fsdp ...   # the model sharded over 2 processes
 
 Steps: load the base model (quantized to NF4 as it is read), read and split the data, wrap the
 target modules in LoRA, score the test split, train (forward, loss on the answer, backward,
@@ -27,12 +28,12 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora, train)
 
 import torch  # noqa: E402
 
-from lora import LoRAConfig, apply_lora, save_adapter, trainable_parameters  # noqa: E402
+from lora import LoRAConfig, apply_lora, load_adapter, save_adapter, trainable_parameters  # noqa: E402
 from pricer import (  # noqa: E402
     answer_tokens, constant_baseline, evaluate_prices, load_model, load_source, log_to_tensorboard,
     print_report, resolve_device, results_table, save_scatter, split_items,
 )
-from train import TrainConfig, TrainingInterrupted, train  # noqa: E402
+from train import TrainConfig, TrainingInterrupted, latest_checkpoint, train  # noqa: E402
 
 # The demo: small enough for two CPU cores in minutes. The course's rule of thumb holds (r = 8,
 # alpha = 2r); a 135M model learning a new task from 4,000 short examples gains from adapting every
@@ -102,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="[auto: cuda when there is one]")
     p.add_argument("--eval-batch-size", type=int, default=100, help="prompts per generation batch [100]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="under torchrun: ddp copies the model to every process, fsdp shards it across them [ddp]")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer: faster steps after a compile of about a minute")
     args = p.parse_args(argv)
@@ -208,12 +211,17 @@ def run(args: argparse.Namespace) -> int:
         keep_last=args.keep_last, optimizer=args.optimizer, seed=args.seed, out_dir=args.out, device=device,
         autocast_dtype=dtype, max_len=args.max_len,
         group_by_length=args.group_by_length, progress=not args.no_progress,  # runs named by start time
-        compile=args.compile,
+        compile=args.compile, parallel=args.parallel,
     )
     result = train(model, tokenizer, [(i.prompt, i.answer) for i in split.train],
                    [(i.prompt, i.answer) for i in split.val], config, resume=args.resume)
     if result.val_losses:
         print(f"validation loss {result.val_losses[-1][1]:.4f} after {result.step} steps")
+    if args.parallel == "fsdp":  # each process now holds only its shards: rank 0 reloads the base and the adapter
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+        model, tokenizer, _ = load_model(args.model, args.quant, device)
+        load_adapter(model, latest_checkpoint(args.out))
 
     t0 = time.perf_counter()
     after = evaluate_prices(model, tokenizer, split.test, max_new, args.eval_batch_size)

@@ -27,7 +27,7 @@ TRAIN_FLAGS = ["--model", "--data", "--out", "--quant", "--r", "--alpha", "--dro
                "--max-steps", "--batch-size", "--grad-accum", "--lr", "--warmup-ratio", "--weight-decay",
                "--optimizer", "--max-len", "--train-size", "--val-size", "--test-size", "--eval-every",
                "--save-every", "--resume", "--seed", "--device", "--preset", "--layers", "--max-grad-norm",
-               "--eval-batch-size", "--no-progress", "--compile"]
+               "--eval-batch-size", "--no-progress", "--compile", "--parallel"]
 EVAL_FLAGS = ["--model", "--adapter", "--data", "--n", "--top-k-average", "--out", "--chart", "--quant",
               "--device", "--batch-size", "--max-new-tokens", "--seed"]
 

@@ -2,6 +2,8 @@
 
     python tests/train_script.py OUT full|kill|resume [--kill-after N]    # the SIGKILL/resume test
     torchrun --standalone --nproc_per_node 2 tests/train_script.py OUT ddp   # the two-process test
+    torchrun ... tests/train_script.py OUT ddp --parallel fsdp --base nf4 --steps 8   # sharded (tests/test_fsdp.py)
+    torchrun ... tests/train_script.py OUT ddp --parallel fsdp --base nf4 --steps 8 --kill|--resume  # sharded kill/resume
 
 Each run writes OUT/final/ (the adapter, PEFT layout) and OUT/result.json (the losses).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 
@@ -33,10 +36,20 @@ class CharTokenizer:
         return ([self.bos_id] if bos else []) + [3 + ord(c) % 120 for c in text]
 
 
-def tiny_lora_model(dropout: float = 0.0, lora_seed: int = 0, targets=("q_proj", "v_proj", "lm_head"), r: int = 4) -> Llama:
-    """The same random base every time (as if loaded from one checkpoint); A and B drawn from `lora_seed`."""
+def tiny_lora_model(dropout: float = 0.0, lora_seed: int = 0, targets=("q_proj", "v_proj", "lm_head"),
+                    base: str = "fp32", r: int = 4) -> Llama:
+    """The same random base every time (as if loaded from one checkpoint); A and B drawn from `lora_seed`.
+
+    base: "fp32", "bf16" (the base cast to bfloat16) or "nf4" (every linear layer but the head in NF4).
+    """
     torch.manual_seed(0)
     model = Llama(LlamaConfig.from_hf(tiny_hf_config()))
+    if base == "bf16":
+        model.to(torch.bfloat16)
+    elif base == "nf4":
+        from quant import quantize_model
+
+        quantize_model(model, "nf4")
     apply_lora(model, LoRAConfig(r=r, alpha=2 * r, dropout=dropout, target_modules=targets, seed=lora_seed))
     # B starts at zero; give it values so every A receives a gradient from the first step
     with torch.no_grad():
@@ -44,6 +57,11 @@ def tiny_lora_model(dropout: float = 0.0, lora_seed: int = 0, targets=("q_proj",
             if "lora_B" in name:
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(lora_seed + 1))
     return model
+
+
+def nonzero_b(shape) -> torch.Tensor:
+    """The values a test gives a LoRA B (out, r) so that every A receives a gradient from the first step."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(1)) * 0.02
 
 
 def pricer_items(n: int, offset: int = 0) -> list[tuple[str, str]]:
@@ -66,41 +84,85 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("mode", choices=["full", "kill", "resume", "ddp"])
+    ap.add_argument("mode", choices=["full", "kill", "resume", "ddp", "load"])
+    ap.add_argument("--checkpoint", help="load mode: an HF folder read straight into FSDP shards")
     ap.add_argument("--kill-after", type=int, default=4)
     ap.add_argument("--targets", default="q_proj,v_proj,lm_head", help="LoRA targets of the ddp mode")
+    ap.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"])
+    ap.add_argument("--base", default="fp32", choices=["fp32", "bf16", "nf4"], help="the base of the ddp mode")
+    ap.add_argument("--steps", type=int, default=None, help="max_steps of the ddp mode (default: one epoch)")
+    ap.add_argument("--kill", action="store_true", help="ddp mode: SIGKILL after checkpoint --kill-after")
+    ap.add_argument("--resume", action="store_true", help="ddp mode: resume from the newest checkpoint")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    rank, fsdp = int(os.environ.get("RANK", "0")), args.parallel == "fsdp" or args.mode == "load"
+    os.makedirs(args.out, exist_ok=True)
+    if args.mode == "kill" or args.kill:
+        import train.loop as loop
 
-    if args.mode == "ddp":
-        rank = int(os.environ.get("RANK", "0"))  # each rank its own A, B: rank 0's win
-        model = tiny_lora_model(lora_seed=rank, targets=tuple(args.targets.split(",")))
-        # one checkpoint, at the end (step 3): it records the world size the run saw
-        config = run_config(args.out, save_every=3, keep_last=None, eval_every=None, epochs=1, group_by_length=False)
+        save = loop.save_checkpoint
+
+        def save_then_die(out_dir, step, *a, **kw):
+            path = save(out_dir, step, *a, **kw)
+            if step == args.kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return path
+
+        loop.save_checkpoint = save_then_die
+
+    if fsdp:  # keep hold of the optimizer, to count what each process holds of its state
+        import train.loop as loop
+
+        made, make = [], loop.make_optimizer
+        loop.make_optimizer = lambda *a, **kw: made.append(make(*a, **kw)) or made[-1]
+    if args.mode == "load":  # load_sharded, then the same training as the ddp mode
+        from train.sharded_load import fill_shard, load_sharded
+
+        lora = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"), seed=0)
+        model, _ = load_sharded(args.checkpoint, lora)
+        for name, p in model.named_parameters():  # B = 0 would leave A's first gradients at rounding noise
+            if "lora_B" in name:
+                fill_shard(p, nonzero_b(p.shape), name)
+        full = {n: p.full_tensor() for n, p in model.named_parameters()}  # a test-only gather, to compare
+        full.update(model.named_buffers())
+        if rank == 0:
+            torch.save(full, os.path.join(args.out, "loaded-0.pt"))
+        config = run_config(args.out, save_every=2, keep_last=None, eval_every=None, epochs=1, max_steps=args.steps,
+                            group_by_length=False, parallel="fsdp")
         result = train(model, CharTokenizer(), pricer_items(24), pricer_items(6, 100), config)
-        # every rank writes its own adapter and losses: the test checks that the ranks agree
-        save_adapter(model, os.path.join(args.out, f"final-rank{rank}"))
-        with open(os.path.join(args.out, f"result-rank{rank}.json"), "w") as f:
-            json.dump({"step": result.step, "train": result.train_losses, "val": result.val_losses}, f)
+    elif args.mode == "ddp":
+        # each rank its own A, B: rank 0's win; FSDP writes the gathered adapter in its last checkpoint
+        model = tiny_lora_model(lora_seed=rank, targets=tuple(args.targets.split(",")), base=args.base)
+        # DDP: one checkpoint, at the end (step 3), which records the world size the run saw
+        config = run_config(args.out, save_every=2 if fsdp else 3, keep_last=None, eval_every=None,
+                            epochs=1, max_steps=args.steps, group_by_length=False, parallel=args.parallel)
+        result = train(model, CharTokenizer(), pricer_items(24), pricer_items(18 if fsdp else 6, 100), config,
+                       resume=args.resume)
+        if not fsdp:  # every rank writes its own adapter and losses: the test checks that the ranks agree
+            save_adapter(model, os.path.join(args.out, f"final-rank{rank}"))
+            with open(os.path.join(args.out, f"result-rank{rank}.json"), "w") as f:
+                json.dump({"step": result.step, "train": result.train_losses, "val": result.val_losses}, f)
     else:
-        if args.mode == "kill":
-            import train.loop as loop
-
-            save = loop.save_checkpoint
-
-            def save_then_die(out_dir, step, *a, **kw):
-                path = save(out_dir, step, *a, **kw)
-                if step == args.kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return path
-
-            loop.save_checkpoint = save_then_die
         model = tiny_lora_model(dropout=0.1)
         # 20 items, micro-batches of 4, 2 per step: 3 steps an epoch, the last with one micro-batch
-        result = train(model, CharTokenizer(), pricer_items(20), pricer_items(6, 100), run_config(args.out),
-                       resume=args.mode == "resume")
-    if int(os.environ.get("RANK", "0")) == 0:
-        save_adapter(model, os.path.join(args.out, "final"))
+        result = train(model, CharTokenizer(), pricer_items(20), pricer_items(6, 100),
+                       run_config(args.out, parallel=args.parallel), resume=args.mode == "resume")
+    if fsdp:  # what this process holds of each weight, then the gathered adapter of the last checkpoint
+        from train.fsdp import local_nbytes
+
+        held = {n: [local_nbytes(p), p.numel() * p.element_size(), p.shape[0] if p.dim() else 1, str(p.dtype)]
+                for n, p in list(model.named_parameters()) + list(model.named_buffers())}
+        moments = [t for state in made[-1].state.values() for k, t in state.items() if k in ("exp_avg", "exp_avg_sq")]
+        held["optimizer state"] = [sum(local_nbytes(t) for t in moments), None, None, "moments"]
+        with open(os.path.join(args.out, f"held-{rank}.json"), "w") as f:
+            json.dump(held, f)
+    if rank == 0:
+        if fsdp:
+            from train.checkpoint import latest_checkpoint
+
+            shutil.copytree(latest_checkpoint(args.out), os.path.join(args.out, "final"), dirs_exist_ok=True)
+        else:
+            save_adapter(model, os.path.join(args.out, "final"))
         with open(os.path.join(args.out, "result.json"), "w") as f:
             json.dump({"step": result.step, "train": result.train_losses, "val": result.val_losses}, f)
 

@@ -15,11 +15,12 @@ from .optim import AdamW, make_optimizer
 from .precision import LossScaler
 from .schedule import cosine_with_warmup
 from .signals import StopSignals, TrainingInterrupted
+from .sharded_load import load_sharded
 
 __all__ = [
     "TrainConfig", "train", "evaluate", "TrainResult", "training_step", "cosine_with_warmup", "answer_loss",
     "AdamW", "make_optimizer",
     "build_examples", "collate", "epoch_batches", "LengthBucketSampler", "Example", "IGNORE_INDEX",
     "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "verify_checkpoint",
-    "prune_checkpoints", "CheckpointSpaceError", "TrainingInterrupted", "StopSignals", "LossScaler",
+    "prune_checkpoints", "CheckpointSpaceError", "TrainingInterrupted", "StopSignals", "LossScaler", "load_sharded",
 ]

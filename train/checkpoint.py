@@ -82,6 +82,15 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _files_under(folder: str) -> list[str]:
+    """Every file below `folder`, as sorted '/'-joined paths relative to it."""
+    found = []
+    for root, _, names in os.walk(folder):
+        rel = os.path.relpath(root, folder)
+        found += [name if rel == "." else f"{rel}/{name}".replace(os.sep, "/") for name in names]
+    return sorted(found)
+
+
 def verify_checkpoint(path: str, checksums: bool = True) -> str | None:
     """None when every file of checkpoint folder `path` matches its manifest, else why not.
 
@@ -103,7 +112,7 @@ def verify_checkpoint(path: str, checksums: bool = True) -> str | None:
             size, digest = int(entry["size"]), str(entry["sha256"])
         except (KeyError, TypeError, ValueError):
             return f"{MANIFEST_FILE} entry for {name} is malformed"
-        if os.path.basename(name) != name or not os.path.isfile(file):
+        if os.path.isabs(name) or ".." in name.split("/") or not os.path.isfile(file):
             return f"{name} is missing"
         if os.path.getsize(file) != size:
             return f"{name} has {os.path.getsize(file)} bytes, the manifest says {size}"
@@ -169,13 +178,17 @@ def _no_space(out_dir: str, step: int, needed: int, free: int | None) -> Checkpo
                                               f"{needed:,} bytes{have}{kept}; free some space and resume")
 
 
-def save_checkpoint(out_dir: str, step: int, model: nn.Module, state: dict[str, Any], keep_last: int | None = None) -> str:
+def save_checkpoint(out_dir: str, step: int, model: nn.Module, state: dict[str, Any], keep_last: int | None = None,
+                    move_in: dict[str, str] | None = None) -> str:
     """Write `<out_dir>/checkpoint-<step>/` through a temporary folder; prune beyond `keep_last`.
 
     The training state is serialised in memory first, so its size is known before anything is
     written: when the disk has less room than the adapter and state need, nothing is written and
     CheckpointSpaceError names the folder and the bytes. A disk that fills during the save (the
     estimate was short, another process wrote) removes the partial folder and raises the same.
+
+    `move_in` {name: path}: folders already written elsewhere (FSDP's sharded optimizer state)
+    that are moved into the checkpoint under `name` before its manifest is made.
     """
     from lora import lora_state_dict, save_adapter
 
@@ -193,9 +206,11 @@ def save_checkpoint(out_dir: str, step: int, model: nn.Module, state: dict[str, 
         raise _no_space(out_dir, step, needed, free)
     try:
         save_adapter(model, tmp)
+        for name, src in (move_in or {}).items():
+            os.replace(src, os.path.join(tmp, name))
         _write_bytes(os.path.join(tmp, STATE_FILE), blob)
         files = {name: {"size": os.path.getsize(os.path.join(tmp, name)), "sha256": _sha256(os.path.join(tmp, name))}
-                 for name in sorted(os.listdir(tmp))}
+                 for name in _files_under(tmp)}
         manifest = json.dumps({"step": step, "files": files}, indent=2, sort_keys=True) + "\n"
         _write_bytes(os.path.join(tmp, MANIFEST_FILE), manifest.encode())  # last: its presence means complete
     except BaseException as e:

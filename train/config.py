@@ -9,6 +9,7 @@ import torch
 
 # "adamw": train/optim.py's written-out AdamW; "torch_adamw": torch's, the reference it equals
 OPTIMIZERS = ("adamw", "torch_adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainConfig:
     run_name: str | None = None          # None: the start date and time
     progress: bool = True                # tqdm bar on stderr
     add_eos: bool = True                 # end each answer with EOS so the model learns to stop
+    parallel: str = "ddp"                # under torchrun: "ddp" copies the model, "fsdp" shards it (train/fsdp.py)
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -63,6 +65,8 @@ class TrainConfig:
             positive(name, allow_none=True)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"TrainConfig.parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
@@ -73,6 +77,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainConfig.max_grad_norm must be positive (or None for no clipping), got {self.max_grad_norm!r}")
+        if self.parallel == "fsdp" and self.out_dir is None:
+            raise ValueError("TrainConfig.parallel='fsdp' needs out_dir: the sharded model's adapter is gathered into "
+                             "its last checkpoint-<step>/")
         if self.save_every is not None and self.out_dir is None:
             raise ValueError("TrainConfig.save_every needs out_dir: set out_dir to the folder for checkpoint-<step>/")
         if self.autocast_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):

@@ -73,6 +73,11 @@ def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
 
 def sync_gradients(module: nn.Module, now: bool):
     """Let DDP all-reduce the gradients in this backward pass only when `now` (the last micro-batch)."""
+    from .fsdp import is_sharded, set_gradient_sync
+
+    if is_sharded(module):  # FSDP: reduce-scatter only in the last backward pass
+        set_gradient_sync(module, now)
+        return nullcontext()
     if now or not isinstance(module, nn.parallel.DistributedDataParallel):
         return nullcontext()
     return module.no_sync()

@@ -28,8 +28,8 @@ from torch import nn
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Example, build_examples, collate, epoch_batches
-from .distributed import (DistContext, accumulate, all_gather_object, all_reduce_sum, setup_distributed, teardown_distributed,
-                          wrap_ddp)
+from .distributed import DistContext, accumulate, all_gather_object, all_reduce_sum, setup_distributed, teardown_distributed
+from .fsdp import OPTIMIZER_DIR, even_eval_batches, gathered_trainable, load_optimizer, save_optimizer, wrap_model
 from .log import RunLogger, default_run_name
 from .loss import AnswerLossModule, answer_loss, unwrap
 from .optim import make_optimizer
@@ -91,7 +91,8 @@ def training_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, torc
 @torch.no_grad()
 def _loss_totals(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device, autocast) -> tuple[float, int]:
     """(summed answer-token loss, number of answer tokens) over the batches, the model in eval mode."""
-    model = unwrap(model)
+    model = unwrap(model)  # the model, or the AnswerLossModule around it (FSDP runs the pair as one)
+    loss_sum = model if isinstance(model, AnswerLossModule) else (lambda i, l: answer_loss(model, i, l, reduction="sum"))
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -99,7 +100,7 @@ def _loss_totals(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], d
         for batch in batches:
             input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             with autocast():
-                total += answer_loss(model, input_ids, labels, reduction="sum").item()
+                total += loss_sum(input_ids, labels).item()
             count += int((labels[:, 1:] != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
@@ -187,8 +188,9 @@ def train(model: nn.Module, tokenizer, train_items: Sequence[tuple[str, str]], v
     """Fine-tune the trainable (LoRA) parameters of `model` on (prompt, answer) pairs.
 
     The model arrives with LoRA applied (only its parameters require grad). Under torchrun the same
-    call trains with DistributedDataParallel. `resume=True` continues from the newest complete
-    `<out_dir>/checkpoint-<step>/` that passes its manifest.
+    call trains with DistributedDataParallel, or with `parallel="fsdp"` sharded by FSDP2 (train/fsdp.py;
+    the model then stays sharded: the gathered adapter is in the last checkpoint). `resume=True`
+    continues from the newest complete `<out_dir>/checkpoint-<step>/` that passes its manifest.
 
     SIGTERM or SIGINT during the run: the step in flight finishes, a checkpoint is written (with
     out_dir), and `TrainingInterrupted` is raised (train/signals.py).
@@ -232,9 +234,10 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
         if state["total_steps"] != total_steps:
             warnings.warn(f"{path} was saved by a run of {state['total_steps']} steps; this one has {total_steps}")
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters: apply LoRA first (lora.apply_lora)")
+    loss_module = wrap_model(AnswerLossModule(model), ctx, config.parallel)  # DDP, or FSDP's shards
+    params = [p for p in loss_module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
     min_ratio = config.min_lr_ratio
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -244,7 +247,7 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
     step, train_losses, val_losses = 0, [], []
     run_name = config.run_name or default_run_name()
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(loss_module, optimizer, state, path, config.parallel)
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         train_losses = [tuple(x) for x in state["train_losses"]]
@@ -254,14 +257,17 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
         rngs = state["rng"]  # one per rank: each process continues its own dropout stream
         set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
 
-    loss_module = wrap_ddp(AnswerLossModule(model), ctx)
     autocast = _autocast(ctx.device, config.autocast_dtype)
     val_shard = val_examples[ctx.rank::ctx.world_size]
     logger = RunLogger(config.out_dir, run_name, total_steps, step, config.summary(), config.progress, ctx.is_main)
 
     def run_eval() -> None:
-        total, count = _loss_totals(model, _eval_batches(val_shard, config.batch_size, pad_id), ctx.device, autocast) \
-            if val_shard else (0.0, 0)
+        batches = _eval_batches(val_shard, config.batch_size, pad_id)
+        if config.parallel == "fsdp":  # every forward is a collective: the same count on every rank
+            batches = even_eval_batches(batches, ctx, collate(val_examples[:1], pad_id))
+        total, count = _loss_totals(loss_module, batches, ctx.device, autocast) if batches else (0.0, 0)
+        if config.parallel == "fsdp":  # the root stays gathered after a forward without backward: free it
+            loss_module.reshard()
         t = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64, device=ctx.device), ctx)
         val_losses.append((step, t[0].item() / max(t[1].item(), 1.0)))
         logger.log_eval(step, val_losses[-1][1])
@@ -271,15 +277,21 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
         if checkpoint == path:  # this step is saved already (a signal right after save_every)
             return path
         rngs = all_gather_object(rng_state(), ctx)
-        if ctx.is_main:
-            epoch, k = divmod(step, plan.steps_per_epoch)
-            save_checkpoint(config.out_dir, step, unwrap(model), {
-                "step": step, "epoch": epoch, "step_in_epoch": k, "total_steps": total_steps, "warmup_steps": warmup,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
-                "train_losses": [list(x) for x in train_losses], "val_losses": [list(x) for x in val_losses],
-                "run_name": run_name, "world_size": ctx.world_size, "loss_scaler": scaler.state_dict(),
-            }, config.keep_last)
-            logger.flush()
+        sharded, move_in = config.parallel == "fsdp", {}
+        if sharded:  # every rank writes its optimizer shard; rank 0 moves the folder into the checkpoint
+            move_in[OPTIMIZER_DIR] = os.path.join(config.out_dir, f".{OPTIMIZER_DIR}-{step}.tmp")
+            save_optimizer(loss_module, optimizer, move_in[OPTIMIZER_DIR], ctx)
+        with gathered_trainable(model) if sharded else nullcontext():  # the full adapter, once, PEFT's layout
+            if ctx.is_main:
+                epoch, k = divmod(step, plan.steps_per_epoch)
+                save_checkpoint(config.out_dir, step, unwrap(model), {
+                    "step": step, "epoch": epoch, "step_in_epoch": k, "total_steps": total_steps, "warmup_steps": warmup,
+                    **({} if sharded else {"optimizer": optimizer.state_dict()}), "scheduler": scheduler.state_dict(),
+                    "rng": rngs, "train_losses": [list(x) for x in train_losses], "val_losses": [list(x) for x in val_losses],
+                    "run_name": run_name, "world_size": ctx.world_size, "parallel": config.parallel,
+                    "loss_scaler": scaler.state_dict(),
+                }, config.keep_last, move_in)
+                logger.flush()
         all_reduce_sum(torch.zeros((), device=ctx.device), ctx)  # a barrier: no rank exits before the save is done
         return path
 
@@ -304,7 +316,8 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
             if val_examples and (
                     (config.eval_every and step % config.eval_every == 0) or step == total_steps):
                 run_eval()
-            if config.save_every and (step % config.save_every == 0 or step == total_steps):
+            last = step == total_steps and (config.save_every or config.parallel == "fsdp")  # FSDP: the adapter
+            if last or (config.save_every and step % config.save_every == 0):
                 checkpoint = save()
             stopped = stop.agreed(ctx)  # a signal: every rank stops after this same step
             if stopped:

@@ -1,0 +1,140 @@
+"""How many bytes one process holds in QLoRA training, by component, with the model sharded N ways (FSDP).
+
+    python -m train.memory            # the README's table: Llama-3.1 8B/70B/405B on 1, 2, 4, 8 processes
+
+Per process, for a Llama of hidden size H, L layers, MLP width I, vocabulary V, query width Q = heads x
+head_dim, key/value width K = kv_heads x head_dim; P = L (2HQ + 2HK + 3HI) weights in the linear layers:
+
+    base          P / 2 / N                       packed NF4, two weights a byte, sharded
+    quant state   P / 64 / N + 4 P / 16384 / N    absmax: one uint8 code per block of 64 weights (double
+                  + 1,092 per linear layer        quant), one fp32 per 256 blocks; the 16- and 256-value
+                                                  code books and the offset are replicated
+    other frozen  2 (2VH + (2L+1) H) / N          embeddings, head, norms in bf16 (4 bytes each in fp32)
+    LoRA          4 r (in + out) per target / N   fp32 A and B (lm_head: in = H, out = V)
+    gradients     the same as LoRA                fp32, reduce-scattered to each process's shard
+    optimizer     2 x LoRA                        AdamW's two moments, fp32
+    gathered      one layer's base + quant state  FSDP all-gathers a layer just before it runs (the rest
+                  + the root's                    of the world's shards), and the root (embeddings, head,
+                                                  final norm) for the whole step
+    activations   rows b = B / N per process, T tokens, e bytes per value (2 for bf16):
+                  no checkpointing  L b T (6H + 2K + 3I) e      what autograd keeps per layer (measured
+                  checkpointing     L b T H e + one layer's      on our layers with saved_tensors_hooks:
+                  offload           one layer's + b T H e        tests/test_fsdp.py checks it)
+                  + the final norm b T H e, + 8 b A V for the fp32 logits of A answer tokens a row and their
+                  gradient (the head runs at answer positions only)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model import LlamaConfig
+
+CODE_BOOKS = 16 * 4 + 256 * 4 + 4   # quant_map, nested_quant_map (fp32) and the offset, per 4-bit layer
+LLAMA_31 = {  # config.json of meta-llama/Llama-3.1-*: hidden, layers, heads, kv heads, MLP width, vocabulary
+    "Llama-3.1-8B": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=14336, vocab_size=128256),
+    "Llama-3.1-70B": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                          intermediate_size=28672, vocab_size=128256),
+    "Llama-3.1-405B": dict(hidden_size=16384, num_hidden_layers=126, num_attention_heads=128, num_key_value_heads=8,
+                           intermediate_size=53248, vocab_size=128256),
+}
+
+
+@dataclass
+class Shape:
+    hidden: int
+    layers: int
+    inter: int
+    vocab: int
+    q: int        # heads x head_dim
+    kv: int       # kv_heads x head_dim
+    tied: bool = False
+
+    @classmethod
+    def of(cls, config: LlamaConfig) -> "Shape":
+        hd = config.head_dim
+        return cls(config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size,
+                   config.num_attention_heads * hd, config.num_key_value_heads * hd, config.tie_word_embeddings)
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder layer."""
+        h, q, kv, i = self.hidden, self.q, self.kv, self.inter
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def _split(n: float, procs: int) -> float:
+    return n / procs
+
+
+def per_process_bytes(shape: Shape, procs: int = 1, r: int = 32, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                      batch: int = 4, seq: int = 182, checkpointing: bool | str = False,
+                      frozen_bytes: int = 2, act_bytes: int = 2, answer_tokens: int = 5) -> dict[str, float]:
+    """Bytes one of `procs` processes holds, by component (see the module docstring for each formula)."""
+    per_layer = shape.linears()
+    p_layer = sum(i * o for i, o in per_layer.values())
+    P = shape.layers * p_layer
+    n_linear = shape.layers * len(per_layer)
+    quant_layer = p_layer / 64 + 4 * p_layer / (64 * 256)
+    out = {
+        "base": _split(P / 2, procs),
+        "quant state": _split(shape.layers * quant_layer, procs) + n_linear * CODE_BOOKS,
+        "other frozen": _split(frozen_bytes * ((1 if shape.tied else 2) * shape.vocab * shape.hidden
+                                               + (2 * shape.layers + 1) * shape.hidden), procs),
+    }
+    lora = shape.layers * sum(4 * r * sum(per_layer[t]) for t in targets if t in per_layer)
+    head_lora = 4 * r * (shape.hidden + shape.vocab) if "lm_head" in targets else 0
+    lora += head_lora
+    out["LoRA"] = out["gradients"] = _split(lora, procs)
+    out["optimizer"] = 2 * out["LoRA"]
+    if procs > 1:  # the other processes' shards of one layer and of the root, gathered while they run
+        layer = p_layer / 2 + quant_layer + (lora - head_lora) / shape.layers
+        root = frozen_bytes * ((1 if shape.tied else 2) * shape.vocab * shape.hidden + shape.hidden) + head_lora
+        out["gathered"] = (layer + root) * (1 - 1 / procs)
+    else:
+        out["gathered"] = 0.0
+    rows = max(1, -(-batch // procs))
+    tokens = rows * seq
+    layer_acts = tokens * (6 * shape.hidden + 2 * shape.kv + 3 * shape.inter) * act_bytes
+    inputs = tokens * shape.hidden * act_bytes
+    if checkpointing == "offload":
+        acts = layer_acts + inputs           # the layer inputs wait in host memory
+    elif checkpointing:
+        acts = layer_acts + shape.layers * inputs
+    else:
+        acts = shape.layers * layer_acts
+    logits = 2 * 4 * rows * answer_tokens * shape.vocab  # fp32 logits at the answer positions and their gradient
+    out["activations"] = acts + inputs + logits  # + the final norm's input
+    return out
+
+
+def table(shapes: dict[str, Shape], procs=(1, 2, 4, 8), **kw) -> str:
+    """A markdown table: GiB per process, and which GPU sizes the whole fits in."""
+    rows = ["| model | shape | processes | base + quant state | other frozen | LoRA + grads + AdamW | gathered "
+            "| activations | total GiB per process | fits in |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    gib = 2 ** 30
+    for name, shape in shapes.items():
+        for n in procs:
+            b = per_process_bytes(shape, n, **kw)
+            total = sum(b.values())
+            fits = next((f"{g} GB" for g in (16, 24, 40, 48, 80, 141) if total * 1.1 <= g * 1e9), "none of 141 GB")
+            rows.append(f"| {name} | {kw.get('batch', 4)} x {kw.get('seq', 182)}"
+                        f"{', offload' if kw.get('checkpointing') == 'offload' else ''} | {n} "
+                        f"| {(b['base'] + b['quant state']) / gib:.2f} | {b['other frozen'] / gib:.2f} "
+                        f"| {(b['LoRA'] + b['gradients'] + b['optimizer']) / gib:.2f} | {b['gathered'] / gib:.2f} "
+                        f"| {b['activations'] / gib:.2f} | {total / gib:.2f} | {fits} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    shapes = {name: Shape.of(LlamaConfig.from_hf(dict(model_type="llama", **d))) for name, d in LLAMA_31.items()}
+    print("Per-process memory of QLoRA training with the NF4 base sharded by FSDP (r=32 on q, k, v, o; bf16\n"
+          "embeddings, head and activations; \"fits in\" keeps 10% spare). Generated by `python -m train.memory`.\n")
+    print(table(shapes, batch=4, seq=182))
+    print()
+    print(table(shapes, batch=2, seq=2048, checkpointing="offload"))
+
+
+if __name__ == "__main__":
+    main()
