@@ -17,11 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .backward import apply_rope_qk, rms_norm, rotate_half, swiglu
 from .config import LlamaConfig
+from .offload import offload_layer_input
 
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x²) + eps) · weight, computed in fp32 as the reference does."""
+
+    handwritten_backward = True  # the backward pass of `model.backward.RMSNormFunction`; False: autograd's
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -29,6 +33,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.handwritten_backward:
+            return rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -47,11 +53,6 @@ class RotaryEmbedding(nn.Module):
         freqs = position_ids[:, :, None].float() * self.inv_freq.float()[None, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -83,6 +84,8 @@ class KVCache:
 class Attention(nn.Module):
     """Grouped-query attention: nkv key/value heads, each shared by nh/nkv query heads."""
 
+    handwritten_backward = True  # RoPE through `model.backward.RoPEFunction`; False: autograd's
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.nh, self.nkv, self.hs = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -106,7 +109,10 @@ class Attention(nn.Module):
         q = q.view(B, T, self.nh, self.hs).transpose(1, 2)                 # (B, nh, T, hs)
         k = k.view(B, T, self.nkv, self.hs).transpose(1, 2)                # (B, nkv, T, hs)
         v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)                # (B, nkv, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.handwritten_backward:
+            q, k = apply_rope_qk(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(cache_start, k, v)                         # (B, nkv, S, hs), S = cache_start + T
         # SDPA shares each key/value head with its group of query heads itself (enable_gqa), without
@@ -132,6 +138,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
+    handwritten_backward = True  # SwiGLU through `model.backward.SwiGLUFunction`; False: autograd's
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         D, H = config.hidden_size, config.intermediate_size
@@ -141,7 +149,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = self.project_gate_up(x)                                     # (B, T, H) each
-        return self.down_proj(F.silu(g) * u)
+        # silu: the hand-written SwiGLU, or autograd's; another activation takes its own plain line
+        h = swiglu(g, u) if self.handwritten_backward else F.silu(g) * u  # (B, T, H)
+        return self.down_proj(h)
 
     def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """gate and up projections of one input x (B, T, D); an adapter package may fuse them."""
@@ -170,7 +180,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
-        self.gradient_checkpointing = False  # recompute each layer in the backward pass to save memory
+        # True: recompute each layer in the backward pass to save memory; "offload": also keep each
+        # layer's input in host memory until then (see `Llama.set_gradient_checkpointing`)
+        self.gradient_checkpointing: bool | str = False
 
     def forward(
         self,
@@ -189,7 +201,8 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                with offload_layer_input(x, enabled=self.gradient_checkpointing == "offload"):
+                    x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, layer_cache, cache_start)
         return self.norm(x)
@@ -247,8 +260,25 @@ class Llama(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+    def set_gradient_checkpointing(self, enabled: bool | str = True) -> None:
+        """Activation checkpointing: keep only each decoder layer's input and recompute the layer in
+        the backward pass (dropout replays the same masks: the RNG state is restored first).
+
+        True keeps the inputs on the device; "offload" copies each to host memory (pinned, without
+        waiting, on CUDA) and back when its layer's backward pass needs it, so the device holds no
+        activation of a layer between its forward and backward passes. False: keep everything.
+        """
+        if not (isinstance(enabled, bool) or enabled == "offload"):
+            raise ValueError(f"set_gradient_checkpointing: expected False, True or 'offload', got {enabled!r}")
         self.model.gradient_checkpointing = enabled
+
+    def set_handwritten_backward(self, enabled: bool = True) -> None:
+        """Switch every module with a hand-written backward pass (norms, RoPE, SwiGLU, and any
+        adapter that has one) to it, or with False to the plain autograd path. The forward
+        passes give the same numbers either way; the plain path is the reference for the tests."""
+        for m in self.modules():
+            if hasattr(m, "handwritten_backward"):
+                m.handwritten_backward = enabled
 
     def compile_layers(self, **compile_kwargs) -> None:
         """Compile each decoder layer with `torch.compile`, fusing its norms, RoPE, SwiGLU and
