@@ -29,9 +29,11 @@ def offload_layer_input(x: torch.Tensor, enabled: bool = True):
         yield
         return
     pin = x.device.type == "cuda"
+    # autograd keeps the hooks as long as what they saved: hold x only while the block runs
+    target = [x]
 
     def pack(t: torch.Tensor):
-        if t is not x:
+        if not target or t is not target[0]:
             return t
         with torch.no_grad():
             host = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, device="cpu", pin_memory=pin)
@@ -44,5 +46,8 @@ def offload_layer_input(x: torch.Tensor, enabled: bool = True):
         device, host = saved
         return host.to(device, non_blocking=host.is_pinned())
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        target.clear()
