@@ -13,8 +13,8 @@ the same weights and the same batch (no optimizer step):
     holds "dequantize" runs). bitsandbytes' fused 4-bit product (`gemm_4bit`) is a product, not
     counted here;
   * bytes saved for backward: every tensor autograd keeps for the backward pass passes through
-    `torch.autograd.graph.saved_tensors_hooks`; each storage is counted once. The model's own
-    weights (parameters and buffers, in memory anyway) are left out and shown apart.
+    `torch.autograd.graph.saved_tensors_hooks`; each storage is counted once. Of these, the model's
+    own weights (parameters and buffers, in memory anyway) are also shown apart.
 
 Ops and bytes are also split into those of the decoder layers and the rest (embedding, final norm,
 head, loss), the layers' share divided by the number of layers: per decoder layer, and per token.
@@ -187,12 +187,12 @@ def report(shape_name: str, counts: dict[str, Counts], layers: int, tokens: int,
     row("compute ops", [sum(x.ops.values()) for x in c], lambda v: f"{v:,}")
     row("  in the decoder layers, per layer", [x.ops["layers"] / layers for x in c], lambda v: f"{v:,.1f}")
     row("dequantization ops", [sum(x.dequant.values()) for x in c], lambda v: f"{v:,}")
-    row("  per layer", [x.dequant["layers"] / layers for x in c], lambda v: f"{v:,.1f}")
-    row("saved for backward (MiB)", [sum(x.saved.values()) for x in c], mib)
-    row("  in the decoder layers, per layer (MiB)", [x.saved["layers"] / layers for x in c], mib)
-    row("  per layer per token (KiB)", [x.saved["layers"] / layers / tokens for x in c], lambda v: f"{v / 1024:,.2f}")
-    row("  outside the layers (MiB)", [x.saved["rest"] for x in c], mib)
-    row("model weights also saved (MiB, held anyway)", [x.weights_saved for x in c], mib)
+    row("  in the decoder layers, per layer", [x.dequant["layers"] / layers for x in c], lambda v: f"{v:,.1f}")
+    row("saved for backward, each storage once (MiB)", [sum(x.saved.values()) + x.weights_saved for x in c], mib)
+    row("  activations in the decoder layers, per layer (MiB)", [x.saved["layers"] / layers for x in c], mib)
+    row("    per layer per token (KiB)", [x.saved["layers"] / layers / tokens for x in c], lambda v: f"{v / 1024:,.2f}")
+    row("  activations outside the layers (MiB)", [x.saved["rest"] for x in c], mib)
+    row("  the model's own weights (MiB)", [x.weights_saved for x in c], mib)
     out = table(rows)
     if top:
         for side, x in counts.items():

@@ -11,6 +11,7 @@ rounds, in one process; peak memory is measured per side in a fresh subprocess.
     python bench/train_step.py --all                                # the four CPU combinations
     python bench/train_step.py --shape llama31-8b --device cuda    # Llama-3.1-8B-shaped, random weights, NF4
     python bench/train_step.py --shape llama31-8b --layers 1 --shrink 8    # the same code path, CPU-sized
+    python bench/train_step.py --shape llama31-8b-2k --device cuda --offload   # 2 x 2048, r=16 on all seven projections
 """
 from __future__ import annotations
 
@@ -57,6 +58,11 @@ SHAPES = {
     # the loss on the price tokens at the end of each sequence.
     "llama31-8b": Shape("llama31-8b", "llama31-8b", batch=4, prompt=178, answer=4, spread=0, labels="answer",
                         r=32, alpha=64),
+    # Long sequences: 2 x 2048 tokens, every one labelled, LoRA r=16 on all seven projections; with
+    # --offload, each layer's input waits in host memory and the layer is recomputed in backward.
+    "llama31-8b-2k": Shape("llama31-8b-2k", "llama31-8b", batch=2, prompt=2048, answer=0, spread=0, labels="all",
+                           r=16, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj")),
 }
 
 # ----------------------------------------------------------------------------------------- the batch
@@ -221,6 +227,8 @@ def measure(args, shape: Shape, device: str, dtype: torch.dtype) -> str:
     tokens, answer_tokens = B * T, int((labels[:, 1:] != IGNORE_INDEX).sum())
     N = parameter_count(llama_config(args)) if shape.model != "smollm2" else None
     label = {"ours": "ours, compiled layers" if args.compile else "ours", "theirs": "transformers + PEFT"}
+    if args.offload:
+        label = {"ours": label["ours"] + ", offloaded checkpointing", "theirs": "transformers + PEFT, gradient checkpointing"}
     rows = [["side", "ms/step (median)", "tokens/s", "peak memory in steps (MiB)", "peak memory, whole process (MiB)",
              "first loss"] + (["MFU"] if device.startswith("cuda") else [])]
     stats = {}
@@ -277,6 +285,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="timed rounds; the side that goes first alternates (default 3)")
     p.add_argument("--steps", type=int, help="timed steps per side per round (default 2 on cpu, 5 on cuda)")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile each decoder layer (Llama.compile_layers)")
+    p.add_argument("--offload", action="store_true",
+                   help="ours: grad checkpointing with each layer's input offloaded to the host; theirs: "
+                        "transformers' gradient checkpointing (it has no offload)")
     p.add_argument("--memory-steps", type=int, default=2, help="steps after warm-up in each memory probe (default 2)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-side memory probes")
     p.add_argument("--sides", default="ours,theirs", help="which sides to run (default ours,theirs)")
@@ -310,7 +321,7 @@ def main(argv=None) -> None:
     if args.all:
         runs = [(s, q) for s in ("smollm2-a", "smollm2-b") for q in ("none", "nf4")]
     else:
-        runs = [(args.shape, "nf4" if args.shape == "llama31-8b" else args.quant)]
+        runs = [(args.shape, "nf4" if args.shape.startswith("llama31-8b") else args.quant)]
     if args.probe:
         shape = SHAPES[args.shape]
         probe(args, replace(shape, labels=args.labels) if args.labels else shape, device, dtype)
