@@ -16,8 +16,9 @@ the same weights and the same batch (no optimizer step):
     `torch.autograd.graph.saved_tensors_hooks`; each storage is counted once. Of these, the model's
     own weights (parameters and buffers, in memory anyway) are also shown apart.
 
-Ops and bytes are also split into those of the decoder layers and the rest (embedding, final norm,
-head, loss), the layers' share divided by the number of layers: per decoder layer, and per token.
+Ops and bytes are also shown for one decoder layer (the last: unlike the first, its input needs a
+gradient, as in every other layer), per token, and outside the decoder layers (embedding, final
+norm, head, loss).
 
     python bench/lean.py                          # SmolLM2 NF4 at shapes (a) and (b), one Llama-3.1-8B layer
     python bench/lean.py --shapes smollm2-b       # one of them
@@ -68,28 +69,40 @@ def in_dequantize() -> bool:
 
 
 class Region:
-    """Which part of the step is running: "layers" between a decoder layer's start and end (forward,
-    found by module hooks; backward, by gradient hooks on the tensors that enter and leave the
-    stack), "rest" elsewhere."""
+    """Which part of the step is running: "last" in the last decoder layer (a typical one: unlike the
+    first, its input needs a gradient), "layers" in the others, "rest" outside the decoder stack.
+
+    Forward: module hooks on the first and the last layer. Backward: gradient hooks on the tensors
+    that enter and leave those layers; each fires when its gradient is ready, that is when the
+    backward pass of the layer it enters is done, or about to begin for the tensor it leaves.
+    """
 
     def __init__(self, layers: nn.ModuleList):
         self.now = "rest"
-        self.handles = []
         first, last = layers[0], layers[-1]
-        self.handles.append(first.register_forward_pre_hook(self._enter_forward, with_kwargs=True))
-        self.handles.append(last.register_forward_hook(self._leave_forward, with_kwargs=True))
+        self.handles = [last.register_forward_pre_hook(self._enter_last, with_kwargs=True),
+                        last.register_forward_hook(self._leave_last, with_kwargs=True)]
+        if first is not last:
+            self.handles.insert(0, first.register_forward_pre_hook(self._enter_first, with_kwargs=True))
 
-    def _enter_forward(self, module, args, kwargs):
+    def _watch(self, t, where: str) -> None:
+        if isinstance(t, tuple):
+            t = t[0]
+        if t.requires_grad:
+            t.register_hook(lambda g: self._set(where))
+
+    def _enter_first(self, module, args, kwargs):
         self.now = "layers"
-        x = args[0] if args else next(iter(kwargs.values()))
-        if x.requires_grad:  # its gradient is ready once the first layer's backward is done
-            x.register_hook(lambda g: self._set("rest"))
+        self._watch(args[0] if args else next(iter(kwargs.values())), "rest")
 
-    def _leave_forward(self, module, args, kwargs, out):
+    def _enter_last(self, module, args, kwargs):
+        before = self.now
+        self.now = "last"
+        self._watch(args[0] if args else next(iter(kwargs.values())), before)
+
+    def _leave_last(self, module, args, kwargs, out):
         self.now = "rest"
-        y = out[0] if isinstance(out, tuple) else out
-        if y.requires_grad:  # its gradient is ready when the backward pass reaches the last layer
-            y.register_hook(lambda g: self._set("layers"))
+        self._watch(out, "last")
 
     def _set(self, where: str) -> None:
         self.now = where
@@ -176,7 +189,7 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.1f}"
 
 
-def report(shape_name: str, counts: dict[str, Counts], layers: int, tokens: int, top: int) -> str:
+def report(counts: dict[str, Counts], tokens: int, top: int) -> str:
     rows = [["per step", *counts, "ours / theirs" if len(counts) == 2 else ""]]
 
     def row(label, values, fmt):
@@ -185,13 +198,13 @@ def report(shape_name: str, counts: dict[str, Counts], layers: int, tokens: int,
 
     c = list(counts.values())
     row("compute ops", [sum(x.ops.values()) for x in c], lambda v: f"{v:,}")
-    row("  in the decoder layers, per layer", [x.ops["layers"] / layers for x in c], lambda v: f"{v:,.1f}")
+    row("  in one decoder layer", [x.ops["last"] for x in c], lambda v: f"{v:,}")
     row("dequantization ops", [sum(x.dequant.values()) for x in c], lambda v: f"{v:,}")
-    row("  in the decoder layers, per layer", [x.dequant["layers"] / layers for x in c], lambda v: f"{v:,.1f}")
+    row("  in one decoder layer", [x.dequant["last"] for x in c], lambda v: f"{v:,}")
     row("saved for backward, each storage once (MiB)", [sum(x.saved.values()) + x.weights_saved for x in c], mib)
-    row("  activations in the decoder layers, per layer (MiB)", [x.saved["layers"] / layers for x in c], mib)
-    row("    per layer per token (KiB)", [x.saved["layers"] / layers / tokens for x in c], lambda v: f"{v / 1024:,.2f}")
-    row("  activations outside the layers (MiB)", [x.saved["rest"] for x in c], mib)
+    row("  activations of one decoder layer (MiB)", [x.saved["last"] for x in c], mib)
+    row("    per token (KiB)", [x.saved["last"] / tokens for x in c], lambda v: f"{v / 1024:,.2f}")
+    row("  activations outside the decoder layers (MiB)", [x.saved["rest"] for x in c], mib)
     row("  the model's own weights (MiB)", [x.weights_saved for x in c], mib)
     out = table(rows)
     if top:
@@ -222,13 +235,13 @@ def measure(args, shape_name: str, device: str, dtype: torch.dtype) -> str:
     B, T = input_ids.shape
     answer = int((labels[:, 1:] != IGNORE_INDEX).sum())
     what = ("SmolLM2-135M, NF4 (double quant)" if shape.model == "smollm2" else
-            f"Llama-3.1-8B-shaped, {layers} decoder layer{'s' * (layers > 1)}, random weights, NF4 (double quant), "
-            f"vocabulary cut to {vocab:,}")
+            f"Llama-3.1-8B-shaped, {layers} decoder layers (the second is the one shown), random weights, "
+            f"NF4 (double quant), vocabulary cut to {vocab:,}")
     lines = [f"### {shape_name}: {what}, {str(dtype).replace('torch.', '')}",
              f"batch {B} x {T} tokens ({answer} labelled), LoRA r={shape.r} alpha={shape.alpha} on "
              f"{', '.join(shape.targets)}; ours on the {'plain autograd' if args.plain else 'default (hand-written)'} path; "
              "one forward + loss + backward pass, no checkpointing", "",
-             report(shape_name, counts, layers, B * T, args.top)]
+             report(counts, B * T, args.top)]
     return "\n".join(lines)
 
 
@@ -251,8 +264,9 @@ def parse_args(argv=None):
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if not args.sides or any(s not in ("ours", "theirs") for s in args.sides):
         p.error(f"--sides {args.sides}: expected ours, theirs or both")
-    # what train_step's model builders read: NF4 bases; one full-width Llama-3.1-8B layer
-    args.quant, args.layers, args.shrink, args.compile, args.offload = "nf4", 1, 1, False, False
+    # what train_step's model builders read: NF4 bases; full-width Llama-3.1-8B layers, two of them
+    # so that the one shown has an input that needs a gradient, as in layers 1 to 31 of the real model
+    args.quant, args.layers, args.shrink, args.compile, args.offload = "nf4", 2, 1, False, False
     return args
 
 

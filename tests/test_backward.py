@@ -19,6 +19,8 @@ from model.backward import RMSNormFunction, RoPEFunction, SwiGLUFunction
 from model.llama import MLP, Attention, RMSNorm, RotaryEmbedding, apply_rope
 
 DTYPES = [torch.float32, torch.bfloat16]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
 def assert_grads_close(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str) -> None:
@@ -36,22 +38,23 @@ def grads_of(fn, inputs: list[torch.Tensor], seed: int = 1):
     out = fn(*inputs)
     outs = out if isinstance(out, tuple) else (out,)
     g = torch.Generator().manual_seed(seed)
-    weights = [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs]
+    weights = [torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in outs]
     loss = sum((o.float() * w.float()).sum() for o, w in zip(outs, weights))
     return outs, torch.autograd.grad(loss, [t for t in inputs if t.requires_grad])
 
 
-def leaf(t: torch.Tensor, dtype: torch.dtype, grad: bool = True) -> torch.Tensor:
-    return t.to(dtype).detach().requires_grad_(grad)
+def leaf(t: torch.Tensor, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    return t.to(device, dtype).detach().requires_grad_(True)
 
 
 # -------------------------------------------------------------------------------------------- RMSNorm
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight_trains", [False, True])
-def test_rmsnorm_function_equals_autograd(dtype, weight_trains):
+def test_rmsnorm_function_equals_autograd(dtype, weight_trains, device):
     g = torch.Generator().manual_seed(0)
-    x = leaf(3 * torch.randn(4, 7, 96, generator=g), dtype)
-    norm = RMSNorm(96, eps=1e-5).to(dtype)
+    x = leaf(3 * torch.randn(4, 7, 96, generator=g), dtype, device)
+    norm = RMSNorm(96, eps=1e-5).to(device, dtype)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.3 * torch.randn(96, generator=g))
     norm.weight.requires_grad_(weight_trains)
@@ -106,16 +109,17 @@ def test_rmsnorm_keeps_its_input_and_one_number_per_position():
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_function_equals_autograd_on_q_and_k(dtype):
+def test_rope_function_equals_autograd_on_q_and_k(dtype, device):
     config = LlamaConfig.from_hf(tiny_hf_config(head_dim=32))
     B, T, nh, nkv, hs = 2, 9, 4, 2, 32
-    cos, sin = RotaryEmbedding(config)(torch.arange(3, 3 + T).expand(B, T), dtype)   # (B, 1, T, hs)
+    rope = RotaryEmbedding(config).to(device)
+    cos, sin = rope(torch.arange(3, 3 + T, device=device).expand(B, T), dtype)     # (B, 1, T, hs)
     g = torch.Generator().manual_seed(0)
     # as the attention makes them: (B, T, heads, hs) projections seen as (B, heads, T, hs)
-    q = leaf(torch.randn(B, T, nh, hs, generator=g), dtype).transpose(1, 2)
-    k = leaf(torch.randn(B, T, nkv, hs, generator=g), dtype).transpose(1, 2)
-    q.retain_grad(), k.retain_grad()
+    q = leaf(torch.randn(B, T, nh, hs, generator=g), dtype, device).transpose(1, 2)
+    k = leaf(torch.randn(B, T, nkv, hs, generator=g), dtype, device).transpose(1, 2)
     (yq, yk), grads = grads_of(lambda q, k: RoPEFunction.apply(q, k, cos, sin), [q, k])
     (rq, rk), grads_ref = grads_of(lambda q, k: (apply_rope(q, cos, sin), apply_rope(k, cos, sin)), [q, k])
     assert torch.equal(yq, rq) and torch.equal(yk, rk)
@@ -125,10 +129,12 @@ def test_rope_function_equals_autograd_on_q_and_k(dtype):
 
 
 # --------------------------------------------------------------------------------------------- SwiGLU
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_swiglu_function_equals_autograd_and_keeps_gate_and_up_only(dtype):
+def test_swiglu_function_equals_autograd_and_keeps_gate_and_up_only(dtype, device):
     g = torch.Generator().manual_seed(0)
-    gate, up = leaf(3 * torch.randn(3, 5, 48, generator=g), dtype), leaf(torch.randn(3, 5, 48, generator=g), dtype)
+    gate = leaf(3 * torch.randn(3, 5, 48, generator=g), dtype, device)
+    up = leaf(torch.randn(3, 5, 48, generator=g), dtype, device)
     (h,), grads = grads_of(SwiGLUFunction.apply, [gate, up])
     (h_ref,), grads_ref = grads_of(lambda a, b: torch.nn.functional.silu(a) * b, [gate, up])
     assert torch.equal(h, h_ref)
@@ -239,8 +245,8 @@ def test_gradient_checkpointing_values_are_checked():
     assert TrainConfig(grad_checkpointing="offload").grad_checkpointing == "offload"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_offload_keeps_no_activation_of_a_layer_on_the_device():
+@CUDA
+def test_offload_keeps_no_activation_of_a_layer_on_the_cuda_device():
     ids = torch.randint(0, 128, (4, 256), generator=torch.Generator().manual_seed(0)).cuda()
     grown = {}
     for mode in (True, "offload"):
