@@ -34,10 +34,10 @@ part() {  # part NAME SECONDS COMMAND...: run it with a time limit, keep its out
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" || failed="$failed $name"
 }
 
-part tests 100 python3 -m pytest -q -p no:cacheprovider -k cuda tests/
+part tests 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/
 part course 130 python3 bench/train_step.py --device cuda --shape llama31-8b
-part long 110 python3 bench/train_step.py --device cuda --shape llama31-8b-2k --rounds 2 --steps 3 --memory-steps 1
-part long-offload 110 python3 bench/train_step.py --device cuda --shape llama31-8b-2k --offload --rounds 2 --steps 3 \
+part long 100 python3 bench/train_step.py --device cuda --shape llama31-8b-2k --rounds 2 --steps 3 --memory-steps 1
+part long-offload 100 python3 bench/train_step.py --device cuda --shape llama31-8b-2k --offload --rounds 2 --steps 3 \
   --memory-steps 1
 
 if [ -n "$failed" ]; then echo "failed or timed out:$failed"; exit 1; fi

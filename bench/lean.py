@@ -20,7 +20,7 @@ Ops and bytes are also shown for one decoder layer (the last: unlike the first, 
 gradient, as in every other layer), per token, and outside the decoder layers (embedding, final
 norm, head, loss).
 
-    python bench/lean.py                          # SmolLM2 NF4 at shapes (a) and (b), one Llama-3.1-8B layer
+    python bench/lean.py                          # SmolLM2 NF4 at shapes (a) and (b); Llama-3.1-8B-shaped layers
     python bench/lean.py --shapes smollm2-b       # one of them
     python bench/lean.py --plain                  # ours on the plain autograd path (the reference)
     python bench/lean.py --top 15                 # also each side's most frequent ops
