@@ -29,6 +29,8 @@ def llama_config(args) -> dict:
             raise ValueError(f"--shrink {k}: must divide the 8 key/value heads (1, 2, 4 or 8)")
         d.update(hidden_size=4096 // k, intermediate_size=14336 // k, vocab_size=128256 // k,
                  num_attention_heads=32 // k, num_key_value_heads=8 // k, bos_token_id=1, eos_token_id=2)
+    if getattr(args, "vocab", None):  # a smaller head and embedding: for figures of the decoder layers alone
+        d["vocab_size"] = args.vocab
     return d
 
 

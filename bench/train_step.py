@@ -11,6 +11,7 @@ rounds, in one process; peak memory is measured per side in a fresh subprocess.
     python bench/train_step.py --all                                # the four CPU combinations
     python bench/train_step.py --shape llama31-8b --device cuda    # Llama-3.1-8B-shaped, random weights, NF4
     python bench/train_step.py --shape llama31-8b --layers 1 --shrink 8    # the same code path, CPU-sized
+    python bench/train_step.py --shape llama31-8b-2k --device cuda --offload   # 2 x 2048, r=16 on all seven projections
 """
 from __future__ import annotations
 
@@ -57,6 +58,11 @@ SHAPES = {
     # the loss on the price tokens at the end of each sequence.
     "llama31-8b": Shape("llama31-8b", "llama31-8b", batch=4, prompt=178, answer=4, spread=0, labels="answer",
                         r=32, alpha=64),
+    # Long sequences: 2 x 2048 tokens, every one labelled, LoRA r=16 on all seven projections; with
+    # --offload, each layer's input waits in host memory and the layer is recomputed in backward.
+    "llama31-8b-2k": Shape("llama31-8b-2k", "llama31-8b", batch=2, prompt=2048, answer=0, spread=0, labels="all",
+                           r=16, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj")),
 }
 
 # ----------------------------------------------------------------------------------------- the batch
@@ -86,13 +92,15 @@ def make_batch(shape: Shape, vocab: int, pad_id: int, seed: int) -> tuple[torch.
 # -------------------------------------------------------------------------------------------- sides
 # A side is its training step: step(input_ids, labels) -> the loss (detached); the model lives in its closure
 Side = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A loss is the forward pass and the loss of one batch: loss(input_ids, labels) -> a scalar with a graph
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
-def ours(args, shape: Shape, device: str, dtype: torch.dtype, base: nn.Module | None) -> Side:
+def ours_loss(args, shape: Shape, device: str, dtype: torch.dtype, base: nn.Module | None) -> tuple[nn.Module, Loss]:
     """Our library as its user writes it: load (quantizing as it reads), apply_lora, answer_loss."""
     from lora import LoRAConfig, apply_lora
     from model import load_pretrained
@@ -102,22 +110,16 @@ def ours(args, shape: Shape, device: str, dtype: torch.dtype, base: nn.Module | 
         base, _ = load_pretrained(smollm2_gguf(), dtype=dtype, device=device, quant=None if args.quant == "none" else "nf4")
     model = base
     apply_lora(model, LoRAConfig(r=shape.r, alpha=shape.alpha, dropout=0.0, target_modules=shape.targets))
-    if args.compile:
+    if getattr(args, "offload", False):
+        model.set_gradient_checkpointing("offload")  # keep each layer's input on the host, recompute the rest
+    if getattr(args, "compile", False):
         model.compile_layers()  # torch.compile each decoder layer; the first steps pay for compiling
     model.train()
-    opt = adamw(model, args.lr)
-
-    def step(input_ids, labels):
-        loss = answer_loss(model, input_ids, labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
+    return model, lambda input_ids, labels: answer_loss(model, input_ids, labels)
 
 
-def theirs(args, shape: Shape, device: str, dtype: torch.dtype, base: nn.Module | None, hf_dir: str | None) -> Side:
+def theirs_loss(args, shape: Shape, device: str, dtype: torch.dtype, base: nn.Module | None,
+                hf_dir: str | None) -> tuple[nn.Module, Loss]:
     """transformers + PEFT (+ bitsandbytes) as the course uses them: from_pretrained with a
     BitsAndBytesConfig, get_peft_model, `model(input_ids, labels=labels).loss`."""
     from peft import LoraConfig, get_peft_model
@@ -127,29 +129,46 @@ def theirs(args, shape: Shape, device: str, dtype: torch.dtype, base: nn.Module 
     lora = LoraConfig(r=shape.r, lora_alpha=shape.alpha, lora_dropout=0.0, target_modules=list(shape.targets),
                       bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    if getattr(args, "offload", False):  # transformers' own checkpointing: each layer recomputed in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    opt = adamw(model, args.lr)
     # The course trains with SFTTrainer(bf16=True), which runs the forward pass under autocast; PEFT keeps
     # LoRA weights in fp32 and would otherwise run the low-rank path in fp32.
     autocast = (torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
 
-    def step(input_ids, labels):
+    def loss(input_ids, labels):
         with autocast:
-            loss = model(input_ids=input_ids, labels=labels).loss
-        loss.backward()
+            return model(input_ids=input_ids, labels=labels).loss
+
+    return model, loss
+
+
+def with_adamw(model: nn.Module, loss: Loss, lr: float) -> Side:
+    """The training step around a loss: backward, AdamW step, gradients cleared."""
+    opt = adamw(model, lr)
+
+    def step(input_ids, labels):
+        value = loss(input_ids, labels)
+        value.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return value.detach()
 
     return step
 
 
-def build_sides(names: list[str], args, shape: Shape, device: str, dtype: torch.dtype, hf_dir: str | None) -> dict[str, Side]:
+def build_losses(names: list[str], args, shape: Shape, device: str, dtype: torch.dtype,
+                 hf_dir: str | None) -> dict[str, tuple[nn.Module, Loss]]:
+    """{side: (model, loss function)} on the same weights: the SmolLM2 GGUF, or one random model per side."""
     bases = build_random(args, names, device, dtype) if shape.model != "smollm2" else {}
-    make = {"ours": lambda b: ours(args, shape, device, dtype, b),
-            "theirs": lambda b: theirs(args, shape, device, dtype, b, hf_dir)}
+    make = {"ours": lambda b: ours_loss(args, shape, device, dtype, b),
+            "theirs": lambda b: theirs_loss(args, shape, device, dtype, b, hf_dir)}
     return {n: make[n](bases.pop(n, None)) for n in names}
+
+
+def build_sides(names: list[str], args, shape: Shape, device: str, dtype: torch.dtype, hf_dir: str | None) -> dict[str, Side]:
+    return {n: with_adamw(model, loss, args.lr) for n, (model, loss) in build_losses(names, args, shape, device, dtype, hf_dir).items()}
 
 
 def vocab_and_pad(args, shape: Shape) -> tuple[int, int]:
@@ -208,6 +227,8 @@ def measure(args, shape: Shape, device: str, dtype: torch.dtype) -> str:
     tokens, answer_tokens = B * T, int((labels[:, 1:] != IGNORE_INDEX).sum())
     N = parameter_count(llama_config(args)) if shape.model != "smollm2" else None
     label = {"ours": "ours, compiled layers" if args.compile else "ours", "theirs": "transformers + PEFT"}
+    if args.offload:
+        label = {"ours": label["ours"] + ", offloaded checkpointing", "theirs": "transformers + PEFT, gradient checkpointing"}
     rows = [["side", "ms/step (median)", "tokens/s", "peak memory in steps (MiB)", "peak memory, whole process (MiB)",
              "first loss"] + (["MFU"] if device.startswith("cuda") else [])]
     stats = {}
@@ -264,6 +285,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="timed rounds; the side that goes first alternates (default 3)")
     p.add_argument("--steps", type=int, help="timed steps per side per round (default 2 on cpu, 5 on cuda)")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile each decoder layer (Llama.compile_layers)")
+    p.add_argument("--offload", action="store_true",
+                   help="ours: grad checkpointing with each layer's input offloaded to the host; theirs: "
+                        "transformers' gradient checkpointing (it has no offload)")
     p.add_argument("--memory-steps", type=int, default=2, help="steps after warm-up in each memory probe (default 2)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-side memory probes")
     p.add_argument("--sides", default="ours,theirs", help="which sides to run (default ours,theirs)")
@@ -297,7 +321,7 @@ def main(argv=None) -> None:
     if args.all:
         runs = [(s, q) for s in ("smollm2-a", "smollm2-b") for q in ("none", "nf4")]
     else:
-        runs = [(args.shape, "nf4" if args.shape == "llama31-8b" else args.quant)]
+        runs = [(args.shape, "nf4" if args.shape.startswith("llama31-8b") else args.quant)]
     if args.probe:
         shape = SHAPES[args.shape]
         probe(args, replace(shape, labels=args.labels) if args.labels else shape, device, dtype)

@@ -21,7 +21,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import SoftCappedHead, attend, attention_mask_4d, default_positions
+from .backward import apply_rope_qk, rms_norm, rotate_half, swiglu
 from .config import LlamaConfig
+from .offload import offload_layer_input
 from .rope import RotaryEmbedding
 
 
@@ -30,6 +32,8 @@ class RMSNorm(nn.Module):
 
     offset is 0 (Llama) or 1 (Gemma, whose stored weights are centred on 0).
     """
+
+    handwritten_backward = True  # the backward pass of `model.backward.RMSNormFunction`; False: autograd's
 
     def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0):
         super().__init__()
@@ -43,17 +47,14 @@ class RMSNorm(nn.Module):
         return self.weight.float() + self.offset if self.offset else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.handwritten_backward and not self.offset:  # Gemma's fp32 (1 + w) keeps the plain line
+            return rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         w = self.effective_weight
         # Llama rounds x back before scaling, Gemma scales in fp32 first: each as its reference does
         return (w * x).to(dtype) if self.offset else w * x.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -87,6 +88,8 @@ class KVCache:
 
 class Attention(nn.Module):
     """Grouped-query attention: nkv key/value heads, each shared by nh/nkv query heads."""
+
+    handwritten_backward = True  # RoPE through `model.backward.RoPEFunction`; False: autograd's
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -122,7 +125,10 @@ class Attention(nn.Module):
         v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)                # (B, nkv, T, hs)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.handwritten_backward and cos.shape[-1] == self.hs:  # partial rotary takes the plain line
+            q, k = apply_rope_qk(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(cache_start, k, v)                         # (B, nkv, S, hs), S = cache_start + T
         y = attend(q, k, v, mask, self.scale, self.softcap)                # (B, nh, T, hs)
@@ -139,6 +145,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); GeGLU (Gemma) with the tanh GELU in place of silu."""
 
+    handwritten_backward = True  # SwiGLU through `model.backward.SwiGLUFunction`; False: autograd's
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         D, H = config.hidden_size, config.intermediate_size
@@ -152,9 +160,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = self.project_gate_up(x)                                     # (B, T, H) each
-        if self.act == "gelu_pytorch_tanh":
-            return self.down_proj(F.gelu(g, approximate="tanh") * u)
-        return self.down_proj(F.silu(g) * u)
+        if self.act == "gelu_pytorch_tanh":  # GeGLU: autograd's backward
+            h = F.gelu(g, approximate="tanh") * u
+        else:  # silu: the hand-written SwiGLU, or autograd's
+            h = swiglu(g, u) if self.handwritten_backward else F.silu(g) * u   # (B, T, H)
+        return self.down_proj(h)
 
     def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """gate and up projections of one input x (B, T, D); an adapter package may fuse them."""
@@ -200,7 +210,9 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
         self.rotary_emb_local = RotaryEmbedding(config, local=True) if config.rope_local_theta is not None else None
         self.config = config
-        self.gradient_checkpointing = False  # recompute each layer in the backward pass to save memory
+        # True: recompute each layer in the backward pass to save memory; "offload": also keep each
+        # layer's input in host memory until then (see `Llama.set_gradient_checkpointing`)
+        self.gradient_checkpointing: bool | str = False
 
     def forward(
         self,
@@ -226,7 +238,8 @@ class LlamaModel(nn.Module):
             cos, sin = local_rope if c.uses_local_rope(i) else rope
             mask = window_mask if c.is_sliding(i) else full_mask
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                with offload_layer_input(x, enabled=self.gradient_checkpointing == "offload"):
+                    x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, layer_cache, cache_start)
         return self.norm(x)
@@ -260,8 +273,25 @@ class Llama(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+    def set_gradient_checkpointing(self, enabled: bool | str = True) -> None:
+        """Activation checkpointing: keep only each decoder layer's input and recompute the layer in
+        the backward pass (dropout replays the same masks: the RNG state is restored first).
+
+        True keeps the inputs on the device; "offload" copies each to host memory (pinned, without
+        waiting, on CUDA) and back when its layer's backward pass needs it, so the device holds no
+        activation of a layer between its forward and backward passes. False: keep everything.
+        """
+        if not (isinstance(enabled, bool) or enabled == "offload"):
+            raise ValueError(f"set_gradient_checkpointing: expected False, True or 'offload', got {enabled!r}")
         self.model.gradient_checkpointing = enabled
+
+    def set_handwritten_backward(self, enabled: bool = True) -> None:
+        """Switch every module with a hand-written backward pass (norms, RoPE, SwiGLU, and any
+        adapter that has one) to it, or with False to the plain autograd path. The forward
+        passes give the same numbers either way; the plain path is the reference for the tests."""
+        for m in self.modules():
+            if hasattr(m, "handwritten_backward"):
+                m.handwritten_backward = enabled
 
     def compile_layers(self, **compile_kwargs) -> None:
         """Compile each decoder layer with `torch.compile`, fusing its norms, RoPE, SwiGLU and

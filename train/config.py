@@ -36,7 +36,7 @@ class TrainConfig:
     keep_last: int | None = None         # checkpoints kept; None keeps all
     log_every: int = 1
     optimizer: str = "adamw"
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | str = False  # True: recompute each layer in backward; "offload": its input waits on the host
     compile: bool = False                # torch.compile each decoder layer (Llama.compile_layers)
     seed: int = 42
     out_dir: str | None = None
@@ -67,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"TrainConfig.parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if not (isinstance(self.grad_checkpointing, bool) or self.grad_checkpointing == "offload"):
+            raise ValueError(f"TrainConfig.grad_checkpointing must be False, True or 'offload', got {self.grad_checkpointing!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         if not 0.0 <= self.warmup_ratio <= 1.0:

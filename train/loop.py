@@ -220,7 +220,7 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
 
     model.to(ctx.device)
     if config.grad_checkpointing:
-        model.set_gradient_checkpointing(True)
+        model.set_gradient_checkpointing(config.grad_checkpointing)
     if config.compile:  # fused norms, RoPE and SwiGLU; the first steps pay for compiling
         unwrap(model).compile_layers()
     model.train()
