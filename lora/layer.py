@@ -19,6 +19,7 @@ from torch import nn
 from quant import Linear4bit
 
 from .config import check_rank, lora_scaling
+from .fused import can_fuse, lora_projections
 
 ADAPTABLE = (nn.Linear, Linear4bit)  # the layers a LoRA can wrap
 
@@ -35,7 +36,13 @@ class LoRALinear(nn.Module):
 
     A and B are kept in fp32 (the optimizer's master copy); the LoRA path runs in the base's compute
     dtype, so a bf16 base does its low-rank matmuls in bf16 like the rest of the layer.
+
+    With `handwritten_backward` on (the default) a training forward runs through
+    `lora.fused.LoRAProjections`, whose backward pass is written by hand; off, the plain autograd
+    path below, the reference it is tested against.
     """
+
+    handwritten_backward = True
 
     def __init__(
         self,
@@ -80,6 +87,8 @@ class LoRALinear(nn.Module):
         self.lora_B.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if can_fuse((self,), x):
+            return lora_projections(x, (self,))[0]
         y = self.base_layer(x)
         if self.merged:
             return y
