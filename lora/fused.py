@@ -22,10 +22,12 @@ dropout masks only where dropout is on. Nothing is kept for the frozen base: a 4
 dequantized again in the backward pass (one bitsandbytes op, see `quant.Linear4bit`), as
 bitsandbytes' own `MatMul4Bit` does.
 
-The forward pass makes the very calls of `LoRALinear`'s plain path (the base layer, one dropout
-and one product per adapter, in the order q, k, v), so the outputs are the same to the bit and the
-dropout masks are the same draws from the same random stream: a resumed run stays bit-identical.
-(One wider product x·[A_q; A_k; A_v]ᵀ would save a kernel but may sum in another order.)
+Without dropout the forward pass, too, makes one product for the k adapters, x·[A_1; …; A_k]ᵀ.
+With dropout it makes the very calls of `LoRALinear`'s plain path (the base layer, one dropout
+and one product per adapter, in the order q, k, v), so the dropout masks are the same draws from
+the same random stream (a resumed run stays bit-identical) and the outputs are the plain path's to
+the bit; so they are for k = 1. The one wider product may sum in another order than k narrow
+ones: its fp32 outputs equal the plain path's within rounding (about 1e-7 of their size).
 """
 from __future__ import annotations
 
@@ -83,33 +85,44 @@ class LoRAProjections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layers: tuple, *weights: torch.Tensor):
         dtype = x.dtype  # the compute dtype: `can_fuse` checked that the bases compute in it
-        ps = [dropout_p(layer) for layer in layers]
-        outs, xas, keeps, lowp = [], [], [], []
-        for layer, p, A, B in zip(layers, ps, weights[0::2], weights[1::2]):
-            y = layer.base_layer(x)                                            # (..., out)
-            A, B = A.to(dtype), B.to(dtype)                                    # no-ops in fp32
-            xd, keep = draw_dropout(x, p) if p else (x, None)
-            xa = F.linear(xd, A)                                               # (..., r)
-            out = torch.addmm(y.reshape(-1, layer.out_features), xa.reshape(-1, layer.r), B.t(), alpha=layer.scaling)
-            outs.append(out.view(y.shape))
-            xas.append(xa.reshape(-1, layer.r))
-            keeps.extend([keep] if p else [])
-            lowp.extend([A, B])
-        ctx.layers, ctx.ps = layers, ps
-        ctx.save_for_backward(x, *xas, *keeps, *lowp)
+        ps, ranks = [dropout_p(layer) for layer in layers], [layer.r for layer in layers]
+        ys = [layer.base_layer(x) for layer in layers]                        # (..., out_i) each
+        Bs = [B.to(dtype) for B in weights[1::2]]                              # no-ops in fp32
+        stacked = len(layers) > 1 and not any(ps)
+        keeps = []
+        if stacked:  # one input for all k adapters: one product x [A_1; …; A_k]ᵀ
+            A_all = torch.cat(weights[0::2]).to(dtype)                         # (Σr, in)
+            xa_all = F.linear(x, A_all).reshape(-1, sum(ranks))                # (N, Σr)
+            As, xas = A_all.split(ranks), xa_all.split(ranks, dim=1)
+            saved = [xa_all, A_all]
+        else:        # the plain path's calls, dropout drawn for each adapter in turn
+            As = [A.to(dtype) for A in weights[0::2]]
+            xas = []
+            for layer, p, A in zip(layers, ps, As):
+                xd, keep = draw_dropout(x, p) if p else (x, None)
+                xas.append(F.linear(xd, A).reshape(-1, layer.r))               # (N, r)
+                keeps.extend([keep] if p else [])
+            saved = [*xas, *As]
+        outs = [torch.addmm(y.reshape(-1, layer.out_features), xa, B.t(), alpha=layer.scaling).view(y.shape)
+                for y, xa, B, layer in zip(ys, xas, Bs, layers)]
+        ctx.layers, ctx.ps, ctx.stacked = layers, ps, stacked
+        ctx.save_for_backward(x, *keeps, *Bs, *saved)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys: torch.Tensor):
         layers, ps, k = ctx.layers, ctx.ps, len(ctx.layers)
-        x, saved = ctx.saved_tensors[0], ctx.saved_tensors[1:]
-        xas, saved = saved[:k], saved[k:]
+        ranks, scalings = [layer.r for layer in layers], [layer.scaling for layer in layers]
+        x, *saved = ctx.saved_tensors
         n_keep = sum(1 for p in ps if p)
-        keeps, saved = iter(saved[:n_keep]), saved[n_keep:]
-        As, Bs = saved[0::2], saved[1::2]                                      # in the compute dtype
+        keeps, Bs, saved = iter(saved[:n_keep]), saved[n_keep:n_keep + k], saved[n_keep + k:]
+        if ctx.stacked:
+            xa_all, A_all = saved
+            xas, As = xa_all.split(ranks, dim=1), A_all.split(ranks)
+        else:
+            xas, As = saved[:k], saved[k:]
         X = x.reshape(-1, x.shape[-1])                                         # (N, in)
         dys = [dy.reshape(-1, layer.out_features) for dy, layer in zip(dys, layers)]   # (N, out_i)
-        ranks, scalings = [layer.r for layer in layers], [layer.scaling for layer in layers]
         need_A, need_B = ctx.needs_input_grad[2::2], ctx.needs_input_grad[3::2]
 
         # (dY_i B_i)ᵀ (r_i, N), the scaling left to the products below; for k > 1 the k of them are
@@ -136,7 +149,8 @@ class LoRAProjections(torch.autograd.Function):
         if not any(ps) and len(set(scalings)) == 1:
             # one product for the k adapters: dX += s · [G_1 … G_k] [A_1; …; A_k], dA = s · [G_1 … G_k]ᵀ X
             s = scalings[0]
-            A_all = torch.cat(As) if k > 1 else As[0]                         # (Σr, in)
+            if not ctx.stacked:
+                A_all = torch.cat(As) if k > 1 else As[0]                     # (Σr, in)
             if dX is not None:
                 dX.addmm_(Gt.t(), A_all, alpha=s)
             dAs = [None] * k

@@ -1,8 +1,10 @@
 """lora/fused.py: the hand-written LoRA backward (LoRAProjections) against autograd through the plain path.
 
 The reference is the same LoRALinears with `handwritten_backward = False`: today's autograd path.
-Same seed, same dropout masks: forward outputs equal to the bit, gradients within 1e-6 (fp32) or
-bf16 rounding, and the random stream left where the plain path leaves it.
+Same seed, same dropout masks, the random stream left where the plain path leaves it; outputs equal
+to the bit where the fused forward makes the plain path's calls (dropout on, or k = 1), within
+1e-6 (fp32) where it stacks the k adapters into one product; gradients within 1e-6 (fp32) or bf16
+rounding.
 """
 import pytest
 import torch
@@ -71,7 +73,10 @@ def test_lora_projections_equal_autograd_through_the_plain_path(base, bias, k, d
     ys_ref, grads_ref, node_ref, rng_ref = run(layers, x, dys, handwritten=False)
     assert node == "LoRAProjectionsBackward" and node_ref != node  # each side took its own path
     for y, y_ref in zip(ys, ys_ref):
-        assert torch.equal(y, y_ref)  # the same calls, the same dropout draws: equal to the bit
+        if dropout or k == 1:
+            assert torch.equal(y, y_ref)  # the same calls, the same dropout draws: equal to the bit
+        else:
+            assert_close(y, y_ref, dtype, "y")  # x [A_1; ...; A_k]^T: one product, summed in its own order
     assert torch.equal(rng, rng_ref)  # and the random stream left at the same place: resume stays exact
     names = ["x"] + [f"{w}{i}" for i in range(k) for w in ("A", "B")]
     for name, g, g_ref in zip(names, grads, grads_ref):
@@ -131,7 +136,10 @@ def test_tiny_llama_with_lora_on_all_seven_fused_equals_plain(nf4, dropout):
     assert isinstance(attn.project_qkv, FusedProjection) and isinstance(mlp.project_gate_up, FusedProjection)
     logits, grads, nodes = logits_and_grads(model, True)
     logits_ref, grads_ref, nodes_ref = logits_and_grads(model, False)
-    assert torch.equal(logits, logits_ref)
+    if dropout:
+        assert torch.equal(logits, logits_ref)
+    else:
+        assert_close(logits, logits_ref, torch.float32, "logits")
     for g, g_ref in zip(grads, grads_ref):
         assert_close(g, g_ref, torch.float32, "a LoRA gradient")
     # every adapted product ran inside the fused functions, none in autograd's addmm
@@ -154,21 +162,28 @@ def test_bf16_tiny_llama_fused_equals_plain_within_rounding():
     model = tiny(True, 0.1, dtype=torch.bfloat16)
     logits, grads, _ = logits_and_grads(model, True)
     logits_ref, grads_ref, _ = logits_and_grads(model, False)
-    assert torch.equal(logits, logits_ref)
+    assert torch.equal(logits, logits_ref)  # with dropout: the plain path's calls
     for g, g_ref in zip(grads, grads_ref):
         assert g.dtype == torch.float32  # the fp32 master copies receive fp32 gradients
         assert_close(g, g_ref, torch.bfloat16, "a LoRA gradient")
 
 
-def test_without_gradients_or_merged_the_plain_path_runs():
+def test_without_gradients_or_merged_the_plain_path_runs(monkeypatch):
     model = tiny(False, 0.0)
     ids = torch.randint(0, 128, (1, 6))
+    calls = []
+    real = LoRAProjections.apply
+    monkeypatch.setattr(LoRAProjections, "apply", lambda x, layers, *w: calls.append(len(layers)) or real(x, layers, *w))
     with torch.no_grad():
-        ref = model(ids)
-    out = model(ids)
-    assert torch.equal(out, ref) and "LoRAProjections" not in type(out.grad_fn).__name__
+        out = model(ids)
+    assert calls == []
+    set_handwritten(model, False)
+    assert torch.equal(out, model(ids)) and calls == []
+    set_handwritten(model, True)
     layer = model.model.layers[0].self_attn.o_proj
     x = torch.randn(2, layer.in_features, requires_grad=True)
-    assert layer(x).grad_fn.name() == "LoRAProjectionsBackward"
+    layer(x)
+    assert calls == [1]
     layer.merge()
-    assert layer(x).grad_fn.name() != "LoRAProjectionsBackward"
+    layer(x)
+    assert calls == [1]
