@@ -179,11 +179,12 @@ class LoRAProjections(torch.autograd.Function):
 # ------------------------------------------------------------------------------ when to use it
 def can_fuse(layers, x: torch.Tensor) -> bool:
     """The fused path gives the plain path's numbers here: every layer is an unmerged LoRALinear with
-    `handwritten_backward` on, the bases frozen and computing in x's dtype, and a gradient is wanted."""
+    `handwritten_backward` on (and no DoRA magnitude, which these formulas leave out), the bases
+    frozen and computing in x's dtype, and a gradient is wanted."""
     if not torch.is_grad_enabled():
         return False
     for layer in layers:
-        if not getattr(layer, "handwritten_backward", False) or layer.merged or not hasattr(layer, "lora_A"):
+        if not getattr(layer, "handwritten_backward", False) or layer.merged or getattr(layer, "use_dora", False):
             return False
         base = layer.base_layer
         dtype = base.compute_dtype if isinstance(base, Linear4bit) else base.weight.dtype

@@ -187,3 +187,15 @@ def test_without_gradients_or_merged_the_plain_path_runs(monkeypatch):
     layer.merge()
     layer(x)
     assert calls == [1]
+
+
+def test_checkpointed_layers_redraw_the_same_dropout_and_give_the_same_gradients():
+    """Checkpointing recomputes each layer's forward pass in the backward pass: the fused function
+    draws its dropout masks again from the restored random state, so the gradients are unchanged."""
+    model = tiny(True, 0.1)
+    _, grads, _ = logits_and_grads(model, True)
+    model.set_gradient_checkpointing(True)
+    _, grads_ckpt, nodes = logits_and_grads(model, True)
+    assert "LoRAProjectionsBackward" in nodes
+    for g, g_ref in zip(grads_ckpt, grads):
+        assert torch.equal(g, g_ref)
