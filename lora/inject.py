@@ -15,6 +15,7 @@ from torch import nn
 from .config import LoRAConfig
 from quant import Linear4bit
 
+from .fused import fuse_shared_projections
 from .layer import ADAPTABLE, LoRALinear
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -88,7 +89,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
 
 def wrap_targets(model: nn.Module, targets: dict[str, nn.Module], config: LoRAConfig,
                  generator: torch.Generator | None) -> None:
-    """Freeze every parameter, then replace each target by a LoRALinear around it."""
+    """Freeze every parameter, then replace each target by a LoRALinear around it; where q, k, v (or
+    gate, up) are all adapted, project them in one fused function (`lora.fused`)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for name, base in targets.items():
@@ -96,6 +98,7 @@ def wrap_targets(model: nn.Module, targets: dict[str, nn.Module], config: LoRACo
                            use_dora=config.use_dora)
         layer.train(base.training)  # a model in eval mode stays there: no dropout sneaks in
         model.set_submodule(name, layer)
+    fuse_shared_projections(model)
     model.lora_config = config  # read back by save_adapter
 
 

@@ -21,6 +21,7 @@ from quant import Linear4bit
 
 from . import dora
 from .config import check_rank, lora_scaling
+from .fused import can_fuse, lora_projections
 
 ADAPTABLE = (nn.Linear, Linear4bit)  # the layers a LoRA can wrap
 
@@ -37,7 +38,13 @@ class LoRALinear(nn.Module):
 
     A and B are kept in fp32 (the optimizer's master copy); the LoRA path runs in the base's compute
     dtype, so a bf16 base does its low-rank matmuls in bf16 like the rest of the layer.
+
+    With `handwritten_backward` on (the default) a training forward runs through
+    `lora.fused.LoRAProjections`, whose backward pass is written by hand; off, the plain autograd
+    path below, the reference it is tested against.
     """
+
+    handwritten_backward = True
 
     def __init__(
         self,
@@ -88,6 +95,8 @@ class LoRALinear(nn.Module):
             dora.init_magnitude(self)  # m = ‖W0‖: the fresh layer is the base exactly
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if can_fuse((self,), x):
+            return lora_projections(x, (self,))[0]
         y = self.base_layer(x)
         if self.merged:
             return y

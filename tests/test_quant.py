@@ -1,4 +1,5 @@
 """quant/: NF4 and FP4 from scratch equal bitsandbytes byte for byte; Linear4bit and quantize_model behave."""
+import collections
 import itertools
 from dataclasses import replace
 import json
@@ -9,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from quant.nf4 import unpack_4bit
 
@@ -433,3 +435,66 @@ def test_smollm2_linear_weights_take_about_4_127_bits(smollm2_quantized):
     n_layers = model.config.num_hidden_layers
     assert report.layers_replaced == 7 * n_layers
     assert report.bits_per_param == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=2e-3)
+
+
+# ----------------------------------------------------------------------- one dequantization per use
+class OpCount(TorchDispatchMode):
+    """Counts the compute ops dispatched inside it by name (views are not counted). A bitsandbytes
+    4-bit GEMM is one op; whether it is asked to decode nested scales (absmax_8bit given) is noted
+    as "gemm_4bit nested"."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = f"{func.namespace}.{func.overloadpacket.__name__}"
+        if not func.is_view:
+            self.ops[name] += 1
+        if name == "bitsandbytes.gemm_4bit" and (kwargs or {}).get("absmax_8bit") is not None:
+            self.ops["gemm_4bit nested"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+DECODE_OPS = ("bitsandbytes.dequantize_blockwise", "aten.add", "aten.add_", "gemm_4bit nested")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_double_quant_weight_is_dequantized_by_one_op_per_use(quant_type):
+    """Forward, backward and dequantize() each run bitsandbytes' dequantize_4bit once and decode no
+    nested scale: those are decoded once, at build or load."""
+    torch.manual_seed(0)
+    layer = Linear4bit.from_weight(torch.randn(96, 128), quant_type=quant_type, double_quant=True)
+    x = torch.randn(5, 128, requires_grad=True)
+    with OpCount() as forward:
+        y = layer(x)
+    with OpCount() as backward:
+        y.backward(torch.randn_like(y))
+    with OpCount() as dequantize:
+        layer.dequantize()
+    assert dequantize.ops == {"bitsandbytes.dequantize_4bit": 1}
+    assert forward.ops == {"bitsandbytes.gemm_4bit": 1}  # dequantize and multiply, flat fp32 scales
+    assert backward.ops["bitsandbytes.dequantize_4bit"] == 1 and not any(backward.ops[k] for k in DECODE_OPS)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decoded_scales_give_the_nested_states_outputs_bit_for_bit(quant_type, compute_dtype):
+    """The layer's forward, input gradient and dequantize() equal bitsandbytes' own run on the
+    nested (double-quantized) state, which decodes the scales at every use."""
+    import bitsandbytes
+
+    torch.manual_seed(0)
+    layer = Linear4bit.from_linear(nn.Linear(128, 96), quant_type=quant_type, compute_dtype=compute_dtype)
+    nested = layer.quant_state
+    assert nested.nested and layer.decoded_absmax.dtype == torch.float32
+    x = torch.randn(7, 128, dtype=compute_dtype, requires_grad=True)
+    dy = torch.randn(7, 96, dtype=compute_dtype)
+    y = layer(x)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x_ref = x.detach().requires_grad_()
+    y_ref = bitsandbytes.matmul_4bit(x_ref, layer.weight, nested, bias=layer.bias.to(compute_dtype))
+    (dx_ref,) = torch.autograd.grad(y_ref, x_ref, dy)
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+    assert torch.equal(layer.dequantize(), bnbF.dequantize_4bit(layer.weight, nested).to(compute_dtype))
+    assert "weight.decoded_absmax" not in layer.state_dict()  # memory only: the saved layout is bitsandbytes'
