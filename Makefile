@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests
 
-# switch each feature the README claims off, one at a time, and check a test fails (about 10 minutes)
+# switch each feature the README claims off, one at a time, and check a test fails (about 20 minutes)
 mutants: $(STAMP)
 	$(PY) tests/mutants.py
 

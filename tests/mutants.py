@@ -1,6 +1,6 @@
 """Does the suite see every feature? Switch each off, one at a time, and check some test fails.
 
-    python tests/mutants.py              # every mutant (make mutants); about 10 minutes on 2 cores
+    python tests/mutants.py              # every mutant (make mutants); about 20 minutes on 2 busy cores
     python tests/mutants.py --list       # their names
     python tests/mutants.py warmup dropout   # only these
 
