@@ -41,6 +41,10 @@ def k(file: str, expr: str) -> tuple:
 
 TRAIN, MODEL, LORA, QUANT, OPTIM = ("tests/test_train.py", "tests/test_model.py", "tests/test_lora.py",
                                     "tests/test_quant.py", "tests/test_optim.py")
+FSDP, RELIABILITY, PRECISION, CLI = ("tests/test_fsdp.py", "tests/test_reliability.py", "tests/test_precision.py",
+                                     "tests/test_cli.py")
+BACKWARD, FUSED, FAMILIES, DORA = ("tests/test_backward.py", "tests/test_lora_fused.py", "tests/test_families.py",
+                                   "tests/test_dora.py")
 
 MUTANTS = [
     # ---------------------------------------------------------------- optimizers (train/optim.py)
@@ -60,8 +64,8 @@ MUTANTS = [
            "step_size = lr / (1 - beta1 ** t)", "step_size = lr", (OPTIM,)),
     Mutant("AdamW without the second bias correction", "train/optim.py",
            "denom = (v.sqrt() / (1 - beta2 ** t) ** 0.5).add_(eps)", "denom = v.sqrt().add_(eps)", (OPTIM,)),
-    Mutant("AdamW's moments not restored on resume", "train/loop.py",
-           'optimizer.load_state_dict(state["optimizer"])', "pass", k(TRAIN, "resumes")),
+    Mutant("AdamW's moments not restored on resume", "train/fsdp.py",
+           '    optimizer.load_state_dict(state["optimizer"])', "    pass", k(TRAIN, "resumes")),
     # ---------------------------------------------------------------- memory and speed switches
     Mutant("gradient checkpointing does nothing", "model/llama.py",
            "self.model.gradient_checkpointing = enabled", "self.model.gradient_checkpointing = False",
@@ -75,7 +79,7 @@ MUTANTS = [
     Mutant("autocast_dtype ignored", "train/loop.py",
            "    if dtype is None:\n        return nullcontext", "    if True:\n        return nullcontext",
            k(TRAIN, "bf16")),
-    # ---------------------------------------------------------------- DDP (FSDP: add when it exists)
+    # ---------------------------------------------------------------- DDP and FSDP
     Mutant("torchrun ignored: each rank trains alone", "train/distributed.py",
            'if "RANK" not in os.environ or world_size <= 1:', "if True:", k(TRAIN, "gloo")),
     Mutant("DDP loss not scaled by world_size", "train/distributed.py",
@@ -84,6 +88,46 @@ MUTANTS = [
            "    if ctx.enabled:\n        t = t.clone()", "    if False:\n        t = t.clone()", k(TRAIN, "gloo")),
     Mutant("rank 0's LoRA weights not broadcast", "train/distributed.py",
            "dist.broadcast(p.data, src=0)", "pass", k(TRAIN, "gloo")),
+    Mutant("parallel='fsdp' runs as DDP", "train/fsdp.py",
+           "        return wrap_fsdp(loss_module, ctx)", "        return wrap_ddp(loss_module, ctx)",
+           k(FSDP, "nf4_base_end_with")),
+    # ---------------------------------------------------------------- preemption, checkpoints, fp16
+    Mutant("a signal is not noticed", "train/signals.py",
+           "        signum = self.signum or 0\n", "        signum = 0\n", k(RELIABILITY, "sigint_in_process")),
+    Mutant("resume trusts a checkpoint that fails its manifest", "train/checkpoint.py",
+           "        reason = verify_checkpoint(path)\n", "        reason = None\n", k(RELIABILITY, "falls_back")),
+    Mutant("an overflowed fp16 step is taken", "train/precision.py",
+           "        self.scaler.step(optimizer)\n", "        optimizer.step()\n", k(PRECISION, "overflow")),
+    Mutant("a user error exits 1", "examples/train_pricer.py",
+           'print(f"error: {e}", file=sys.stderr)\n        return 2', 'print(f"error: {e}", file=sys.stderr)\n        return 1',
+           k(CLI, "train_pricer_user_errors")),
+    # ---------------------------------------------------------------- hand-written backward passes
+    Mutant("RMSNorm's backward forgets the mean term", "model/backward.py",
+           "dx = torch.addcmul(gw * r, xf, c, value=-1).to(x.dtype)", "dx = (gw * r).to(x.dtype)",
+           k(BACKWARD, "rmsnorm_function")),
+    Mutant("RoPE's backward rotates by +sin", "model/backward.py",
+           "dx = dy * cos - rotate_half(dy) * sin", "dx = dy * cos + rotate_half(dy) * sin",
+           k(BACKWARD, "rope_function")),
+    Mutant("SwiGLU's backward takes silu as linear", "model/backward.py",
+           "dg = torch.ops.aten.silu_backward(dh * u, g)", "dg = dh * u", k(BACKWARD, "swiglu_function")),
+    Mutant("the flag does not reach the modules", "model/llama.py",
+           "                m.handwritten_backward = enabled", "                pass", k(BACKWARD, "one_flag")),
+    Mutant("offload keeps each layer's input where it was", "model/llama.py",
+           'enabled=self.gradient_checkpointing == "offload"', "enabled=False", k(BACKWARD, "checkpointed_layers")),
+    Mutant("fused LoRA dropout's backward forgets the mask", "lora/fused.py",
+           "dX.add_(redo_dropout(torch.mm(g.t(), A), keep.reshape(X.shape), p), alpha=s)", "dX.addmm_(g.t(), A, alpha=s)",
+           k(FUSED, "equal_autograd")),
+    Mutant("decoded NF4 scales forget the mean", "quant/linear4bit.py",
+           "        absmax += self.offset\n", "", k(QUANT, "decoded_scales")),
+    # ---------------------------------------------------------------- families and DoRA
+    Mutant("Gemma's (1 + w) norms lose the 1", "model/llama.py",
+           "        self.offset = offset\n", "        self.offset = 0.0\n", k(FAMILIES, "padded_batches")),
+    Mutant("sliding windows ignored", "model/config.py",
+           "        if self.sliding_window is None:\n            return False", "        if True:\n            return False",
+           k(FAMILIES, "padded_batches")),
+    Mutant("DoRA without its magnitude", "lora/dora.py",
+           "    scale = (getattr(layer, MAGNITUDE) / n).to(x.dtype)", "    scale = torch.ones_like(n).to(x.dtype)",
+           k(DORA, "equals_peft")),
     # ---------------------------------------------------------------- the loss and the data
     # the same loss (F.cross_entropy ignores -100), but the head computes logits at every position
     Mutant("the head runs at every position", "train/loss.py",
@@ -103,7 +147,8 @@ MUTANTS = [
     Mutant("no length bucketing", "train/data.py",
            "    if not group_by_length:", "    if True:", k(TRAIN, "length_buckets")),
     Mutant("keep_last keeps everything", "train/checkpoint.py",
-           "for _, old in list_checkpoints(out_dir)[:-keep_last]:", "for _, old in []:", k(TRAIN, "resumes")),
+           "    for path in deleted:\n        shutil.rmtree(path)", "    for path in []:\n        shutil.rmtree(path)",
+           k(TRAIN, "resumes")),
     Mutant("no warmup", "train/schedule.py",
            "        return base_lr * step / warmup_steps", "        return base_lr", k(TRAIN, "cosine")),
     # ---------------------------------------------------------------- LoRA and NF4
