@@ -181,8 +181,8 @@ def can_fuse(layers, x: torch.Tensor) -> bool:
     """The fused path gives the plain path's numbers here: every layer is an unmerged LoRALinear with
     `handwritten_backward` on (and no DoRA magnitude, which these formulas leave out), the bases
     frozen and computing in x's dtype, and a gradient is wanted."""
-    if not torch.is_grad_enabled():
-        return False
+    if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        return False  # autocast picks each product's dtype op by op: the plain path follows it
     for layer in layers:
         if not getattr(layer, "handwritten_backward", False) or layer.merged or getattr(layer, "use_dora", False):
             return False

@@ -13,8 +13,8 @@ model's forward, so the loss is registered as a forward method of the root: FSDP
 root's tensors around it as it would around `model(...)`.
 
 A 4-bit layer's packed uint8 weight is a (frozen) parameter, so FSDP shards it like any other.
-Its quant state (absmax per block of 64 weights, the nested absmax of double quantization) lives
-in buffers, which FSDP would copy whole to every process; they are turned into frozen parameters
+Its quant state (absmax per block of 64 weights, the nested absmax of double quantization, and the
+fp32 scales decoded from them once for the kernels) lives in buffers, which FSDP would copy whole to every process; they are turned into frozen parameters
 first so they are sharded too. The code books (16 and 256 values) and the scalar offset stay
 replicated: 1,092 bytes per 4-bit layer. The root's tensors stay gathered from the forward pass to
 the end of the backward pass (FSDP does not free the root in between): `train.memory` counts them.
@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor
 from .distributed import DistContext, wrap_ddp
 from .loss import AnswerLossModule, answer_loss
 
-SHARDED_QUANT_STATE = ("absmax", "nested_absmax")  # per-block scales: they grow with the weight
+SHARDED_QUANT_STATE = ("absmax", "nested_absmax", "decoded_absmax")  # per-block scales: they grow with the weight
 OPTIMIZER_DIR = "optimizer"                        # torch.distributed.checkpoint folder in a checkpoint
 
 

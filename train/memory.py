@@ -6,9 +6,11 @@ Per process, for a Llama of hidden size H, L layers, MLP width I, vocabulary V, 
 head_dim, key/value width K = kv_heads x head_dim; P = L (2HQ + 2HK + 3HI) weights in the linear layers:
 
     base          P / 2 / N                       packed NF4, two weights a byte, sharded
-    quant state   P / 64 / N + 4 P / 16384 / N    absmax: one uint8 code per block of 64 weights (double
-                  + 1,092 per linear layer        quant), one fp32 per 256 blocks; the 16- and 256-value
-                                                  code books and the offset are replicated
+    quant state   5 P / 64 / N + 4 P / 16384 / N  absmax: one uint8 code per block of 64 weights (double
+                  + 1,092 per linear layer        quant), one fp32 per 256 blocks, and the fp32 scale per
+                                                  block decoded from them once for the kernels (quant/
+                                                  linear4bit.py); the 16- and 256-value code books and the
+                                                  offset are replicated
     other frozen  2 (2VH + (2L+1) H) / N          embeddings, head, norms in bf16 (4 bytes each in fp32)
     LoRA          4 r (in + out) per target / N   fp32 A and B (lm_head: in = H, out = V)
     gradients     the same as LoRA                fp32, reduce-scattered to each process's shard
@@ -75,7 +77,7 @@ def per_process_bytes(shape: Shape, procs: int = 1, r: int = 32, targets=("q_pro
     p_layer = sum(i * o for i, o in per_layer.values())
     P = shape.layers * p_layer
     n_linear = shape.layers * len(per_layer)
-    quant_layer = p_layer / 64 + 4 * p_layer / (64 * 256)
+    quant_layer = (1 + 4) * p_layer / 64 + 4 * p_layer / (64 * 256)  # uint8 codes + decoded fp32 scales
     out = {
         "base": _split(P / 2, procs),
         "quant state": _split(shape.layers * quant_layer, procs) + n_linear * CODE_BOOKS,

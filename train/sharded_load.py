@@ -91,6 +91,8 @@ def _fill_linear4bit(m: Linear4bit, weight: torch.Tensor, bias: torch.Tensor | N
     fill_shard(m.quant_map, state.code, name + ".quant_map")
     fill_shard(m.nested_quant_map, state.state2.code, name + ".nested_quant_map")
     fill_shard(m.offset, state.offset.reshape(()), name + ".offset")
+    decoded = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset  # as Linear4bit decodes them
+    fill_shard(m.decoded_absmax, decoded, name + ".decoded_absmax")
     if bias is not None:
         fill_shard(m.bias, bias, name + ".bias")
 
