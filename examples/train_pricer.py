@@ -22,35 +22,13 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora, train)
 
 import torch  # noqa: E402
 
-from lora import LoRAConfig, apply_lora, save_adapter, trainable_parameters  # noqa: E402
+from lora import apply_lora, save_adapter, trainable_parameters  # noqa: E402
 from pricer import (  # noqa: E402
-    answer_tokens, constant_baseline, evaluate_prices, load_model, load_source, log_to_tensorboard,
-    print_report, resolve_device, results_table, save_scatter, split_items,
+    PRESETS, answer_tokens, constant_baseline, evaluate_prices, load_model, load_source, log_to_tensorboard,
+    lora_config, parse_layers, print_report, resolve_device, results_table, save_scatter, split_items,
+    train_config,
 )
-from train import TrainConfig, train  # noqa: E402
-
-ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
-# The demo: small enough for two CPU cores in minutes. The course's rule of thumb holds (r = 8,
-# alpha = 2r); a 135M model learning a new task from 4,000 short examples gains from adapting every
-# projection, not only attention, but only in the upper half of the network: the backward pass
-# stops at the lowest adapted layer, so the lower half costs a forward pass and nothing more.
-# Few steps call for a learning rate well above the course's 1e-4.
-PRESETS: dict[str, dict] = {
-    "demo": dict(
-        quant="nf4", r=8, alpha=16, dropout=0.0, target=ALL_PROJECTIONS, layers="15-", epochs=1,
-        max_steps=500, batch_size=8, grad_accum=1, lr=2e-3, warmup_ratio=0.05, weight_decay=0.0,
-        max_grad_norm=1.0, optimizer="adamw", max_len=None, group_by_length=False,
-        train_size=4000, val_size=64, test_size=200, eval_every=None, save_every=250, keep_last=2,
-    ),
-    # The course's QLoRA run of Llama-3.1-8B on the Amazon pricer data, for a GPU.
-    "llama31-8b": dict(
-        quant="nf4", r=32, alpha=64, dropout=0.1, target="q_proj,k_proj,v_proj,o_proj", layers=None, epochs=1,
-        max_steps=None, batch_size=4, grad_accum=1, lr=1e-4, warmup_ratio=0.03, weight_decay=0.001,
-        max_grad_norm=0.3, optimizer="paged_adamw", max_len=182, group_by_length=True,
-        train_size=None, val_size=500, test_size=250, eval_every=5000, save_every=5000, keep_last=10,
-    ),
-}
+from train import train  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tuned("--optimizer", "the optimizer of the LoRA parameters",
           choices=("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"))
     tuned("--max-len", "tokens of prompt + answer; the prompt is cut from the left (0: no limit)", type=int)
+    tuned("--description", "how a diamond is described: every attribute, or the four Cs alone",
+          choices=("full", "four-cs"))
     tuned("--train-size", "training items (0: all that remain after test and validation)", type=int)
     tuned("--val-size", "validation items, whose loss is logged", type=int)
     tuned("--test-size", "held-out items scored before and after training", type=int)
@@ -108,26 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def parse_layers(spec: str | None, n_layers: int) -> tuple[int, ...] | None:
-    """'all' or None -> None (every layer); '15-' -> 15..n-1; '10-19' -> 10..19; '3,5' -> (3, 5)."""
-    if spec in (None, "", "all"):
-        return None
-    layers: list[int] = []
-    try:
-        for part in spec.split(","):
-            if "-" in part:
-                lo, hi = part.split("-")
-                layers += range(int(lo), int(hi) + 1 if hi else n_layers)
-            else:
-                layers.append(int(part))
-    except ValueError:
-        raise ValueError(f"--layers {spec!r}: expected 'all', '15-', '10-19' or '3,5,7'") from None
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad or not layers:
-        raise ValueError(f"--layers {spec!r}: the model has layers 0 to {n_layers - 1}, got {bad or 'none'}")
-    return tuple(sorted(set(layers)))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -137,15 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--preset llama31-8b needs --model, a local Llama-3.1-8B folder (config.json + safetensors)")
 
     model, tokenizer, model_path = load_model(args.model, args.quant, device)
-    loaded = load_source(args.data, tokenizer)
+    loaded = load_source(args.data, tokenizer, args.description)
     print(loaded.summary())
     split = split_items(loaded.items, args.seed, args.test_size, args.val_size, args.train_size)
     print(f"split (seed {args.seed}): {len(split.train):,} train, {len(split.val):,} validation, {len(split.test):,} test")
 
-    targets = tuple(ALL_PROJECTIONS.split(",")) if args.target == "all" else tuple(args.target.split(","))
-    layers = parse_layers(args.layers, model.config.num_hidden_layers)
-    apply_lora(model, LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets,
-                                 layers=layers, seed=args.seed))
+    apply_lora(model, lora_config(args, model.config.num_hidden_layers, args.seed))
     print(trainable_parameters(model))
 
     max_new = answer_tokens(tokenizer, [item.price for item in split.train])
@@ -153,15 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     before = evaluate_prices(model, tokenizer, split.test, max_new, args.eval_batch_size)
     print(f"before training: {before.title()} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    config = TrainConfig(
-        lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs, max_steps=args.max_steps,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, save_every=args.save_every,
-        keep_last=args.keep_last, optimizer=args.optimizer, seed=args.seed, out_dir=args.out, device=device,
-        autocast_dtype=torch.bfloat16 if device == "cuda" else None, max_len=args.max_len,
-        group_by_length=args.group_by_length, progress=not args.no_progress,  # runs named by start time
-        compile=args.compile,
-    )
+    # runs are named by their start time
+    config = train_config(args, device, args.out, args.seed, progress=not args.no_progress, compile=args.compile)
     result = train(model, tokenizer, [(i.prompt, i.answer) for i in split.train],
                    [(i.prompt, i.answer) for i in split.val], config, resume=args.resume)
     if result.val_losses:
