@@ -38,7 +38,7 @@ class Budget:
     overhead_s: float = 30.0
 
 
-TINY = Budget(steps=2, test_size=4, val_size=4, seed_steps=3, epoch_items=8, eval_every=1, batch_size=4,
+TINY = Budget(steps=3, test_size=4, val_size=4, seed_steps=3, epoch_items=8, eval_every=1, batch_size=4,
               nf4_matrices=4, upper_half="1-", overhead_s=1.0)
 
 

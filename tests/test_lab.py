@@ -31,7 +31,7 @@ def run_lab(name, tiny, out):
 
 def table_rows(fragment):
     lines = [line for line in fragment.splitlines() if line.startswith("| ")]
-    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]  # header dropped
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]  # header and rule dropped
 
 
 def test_rank_has_a_row_per_r_and_parameters_grow_with_r(tiny, tmp_path):
@@ -48,10 +48,11 @@ def test_alpha_changes_the_update_and_not_the_parameters(tiny, tmp_path):
     fragment, data = run_lab("alpha", tiny, tmp_path)
     assert [row[0] for row in table_rows(fragment)] == [str(a) for a in lab.ALPHAS]
     assert len({run["trainable"] for run in data["runs"]}) == 1
-    # B starts at zero, so step 1 is the base model's loss for every alpha; step 2 feels alpha / r
-    first = {run["train_losses"][0][1] for run in data["runs"]}
-    second = {run["train_losses"][1][1] for run in data["runs"]}
-    assert len(first) == 1 and len(second) == len(lab.ALPHAS)
+    # B starts at zero and the warmup's first learning rate is 0, so steps 1 and 2 see the base model
+    # for every alpha; step 3 follows the first real update, whose effect is scaled by alpha / r
+    first = {run["train_losses"][1][1] for run in data["runs"]}
+    third = {run["train_losses"][2][1] for run in data["runs"]}
+    assert len(first) == 1 and len(third) == len(lab.ALPHAS)
 
 
 def test_targets_attention_plus_mlp_is_all_seven_and_all_layers_is_more(tiny, tmp_path):
