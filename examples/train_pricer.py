@@ -30,31 +30,11 @@ import torch  # noqa: E402
 
 from lora import LoRAConfig, apply_lora, load_adapter, save_adapter, trainable_parameters  # noqa: E402
 from pricer import (  # noqa: E402
-    answer_tokens, constant_baseline, evaluate_prices, load_model, load_source, log_to_tensorboard,
-    print_report, resolve_device, results_table, save_scatter, split_items,
+    PRESETS, answer_tokens, constant_baseline, evaluate_prices, load_model, load_source, log_to_tensorboard,
+    lora_config, parse_layers, print_report, resolve_device, results_table, save_scatter, split_items,
+    compute_dtype, train_config,
 )
-from train import TrainConfig, TrainingInterrupted, latest_checkpoint, train  # noqa: E402
-
-# The demo: small enough for two CPU cores in minutes. The course's rule of thumb holds (r = 8,
-# alpha = 2r); a 135M model learning a new task from 4,000 short examples gains from adapting every
-# projection, not only attention, but only in the upper half of the network: the backward pass
-# stops at the lowest adapted layer, so the lower half costs a forward pass and nothing more.
-# Few steps call for a learning rate well above the course's 1e-4.
-PRESETS: dict[str, dict] = {
-    "demo": dict(
-        quant="nf4", r=8, alpha=16, dropout=0.0, target="all", layers="15-", epochs=1,
-        max_steps=500, batch_size=8, grad_accum=1, lr=2e-3, warmup_ratio=0.05, weight_decay=0.0,
-        max_grad_norm=1.0, optimizer="adamw", max_len=None, group_by_length=False,
-        train_size=4000, val_size=64, test_size=200, eval_every=None, save_every=250, keep_last=2,
-    ),
-    # The course's QLoRA run of Llama-3.1-8B on the Amazon pricer data, for a GPU.
-    "llama31-8b": dict(
-        quant="nf4", r=32, alpha=64, dropout=0.1, target="q_proj,k_proj,v_proj,o_proj", layers=None, epochs=1,
-        max_steps=None, batch_size=4, grad_accum=1, lr=1e-4, warmup_ratio=0.03, weight_decay=0.001,
-        max_grad_norm=0.3, optimizer="paged_adamw", max_len=182, group_by_length=True,
-        train_size=None, val_size=500, test_size=250, eval_every=5000, save_every=5000, keep_last=10,
-    ),
-}
+from train import OPTIMIZERS, TrainingInterrupted, latest_checkpoint, train  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,8 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tuned("--weight-decay", "AdamW weight decay", type=float)
     tuned("--max-grad-norm", "gradient clipping threshold", type=float)
     tuned("--optimizer", "the optimizer of the LoRA parameters",
-          choices=("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"))
+          choices=OPTIMIZERS)
     tuned("--max-len", "tokens of prompt + answer; the prompt is cut from the left (0: no limit)", type=int)
+    tuned("--description", "how a diamond is described: every attribute, or the four Cs alone",
+          choices=("full", "four-cs"))
     tuned("--train-size", "training items (0: all that remain after test and validation)", type=int)
     tuned("--val-size", "validation items, whose loss is logged", type=int)
     tuned("--test-size", "held-out items scored before and after training", type=int)
@@ -117,46 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def parse_layers(spec: str | None, n_layers: int) -> tuple[int, ...] | None:
-    """'all' or None -> None (every layer); '15-' -> 15..n-1; '10-19' -> 10..19; '3,5' -> (3, 5)."""
-    if spec in (None, "", "all"):
-        return None
-    layers: list[int] = []
-    try:
-        for part in spec.split(","):
-            if "-" in part:
-                lo, hi = part.split("-")
-                layers += range(int(lo), int(hi) + 1 if hi else n_layers)
-            else:
-                layers.append(int(part))
-    except ValueError:
-        raise ValueError(f"--layers {spec!r}: expected 'all', '15-', '10-19' or '3,5,7'") from None
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad or not layers:
-        raise ValueError(f"--layers {spec!r}: the model has layers 0 to {n_layers - 1}, got {bad or 'none'}")
-    return tuple(sorted(set(layers)))
-
-
-def compute_dtype(device: str) -> torch.dtype | None:
-    """bf16 autocast on GPUs that have it; fp16 with loss scaling on those that do not (T4, V100)."""
-    if device != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def resume_command(argv: list[str] | None) -> str:
     """The command line that continues this run: the same flags, plus --resume."""
     argv = list(sys.argv[1:] if argv is None else argv)
     script = os.path.relpath(os.path.abspath(__file__))
     script = script if not script.startswith("..") else os.path.abspath(__file__)  # short when run from the repo
     return shlex.join(["python", script] + argv + ([] if "--resume" in argv else ["--resume"]))
-
-
-def all_projections(model) -> tuple[str, ...]:
-    """The names of the linear projections in a decoder layer, in order: whatever the family calls them."""
-    layer = model.model.layers[0]
-    return tuple(dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in layer.named_modules()
-                               if hasattr(m, "in_features") and name))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,18 +133,13 @@ def run(args: argparse.Namespace) -> int:
     # r, alpha and dropout checked before the slow load ("all" is known only once the model is)
     LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout,
                target_modules=("q_proj",) if args.target == "all" else tuple(args.target.split(",")))
-    dtype = compute_dtype(device)
-
-    model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=dtype)
-    loaded = load_source(args.data, tokenizer)
+    model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=compute_dtype(device))
+    loaded = load_source(args.data, tokenizer, args.description)
     print(loaded.summary())
     split = split_items(loaded.items, args.seed, args.test_size, args.val_size, args.train_size)
     print(f"split (seed {args.seed}): {len(split.train):,} train, {len(split.val):,} validation, {len(split.test):,} test")
 
-    targets = all_projections(model) if args.target == "all" else tuple(args.target.split(","))
-    layers = parse_layers(args.layers, model.config.num_hidden_layers)
-    apply_lora(model, LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets,
-                                 layers=layers, seed=args.seed, use_dora=args.dora))
+    apply_lora(model, lora_config(args, model, args.seed))
     print(trainable_parameters(model))
 
     max_new = answer_tokens(tokenizer, [item.price for item in split.train])
@@ -204,15 +147,9 @@ def run(args: argparse.Namespace) -> int:
     before = evaluate_prices(model, tokenizer, split.test, max_new, args.eval_batch_size)
     print(f"before training: {before.title()} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    config = TrainConfig(
-        lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs, max_steps=args.max_steps,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, save_every=args.save_every,
-        keep_last=args.keep_last, optimizer=args.optimizer, seed=args.seed, out_dir=args.out, device=device,
-        autocast_dtype=dtype, max_len=args.max_len,
-        group_by_length=args.group_by_length, progress=not args.no_progress,  # runs named by start time
-        compile=args.compile, parallel=args.parallel,
-    )
+    # runs are named by their start time
+    config = train_config(args, device, args.out, args.seed, progress=not args.no_progress, compile=args.compile,
+                          parallel=args.parallel)
     result = train(model, tokenizer, [(i.prompt, i.answer) for i in split.train],
                    [(i.prompt, i.answer) for i in split.val], config, resume=args.resume)
     if result.val_losses:

@@ -27,7 +27,7 @@ TRAIN_FLAGS = ["--model", "--data", "--out", "--quant", "--r", "--alpha", "--dro
                "--max-steps", "--batch-size", "--grad-accum", "--lr", "--warmup-ratio", "--weight-decay",
                "--optimizer", "--max-len", "--train-size", "--val-size", "--test-size", "--eval-every",
                "--save-every", "--resume", "--seed", "--device", "--preset", "--layers", "--max-grad-norm",
-               "--eval-batch-size", "--no-progress", "--compile", "--parallel"]
+               "--eval-batch-size", "--no-progress", "--compile", "--parallel", "--description"]
 EVAL_FLAGS = ["--model", "--adapter", "--data", "--n", "--top-k-average", "--out", "--chart", "--quant",
               "--device", "--batch-size", "--max-new-tokens", "--seed"]
 
@@ -72,6 +72,16 @@ def test_diamonds_rows_become_items_and_bad_rows_are_counted(tmp_path):
                                     "empty text": 1}
     assert loaded.summary() == ("diamonds.csv: 2 items, 4 skipped (missing price 1, non-numeric price 1, "
                                 "price out of range 1, empty text 1)")
+
+
+def test_four_cs_description_keeps_carat_cut_color_clarity_only(tmp_path):
+    path = tmp_path / "diamonds.csv"
+    write_csv(path, DIAMOND_HEADER, [["0.23", "Ideal", "E", "SI2", "61.5", "55", "326", "3.95", "3.98", "2.43"]])
+    short = load_diamonds(str(path), description="four-cs").items[0]
+    assert short.prompt == make_prompt("Diamond: 0.23 carat, Ideal cut, color E, clarity SI2")
+    assert short.price == load_diamonds(str(path)).items[0].price == 326.0
+    with pytest.raises(ValueError, match="description 'short'"):
+        load_diamonds(str(path), description="short")
 
 
 def test_diamonds_csv_without_a_price_column_is_a_clear_error(tmp_path):
@@ -372,6 +382,7 @@ def test_presets_fill_unset_flags_and_explicit_flags_win():
     assert (course.save_every, course.keep_last, course.warmup_ratio) == (5000, 10, 0.03)
     demo = mod.parse_args([])
     assert demo.quant == "nf4" and demo.test_size == 200 and demo.preset == "demo"
+    assert mod.parse_args(["--description", "four-cs"]).description == "four-cs" and demo.description == "full"
     assert mod.parse_layers("15-", 30) == tuple(range(15, 30)) and mod.parse_layers("all", 30) is None
     with pytest.raises(ValueError, match="layers 0 to 29"):
         mod.parse_layers("28-31", 30)

@@ -7,7 +7,7 @@ from .checkpoint import (
     CheckpointSpaceError, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint,
     verify_checkpoint,
 )
-from .config import TrainConfig
+from .config import OPTIMIZERS, TrainConfig
 from .data import IGNORE_INDEX, Example, LengthBucketSampler, build_examples, collate, epoch_batches
 from .loop import TrainResult, evaluate, train, training_step
 from .loss import answer_loss
@@ -18,7 +18,7 @@ from .signals import StopSignals, TrainingInterrupted
 from .sharded_load import load_sharded
 
 __all__ = [
-    "TrainConfig", "train", "evaluate", "TrainResult", "training_step", "cosine_with_warmup", "answer_loss",
+    "TrainConfig", "OPTIMIZERS", "train", "evaluate", "TrainResult", "training_step", "cosine_with_warmup", "answer_loss",
     "AdamW", "make_optimizer",
     "build_examples", "collate", "epoch_batches", "LengthBucketSampler", "Example", "IGNORE_INDEX",
     "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "verify_checkpoint",

@@ -14,6 +14,7 @@ from .data import (
     Loaded,
     Split,
     describe_diamond,
+    describe_four_cs,
     diamonds_csv,
     load_amazon_meta,
     load_diamonds,
@@ -25,13 +26,17 @@ from .data import (
 )
 from .metrics import GREEN, ORANGE, RED, PriceReport, color_for, constant_baseline, parse_price, score
 from .predict import greedy_prices, top_k_average_prices
+from .recipe import (ALL_PROJECTIONS, ATTENTION, MLP, PRESETS, all_projections, compute_dtype, lora_config,
+                     parse_layers, train_config)
 from .prompt import PREFIX, QUESTION, make_answer, make_prompt
 
 __all__ = [
-    "Item", "Loaded", "Split", "describe_diamond", "diamonds_csv", "load_amazon_meta", "load_diamonds",
+    "Item", "Loaded", "Split", "describe_diamond", "describe_four_cs", "diamonds_csv", "load_amazon_meta", "load_diamonds",
     "load_source", "load_text_price", "scrub", "shuffled", "split_items",
     "GREEN", "ORANGE", "RED", "PriceReport", "color_for", "constant_baseline", "parse_price", "score",
     "greedy_prices", "top_k_average_prices", "PREFIX", "QUESTION", "make_answer", "make_prompt",
     "save_scatter", "scatter_figure", "log_to_tensorboard",
+    "ALL_PROJECTIONS", "ATTENTION", "MLP", "PRESETS", "all_projections", "compute_dtype", "lora_config",
+    "parse_layers", "train_config",
     "answer_tokens", "evaluate_prices", "load_model", "print_report", "resolve_device", "results_table",
 ]

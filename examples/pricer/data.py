@@ -111,8 +111,26 @@ def describe_diamond(row: dict[str, str]) -> str:
             f"depth {row['depth']}%, table {row['table']}%, {row['x']} x {row['y']} x {row['z']} mm")
 
 
-def load_diamonds(path: str | None = None) -> Loaded:
-    """Every row of the diamonds CSV as an Item; rows with a bad price or a blank field are skipped."""
+def describe_four_cs(row: dict[str, str]) -> str:
+    """The four Cs alone (carat, cut, colour, clarity): a prompt about 20 tokens shorter.
+
+    {'carat': '0.23', 'cut': 'Ideal', 'color': 'E', 'clarity': 'SI2', ...} ->
+    'Diamond: 0.23 carat, Ideal cut, color E, clarity SI2'. Carat carries most of the price.
+    """
+    return f"Diamond: {row['carat']} carat, {row['cut']} cut, color {row['color']}, clarity {row['clarity']}"
+
+
+DESCRIPTIONS = {"full": describe_diamond, "four-cs": describe_four_cs}
+
+
+def load_diamonds(path: str | None = None, description: str = "full") -> Loaded:
+    """Every row of the diamonds CSV as an Item; rows with a bad price or a blank field are skipped.
+
+    description: 'full' (every attribute, `describe_diamond`) or 'four-cs' (`describe_four_cs`).
+    """
+    if description not in DESCRIPTIONS:
+        raise ValueError(f"description {description!r}: expected one of {sorted(DESCRIPTIONS)}")
+    describe = DESCRIPTIONS[description]
     path = path or diamonds_csv()
     loaded = Loaded(path)
     with open(path, newline="") as f:
@@ -127,7 +145,7 @@ def load_diamonds(path: str | None = None) -> Loaded:
             if reason:
                 loaded.skipped[reason] += 1
                 continue
-            loaded.items.append(Item(make_prompt(describe_diamond(row)), price))
+            loaded.items.append(Item(make_prompt(describe(row)), price))
     return loaded
 
 
@@ -261,11 +279,12 @@ def is_amazon_meta(path: str) -> bool:
     return re.fullmatch(r"meta_.+\.jsonl(\.gz)?", os.path.basename(path)) is not None
 
 
-def load_source(data: str | None, tokenizer=None) -> Loaded:
-    """`None` or 'diamonds': the embedded diamonds; `meta_<Category>.jsonl[.gz]`: Amazon metadata
-    (needs the tokenizer); any other `.jsonl[.gz]` or `.csv`: a text + price file."""
+def load_source(data: str | None, tokenizer=None, description: str = "full") -> Loaded:
+    """`None` or 'diamonds': the embedded diamonds (described in full or by the four Cs, see
+    `load_diamonds`); `meta_<Category>.jsonl[.gz]`: Amazon metadata (needs the tokenizer); any other
+    `.jsonl[.gz]` or `.csv`: a text + price file."""
     if data in (None, "diamonds"):
-        return load_diamonds()
+        return load_diamonds(description=description)
     if not os.path.isfile(data):
         raise FileNotFoundError(f"{data}: no such data file (expected meta_<Category>.jsonl[.gz], "
                                 f"a .jsonl or .csv with text and price, or 'diamonds')")

@@ -1,0 +1,103 @@
+"""The pricer's training recipes (presets) and the one place a recipe becomes LoRA and training configs.
+
+    settings = dict(PRESETS["demo"], r=16, alpha=32)        # a preset with two values changed
+    apply_lora(model, lora_config(settings, model, seed=42))
+    result = train(model, tok, pairs, val_pairs, train_config(settings, "cpu", out_dir=None, seed=42))
+
+`examples/train_pricer.py` (its flags override a preset's values) and `examples/lab.py` (each
+experiment changes one or two values of the demo) both go through these functions.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from lora import LoRAConfig
+from train import TrainConfig
+
+ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+ATTENTION = "q_proj,k_proj,v_proj,o_proj"
+MLP = "gate_proj,up_proj,down_proj"
+
+# The demo: small enough for two CPU cores in minutes. The course's rule of thumb holds (r = 8,
+# alpha = 2r); a 135M model learning a new task from 4,000 short examples gains from adapting every
+# projection, not only attention, but only in the upper half of the network: the backward pass
+# stops at the lowest adapted layer, so the lower half costs a forward pass and nothing more.
+# Few steps call for a learning rate well above the course's 1e-4.
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": dict(
+        quant="nf4", r=8, alpha=16, dropout=0.0, dora=False, target="all", layers="15-", epochs=1,
+        max_steps=500, batch_size=8, grad_accum=1, lr=2e-3, warmup_ratio=0.05, weight_decay=0.0,
+        max_grad_norm=1.0, optimizer="adamw", max_len=None, group_by_length=False, description="full",
+        train_size=4000, val_size=64, test_size=200, eval_every=None, save_every=250, keep_last=2,
+    ),
+    # The course's QLoRA run of Llama-3.1-8B on the Amazon pricer data, for a GPU.
+    "llama31-8b": dict(
+        quant="nf4", r=32, alpha=64, dropout=0.1, dora=False, target=ATTENTION, layers=None, epochs=1,
+        max_steps=None, batch_size=4, grad_accum=1, lr=1e-4, warmup_ratio=0.03, weight_decay=0.001,
+        max_grad_norm=0.3, optimizer="paged_adamw", max_len=182, group_by_length=True, description="full",
+        train_size=None, val_size=500, test_size=250, eval_every=5000, save_every=5000, keep_last=10,
+    ),
+}
+
+
+def parse_layers(spec: str | None, n_layers: int) -> tuple[int, ...] | None:
+    """'all' or None -> None (every layer); '15-' -> 15..n-1; '10-19' -> 10..19; '3,5' -> (3, 5)."""
+    if spec in (None, "", "all"):
+        return None
+    layers: list[int] = []
+    try:
+        for part in spec.split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                layers += range(int(lo), int(hi) + 1 if hi else n_layers)
+            else:
+                layers.append(int(part))
+    except ValueError:
+        raise ValueError(f"--layers {spec!r}: expected 'all', '15-', '10-19' or '3,5,7'") from None
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad or not layers:
+        raise ValueError(f"--layers {spec!r}: the model has layers 0 to {n_layers - 1}, got {bad or 'none'}")
+    return tuple(sorted(set(layers)))
+
+
+def _get(settings: Mapping[str, Any] | Any, key: str) -> Any:
+    return settings[key] if isinstance(settings, Mapping) else getattr(settings, key)
+
+
+def all_projections(model) -> tuple[str, ...]:
+    """The names of the linear projections in a decoder layer, in order: whatever the family calls them
+    (q_proj ... down_proj for Llama, qkv_proj and gate_up_proj for Phi-3)."""
+    layer = model.model.layers[0]
+    return tuple(dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in layer.named_modules()
+                               if hasattr(m, "in_features") and name))
+
+
+def lora_config(settings: Mapping[str, Any] | Any, model, seed: int) -> LoRAConfig:
+    """r, alpha, dropout, target ('all' or comma-separated names), layers and DoRA of a recipe as a
+    LoRAConfig for `model` ('all' is every projection its family has)."""
+    target = _get(settings, "target")
+    targets = all_projections(model) if target == "all" else tuple(target.split(","))
+    return LoRAConfig(r=_get(settings, "r"), alpha=_get(settings, "alpha"), dropout=_get(settings, "dropout"),
+                      target_modules=targets, layers=parse_layers(_get(settings, "layers"), model.config.num_hidden_layers),
+                      seed=seed, use_dora=_get(settings, "dora"))
+
+
+def compute_dtype(device: str) -> torch.dtype | None:
+    """bf16 autocast on GPUs that have it; fp16 with loss scaling on those that do not (T4, V100)."""
+    if device != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def train_config(settings: Mapping[str, Any] | Any, device: str, out_dir: str | None, seed: int,
+                 progress: bool = True, **overrides: Any) -> TrainConfig:
+    """The recipe's optimizer, schedule and batching as a TrainConfig; `overrides` win (e.g. run_name)."""
+    keys = ("lr", "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio",
+            "max_grad_norm", "eval_every", "save_every", "keep_last", "optimizer", "max_len", "group_by_length")
+    values = {k: _get(settings, k) for k in keys}
+    values.update(seed=seed, out_dir=out_dir, device=device, progress=progress,
+                  autocast_dtype=compute_dtype(device))
+    values.update(overrides)
+    return TrainConfig(**values)
