@@ -19,7 +19,7 @@ head_dim, key/value width K = kv_heads x head_dim; P = L (2HQ + 2HK + 3HI) weigh
                   + the root's                    of the world's shards), and the root (embeddings, head,
                                                   final norm) for the whole step
     activations   rows b = B / N per process, T tokens, e bytes per value (2 for bf16):
-                  no checkpointing  L b T (6H + 2K + 3I) e      what autograd keeps per layer (measured
+                  no checkpointing  L b T (6H + 2K + 2I) e      what autograd keeps per layer (measured
                   checkpointing     L b T H e + one layer's      on our layers with saved_tensors_hooks:
                   offload           one layer's + b T H e        tests/test_fsdp.py checks it)
                   + the final norm b T H e, + 8 b A V for the fp32 logits of A answer tokens a row and their
@@ -97,7 +97,9 @@ def per_process_bytes(shape: Shape, procs: int = 1, r: int = 32, targets=("q_pro
         out["gathered"] = 0.0
     rows = max(1, -(-batch // procs))
     tokens = rows * seq
-    layer_acts = tokens * (6 * shape.hidden + 2 * shape.kv + 3 * shape.inter) * act_bytes
+    # the lean step's layer: two norm inputs, the shared input of q, k, v, q k v and the attention
+    # output for SDPA, o's input, the SwiGLU's gate and up (its product is recomputed, model/backward.py)
+    layer_acts = tokens * (6 * shape.hidden + 2 * shape.kv + 2 * shape.inter) * act_bytes
     inputs = tokens * shape.hidden * act_bytes
     if checkpointing == "offload":
         acts = layer_acts + inputs           # the layer inputs wait in host memory
