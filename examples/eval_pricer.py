@@ -12,7 +12,6 @@ prints `error: <message>` and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora) and the pricer package
 
 
-from lora import load_adapter  # noqa: E402
+from lora import load_adapter, read_adapter_config  # noqa: E402
 from pricer import (  # noqa: E402
     answer_tokens, constant_baseline, evaluate_prices, load_model, load_source, log_to_tensorboard,
     print_report, resolve_device, results_table, save_scatter, shuffled,
@@ -61,19 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def adapter_base(adapter_dir: str) -> str | None:
     """The base model an adapter names, when that path exists on this machine."""
-    file = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (expected a PEFT adapter folder)")
-    try:
-        with open(file) as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
-    base = config.get("base_model_name_or_path")
+    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
-        raise ValueError(f"{file}: base_model_name_or_path must be a string, got {base!r}")
+        raise ValueError(f"{adapter_dir}/adapter_config.json: base_model_name_or_path must be a string, got {base!r}")
     return base if base and os.path.exists(base) else None
 
 

@@ -12,11 +12,11 @@
 from .config import LoRAConfig
 from .export import export_merged
 from .inject import ParameterCount, apply_lora, lora_modules, merge_lora, trainable_parameters, unmerge_lora
-from .io import load_adapter, load_lora_state_dict, lora_state_dict, read_adapter, save_adapter
+from .io import load_adapter, load_lora_state_dict, lora_state_dict, read_adapter, read_adapter_config, save_adapter
 from .layer import LoRALinear
 
 __all__ = [
     "LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "trainable_parameters",
     "ParameterCount", "lora_modules", "lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter",
-    "read_adapter", "export_merged",
+    "read_adapter", "read_adapter_config", "export_merged",
 ]

@@ -65,6 +65,8 @@ class LoRAConfig:
                 f"got {self.target_modules!r}"
             )
         if self.layers is not None:
+            if not isinstance(self.layers, (int, list, tuple)):
+                raise ValueError(f"layers must be None, a layer index or a list of them, got {self.layers!r}")
             layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
             if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
                 raise ValueError(f"layers must be None or a non-empty list of layer indices >= 0, got {self.layers!r}")

@@ -139,6 +139,21 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | 
     _atomic_write(os.path.join(out_dir, ADAPTER_CONFIG), write_json)
 
 
+def read_adapter_config(adapter_dir: str) -> dict:
+    """The JSON object of `<adapter_dir>/adapter_config.json`, with errors that name the file."""
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_CONFIG} (expected a PEFT adapter folder)")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
 def read_adapter(adapter_dir: str) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     """Read (config, state dict with PEFT's keys) from an adapter folder, with clear errors."""
     if not os.path.isdir(adapter_dir):
@@ -148,14 +163,7 @@ def read_adapter(adapter_dir: str) -> tuple[LoRAConfig, dict[str, torch.Tensor]]
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path!r} is missing: an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    try:
-        with open(config_path) as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got {type(d).__name__}")
-    config = LoRAConfig.from_peft_dict(d, source=config_path)
+    config = LoRAConfig.from_peft_dict(read_adapter_config(adapter_dir), source=config_path)
     try:
         sd = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as e:

@@ -31,8 +31,13 @@ from model.load import read_config  # noqa: E402
 from quant import dequantize_4bit, quantize_4bit  # noqa: E402
 from train import load_checkpoint, save_checkpoint  # noqa: E402
 
-FEW = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-SOME = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples on every run, so `make test` is repeatable; a wider search is one
+# flag away (HYPOTHESIS_RANDOM=1) and is how the faults listed in the README were found
+RANDOM = bool(os.environ.get("HYPOTHESIS_RANDOM"))
+FEW = settings(max_examples=10, deadline=None, derandomize=not RANDOM,
+               suppress_health_check=[HealthCheck.function_scoped_fixture])
+SOME = settings(max_examples=40, deadline=None, derandomize=not RANDOM,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
