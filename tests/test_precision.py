@@ -14,7 +14,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from train_script import CharTokenizer, pricer_items, tiny_lora_model  # noqa: E402
+from train_script import CharTokenizer, pricer_items, signal_at_forward, tiny_lora_model  # noqa: E402
 
 from lora import lora_state_dict  # noqa: E402
 from train import (  # noqa: E402
@@ -105,16 +105,9 @@ def test_an_overflow_skips_exactly_that_step_and_matches_the_amp_recipe(full_fp1
 
 def test_a_resume_across_a_scale_change_is_exact(full_fp16, tmp_path):
     ours, result, _ = full_fp16
-    model, forwards = tiny_lora_model(), [0]
+    model = tiny_lora_model()
     overflow_hook(model, OVERFLOW_AT)
-
-    def stop_in_4(module, inputs, output):  # SIGTERM during step 4: S was halved at step 3
-        forwards[0] += 1
-        if forwards[0] == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return output
-
-    model.model.register_forward_hook(stop_in_4)
+    signal_at_forward(model, 4, signal.SIGTERM)  # during step 4: S was halved at step 3
     with pytest.raises(TrainingInterrupted):
         train(model, CharTokenizer(), pricer_items(24), None, fp16_config(tmp_path, save_every=STEPS))
     saved = load_checkpoint(str(tmp_path / "checkpoint-4"), tiny_lora_model())["loss_scaler"]

@@ -16,7 +16,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from train_script import CharTokenizer, pricer_items, tiny_lora_model  # noqa: E402
+from train_script import CharTokenizer, pricer_items, signal_at_forward, tiny_lora_model  # noqa: E402
 
 import train.checkpoint as checkpoint  # noqa: E402
 from lora import lora_state_dict, read_adapter  # noqa: E402
@@ -109,15 +109,8 @@ def test_sigterm_to_one_of_two_gloo_ranks_stops_both_after_the_same_step_and_res
 
 
 def test_sigint_in_process_raises_training_interrupted_with_status_130_and_restores_the_handler(tmp_path):
-    model, calls = tiny_lora_model(), [0]
-
-    def interrupt(module, inputs, output):  # Ctrl-C during the 3rd forward pass (step 3, one micro-batch a step)
-        calls[0] += 1
-        if calls[0] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return output
-
-    model.model.register_forward_hook(interrupt)
+    model = tiny_lora_model()
+    calls = signal_at_forward(model, 3, signal.SIGINT)  # Ctrl-C during step 3
     before = signal.getsignal(signal.SIGINT)
     cfg = TrainConfig(max_steps=6, batch_size=4, out_dir=str(tmp_path), progress=False, run_name="r")
     with pytest.raises(TrainingInterrupted) as info:
@@ -158,15 +151,8 @@ SHORT = dict(max_steps=4, save_every=1, keep_last=2)  # checkpoints after every 
 
 def _cut_after_3(out):
     """checkpoint-2 and checkpoint-3 of a 4-step run, as a run preempted in step 3 leaves them."""
-    model, calls = tiny_lora_model(dropout=0.1), [0]
-
-    def stop_in_3(module, inputs, output):
-        calls[0] += 1
-        if calls[0] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return output
-
-    model.model.register_forward_hook(stop_in_3)
+    model = tiny_lora_model(dropout=0.1)
+    signal_at_forward(model, 3, signal.SIGTERM)
     with pytest.raises(TrainingInterrupted):
         train(model, CharTokenizer(), pricer_items(24), None, _config(out, **SHORT))
 

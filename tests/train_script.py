@@ -59,6 +59,21 @@ def tiny_lora_model(dropout: float = 0.0, lora_seed: int = 0, targets=("q_proj",
     return model
 
 
+def signal_at_forward(model: Llama, n: int, signum: int) -> list[int]:
+    """Send this process `signum` during the decoder's n-th forward pass (step n, one micro-batch a
+    step), as a preempted machine or a Ctrl-C would. Returns the pass counter: [0] = 0 re-arms it."""
+    calls = [0]
+
+    def hook(module, inputs, output):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signum)
+        return output
+
+    model.model.register_forward_hook(hook)
+    return calls
+
+
 def nonzero_b(shape) -> torch.Tensor:
     """The values a test gives a LoRA B (out, r) so that every A receives a gradient from the first step."""
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(1)) * 0.02
