@@ -23,7 +23,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora) and th
 
 from lora import load_adapter, read_adapter_config  # noqa: E402
 from pricer import (  # noqa: E402
-    answer_tokens, constant_baseline, evaluate_prices, load_model, load_source, log_to_tensorboard,
+    PRESETS, answer_tokens, constant_baseline, evaluate_prices, load_model, load_source, log_to_tensorboard,
     print_report, resolve_device, results_table, save_scatter, shuffled,
 )
 
@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      "adapter_model.safetensors) [none: score the base model]")
     p.add_argument("--data", help="as train_pricer.py: meta_<Category>.jsonl[.gz], a .jsonl/.csv with text and "
                                   "price, or 'diamonds' [the embedded diamonds]")
+    demo = PRESETS["demo"]["description"]
+    p.add_argument("--description", choices=("full", "four-cs"), default=demo,
+                   help=f"how a diamond is described: the training run's --description [{demo}, the demo's]")
     p.add_argument("--n", type=int, default=250, help="items to score [250, the course's Tester]")
     p.add_argument("--top-k-average", type=int, metavar="K",
                    help="price = probability-weighted average of the K most likely next tokens read as "
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         modules = load_adapter(model, args.adapter)
         print(f"adapter {args.adapter}: LoRA on {len(modules)} modules")
 
-    loaded = load_source(args.data, tokenizer)
+    loaded = load_source(args.data, tokenizer, args.description)
     print(loaded.summary())
     order = shuffled(loaded.items, args.seed)
     items, rest = order[:args.n], order[args.n:]

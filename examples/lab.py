@@ -32,7 +32,7 @@ from train import cosine_with_warmup  # noqa: E402
 
 RANKS = (2, 4, 8, 16, 32)
 ALPHAS = (4, 8, 16, 32, 64)
-UPPER = "upper half"  # the demo's layers (15 to 29 of SmolLM2's 30)
+UPPER = "upper half"  # the base preset's layers (15 to 29 of SmolLM2's 30)
 TARGETS = (("attention (q, k, v, o), upper half", ATTENTION, UPPER), ("MLP (gate, up, down), upper half", MLP, UPPER),
            ("all seven, upper half", ALL_PROJECTIONS, UPPER), ("all seven, all layers", ALL_PROJECTIONS, "all"))
 SCORE_HEADER = ("hit rate", "mean error", "RMSLE", "trainable parameters", "adapter bytes", "CPU s / step")

@@ -1,6 +1,7 @@
 """Fine-tune a model to read a product description and answer its price, with QLoRA.
 
     python examples/train_pricer.py                      # the demo: SmolLM2-135M, NF4 base, diamonds, CPU
+    python examples/train_pricer.py --preset demo-full   # the slower demo: every attribute, half the layers
     python examples/train_pricer.py --preset llama31-8b --model ~/Llama-3.1-8B --data pricer_train.jsonl
     torchrun --nproc-per-node 2 examples/train_pricer.py --parallel fsdp ...   # the model sharded over 2 processes
 

@@ -135,3 +135,20 @@ def test_the_course_preset_picks_fp16_where_the_gpu_has_no_bf16(scripts, monkeyp
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: has_bf16)
         assert train_pricer.compute_dtype("cuda") == want
     assert train_pricer.compute_dtype("cpu") is None
+
+
+def test_eval_pricer_describes_the_diamonds_as_the_demo_trained_on_them(scripts, files, monkeypatch):
+    train_pricer, eval_pricer = scripts
+    # the demo's adapter learned the four-Cs prompt: scoring it with another description would be wrong
+    assert eval_pricer.parse_args([]).description == train_pricer.parse_args([]).description == "four-cs"
+    asked = []
+
+    def load_source(data, tokenizer=None, description="full"):
+        asked.append(description)
+        raise ValueError("stop after the data")
+
+    monkeypatch.setattr(eval_pricer, "load_source", load_source)
+    for description in ("four-cs", "full"):
+        assert eval_pricer.main(["--model", files["model"], "--quant", "none", "--device", "cpu",
+                                 "--description", description, "--out", files["out"]]) == 2
+    assert asked == ["four-cs", "full"]

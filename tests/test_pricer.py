@@ -29,7 +29,7 @@ TRAIN_FLAGS = ["--model", "--data", "--out", "--quant", "--r", "--alpha", "--dro
                "--save-every", "--resume", "--seed", "--device", "--preset", "--layers", "--max-grad-norm",
                "--eval-batch-size", "--no-progress", "--compile", "--parallel", "--description"]
 EVAL_FLAGS = ["--model", "--adapter", "--data", "--n", "--top-k-average", "--out", "--chart", "--quant",
-              "--device", "--batch-size", "--max-new-tokens", "--seed"]
+              "--device", "--batch-size", "--max-new-tokens", "--seed", "--description"]
 
 
 # ---------------------------------------------------------------------------- prompt
@@ -382,7 +382,10 @@ def test_presets_fill_unset_flags_and_explicit_flags_win():
     assert (course.save_every, course.keep_last, course.warmup_ratio) == (5000, 10, 0.03)
     demo = mod.parse_args([])
     assert demo.quant == "nf4" and demo.test_size == 200 and demo.preset == "demo"
-    assert mod.parse_args(["--description", "four-cs"]).description == "four-cs" and demo.description == "full"
+    assert (demo.description, demo.layers, demo.batch_size, demo.max_steps) == ("four-cs", "20-", 2, 1100)
+    full = mod.parse_args(["--preset", "demo-full"])   # the demo before it was made faster; the lab's base
+    assert (full.description, full.layers, full.batch_size, full.max_steps) == ("full", "15-", 8, 500)
+    assert mod.parse_args(["--description", "full"]).description == "full"
     assert mod.parse_layers("15-", 30) == tuple(range(15, 30)) and mod.parse_layers("all", 30) is None
     with pytest.raises(ValueError, match="layers 0 to 29"):
         mod.parse_layers("28-31", 30)
