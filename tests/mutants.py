@@ -101,6 +101,9 @@ MUTANTS = [
     Mutant("a user error exits 1", "examples/train_pricer.py",
            'print(f"error: {e}", file=sys.stderr)\n        return 2', 'print(f"error: {e}", file=sys.stderr)\n        return 1',
            k(CLI, "train_pricer_user_errors")),
+    Mutant("eval_pricer ignores --description", "examples/eval_pricer.py",
+           "load_source(args.data, tokenizer, args.description)", "load_source(args.data, tokenizer)",
+           k(CLI, "describes_the_diamonds")),
     # ---------------------------------------------------------------- hand-written backward passes
     Mutant("RMSNorm's backward forgets the mean term", "model/backward.py",
            "dx = torch.addcmul(gw * r, xf, c, value=-1).to(x.dtype)", "dx = (gw * r).to(x.dtype)",
