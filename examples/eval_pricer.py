@@ -23,8 +23,8 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora) and th
 
 from lora import load_adapter, read_adapter_config  # noqa: E402
 from pricer import (  # noqa: E402
-    PRESETS, answer_tokens, constant_baseline, evaluate_prices, load_model, load_source, log_to_tensorboard,
-    print_report, resolve_device, results_table, save_scatter, shuffled,
+    DESCRIPTIONS, PRESETS, answer_tokens, constant_baseline, evaluate_prices, load_model, load_source,
+    log_to_tensorboard, print_report, resolve_device, results_table, save_scatter, shuffled,
 )
 
 
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help="as train_pricer.py: meta_<Category>.jsonl[.gz], a .jsonl/.csv with text and "
                                   "price, or 'diamonds' [the embedded diamonds]")
     demo = PRESETS["demo"]["description"]
-    p.add_argument("--description", choices=("full", "four-cs"), default=demo,
+    p.add_argument("--description", choices=tuple(DESCRIPTIONS), default=demo,
                    help=f"how a diamond is described: the training run's --description [{demo}, the demo's]")
     p.add_argument("--n", type=int, default=250, help="items to score [250, the course's Tester]")
     p.add_argument("--top-k-average", type=int, metavar="K",

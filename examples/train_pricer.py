@@ -31,9 +31,9 @@ import torch  # noqa: E402
 
 from lora import LoRAConfig, apply_lora, load_adapter, save_adapter, trainable_parameters  # noqa: E402
 from pricer import (  # noqa: E402
-    PRESETS, answer_tokens, constant_baseline, evaluate_prices, load_model, load_source, log_to_tensorboard,
-    lora_config, parse_layers, print_report, resolve_device, results_table, save_scatter, split_items,
-    compute_dtype, train_config,
+    DESCRIPTIONS, PRESETS, answer_tokens, constant_baseline, evaluate_prices, load_model, load_source,
+    log_to_tensorboard, lora_config, parse_layers, print_report, resolve_device, results_table, save_scatter,
+    split_items, compute_dtype, train_config,
 )
 from train import OPTIMIZERS, TrainingInterrupted, latest_checkpoint, train  # noqa: E402
 
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
           choices=OPTIMIZERS)
     tuned("--max-len", "tokens of prompt + answer; the prompt is cut from the left (0: no limit)", type=int)
     tuned("--description", "how a diamond is described: every attribute, or the four Cs alone",
-          choices=("full", "four-cs"))
+          choices=tuple(DESCRIPTIONS))
     tuned("--train-size", "training items (0: all that remain after test and validation)", type=int)
     tuned("--val-size", "validation items, whose loss is logged", type=int)
     tuned("--test-size", "held-out items scored before and after training", type=int)

@@ -10,6 +10,7 @@
 from .chart import log_to_tensorboard, save_scatter, scatter_figure
 from .evaluate import answer_tokens, evaluate_prices, load_model, print_report, resolve_device, results_table
 from .data import (
+    DESCRIPTIONS,
     Item,
     Loaded,
     Split,
@@ -31,6 +32,7 @@ from .recipe import (ALL_PROJECTIONS, ATTENTION, MLP, PRESETS, all_projections, 
 from .prompt import PREFIX, QUESTION, make_answer, make_prompt
 
 __all__ = [
+    "DESCRIPTIONS",
     "Item", "Loaded", "Split", "describe_diamond", "describe_four_cs", "diamonds_csv", "load_amazon_meta", "load_diamonds",
     "load_source", "load_text_price", "scrub", "shuffled", "split_items",
     "GREEN", "ORANGE", "RED", "PriceReport", "color_for", "constant_baseline", "parse_price", "score",
