@@ -9,8 +9,8 @@ family is a set of LlamaConfig fields (model/families.py).
     out = model.generate(ids, attention_mask=mask, max_new_tokens=8)
 """
 from .config import LlamaConfig
-from .generate import generate, pad_batch
-from .llama import KVCache, Llama
+from .generate import KVCache, generate, pad_batch
+from .llama import Llama
 from .load import default_checkpoint, iter_tensors, load_pretrained, load_tokenizer, read_config
 from .tokenizer import Tokenizer
 
