@@ -33,7 +33,7 @@ from lora import LoRAConfig, apply_lora, load_adapter, save_adapter, trainable_p
 from pricer import (  # noqa: E402
     DESCRIPTIONS, PRESETS, answer_tokens, constant_baseline, evaluate_prices, load_model, load_source,
     log_to_tensorboard, lora_config, parse_layers, print_report, resolve_device, results_table, save_scatter,
-    split_items, compute_dtype, train_config,
+    split_items, base_dtype, train_config,
 )
 from train import OPTIMIZERS, TrainingInterrupted, latest_checkpoint, train  # noqa: E402
 
@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/pricer",
                    help="folder for checkpoint-<step>/, adapter/, runs/ and pricer.png [runs/pricer]")
     tuned("--quant", "4-bit type of the frozen base weights", choices=("nf4", "fp4", "none"))
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None,
+                   help="keep each 4-bit block's scale in fp32 instead of 8 bits (4.5 bits a weight, not 4.127)")
+    tuned("--dtype", "dtype of the frozen base (None: fp32 on the CPU, bf16 on a GPU)", choices=("float32", "bfloat16"))
     tuned("--r", "LoRA rank: the inner dimension of A (r x in) and B (out x r)", type=int)
     tuned("--alpha", "LoRA scaling: the update is (alpha / r) B A x", type=float)
     tuned("--dropout", "dropout on the LoRA path's input", type=float)
@@ -134,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     # r, alpha and dropout checked before the slow load ("all" is known only once the model is)
     LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout,
                target_modules=("q_proj",) if args.target == "all" else tuple(args.target.split(",")))
-    model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=compute_dtype(device))
+    model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=base_dtype(args, device),
+                                              double_quant=args.double_quant)
     loaded = load_source(args.data, tokenizer, args.description)
     print(loaded.summary())
     split = split_items(loaded.items, args.seed, args.test_size, args.val_size, args.train_size)
@@ -158,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if args.parallel == "fsdp":  # each process now holds only its shards: rank 0 reloads the base and the adapter
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
-        model, tokenizer, _ = load_model(args.model, args.quant, device)
+        model, tokenizer, _ = load_model(args.model, args.quant, device, double_quant=args.double_quant)
         load_adapter(model, latest_checkpoint(args.out))
 
     t0 = time.perf_counter()
