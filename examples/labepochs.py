@@ -17,7 +17,7 @@ from labkit import Lab, markdown_table, new_figure, record, runs_cost, timed
 from labruns import RunSpec, run_one
 from train import cosine_with_warmup
 
-EVALS_PER_EPOCH = 4
+EVALS_PER_EPOCH = 2
 
 
 def epochs_rows(lab: Lab) -> list[tuple[str, dict[str, Any]]]:
@@ -44,16 +44,18 @@ def boundary(losses: list[list[float]], steps_per_epoch: int, epoch: int, k: int
 
 
 def analyse(run: dict[str, Any], n_epochs: int) -> dict[str, Any]:
-    """Each epoch boundary's drop, each epoch's mean loss, and where the validation loss was lowest."""
+    """At each epoch boundary the mean training loss of the half epoch before and the half epoch after;
+    each epoch's mean loss; where the validation loss was lowest."""
     steps_per_epoch = run["steps"] // n_epochs
-    k = max(1, steps_per_epoch // 4)
+    k = max(1, steps_per_epoch // 2)
     losses, val = run["train_curve"], run["val_losses"]
     drops = [boundary(losses, steps_per_epoch, e, k) for e in range(1, n_epochs)]
     means = [statistics.fmean(l for s, l in losses if e * steps_per_epoch < s <= (e + 1) * steps_per_epoch)
              for e in range(n_epochs)]
     best_step, best = min(val, key=lambda sv: sv[1])
     return {"steps_per_epoch": steps_per_epoch, "k": k, "drops": drops, "epoch_means": means,
-            "best_val": [best_step, best], "last_val": val[-1], "turned_up": val[-1][1] > best + 1e-4}
+            "best_val": [best_step, best], "best_epoch": -(-best_step // steps_per_epoch), "last_val": val[-1],
+            "turned_up": val[-1][1] > best + 1e-4}
 
 
 @timed
@@ -69,10 +71,12 @@ def epochs(lab: Lab, started: float) -> str:
         data[name] = {"train_items": settings["train_size"], "seeds": found,
                       "curves": [{"train": r["train_curve"], "val": r["val_losses"]} for r in runs]}
         for seed, f in zip(lab.seeds, found):
-            table_rows.append((f"{settings['train_size']} diamonds", seed, f["steps_per_epoch"],
-                               " · ".join(f"{a:.3f} → {b:.3f}" for a, b in f["drops"]),
-                               " · ".join(f"{m:.3f}" for m in f["epoch_means"]),
-                               f"{f['best_val'][1]:.3f} (step {f['best_val'][0]})", f"{f['last_val'][1]:.3f}"))
+            pair = lambda e: f"{f['drops'][e][0]:.3f} → {f['drops'][e][1]:.3f}" if len(f["drops"]) > e else "-"  # noqa: E731
+            table_rows.append((f"{settings['train_size']} diamonds", seed, f["steps_per_epoch"], pair(0), pair(1),
+                               f"{sum(a > b for a, b in f['drops'])} of {len(f['drops'])}",
+                               f"{f['epoch_means'][0]:.3f} → {f['epoch_means'][-1]:.3f}",
+                               f"{f['best_val'][1]:.3f} (step {f['best_val'][0]}, epoch {f['best_epoch']})",
+                               f"{f['last_val'][1]:.3f}"))
         spe = found[0]["steps_per_epoch"]
         for i, r in enumerate(runs):
             alpha, width = (1.0, 1.0) if i == 0 else (0.35, 0.7)
@@ -90,9 +94,9 @@ def epochs(lab: Lab, started: float) -> str:
                                          for s in range(1, total + 1)], color="grey", linewidth=1)
         lr_ax.set_ylabel("learning rate (grey)")
         ax.legend(loc="upper right", fontsize=8)
-    table = markdown_table(("training set", "seed", "steps / epoch", "train loss: end of epoch e → start of e + 1",
-                            "mean train loss of each epoch", "lowest validation loss", "last validation loss"),
-                           table_rows)
+    table = markdown_table(("training set", "seed", "steps / epoch", "train loss, epoch 1 → 2", "epoch 2 → 3",
+                            "boundaries with a drop", "mean train loss, first → last epoch", "lowest validation loss",
+                            "last validation loss"), table_rows)
     notes = [note(name, d, n_epochs) for name, d in data.items()]
     return record(lab, "epochs", f"epochs: {n_epochs} passes over a small training set and a larger one", table, fig,
                   started, notes=notes, data=data, cost=runs_cost(all_runs))
@@ -102,9 +106,13 @@ def note(name: str, d: dict[str, Any], n_epochs: int) -> str:
     """One sentence per training set, written from the numbers."""
     seeds = d["seeds"]
     drops = sum(a > b for f in seeds for a, b in f["drops"][:1])
-    turned = sum(f["turned_up"] for f in seeds)
-    return (f"{d['train_items']} diamonds: the training loss drops as epoch 2 starts at {drops} of {len(seeds)} "
-            f"seeds; the validation loss ends above its lowest value (turns up) at {turned} of {len(seeds)}.")
+    turned = [f for f in seeds if f["turned_up"]]
+    rise = statistics.fmean(f["last_val"][1] - f["best_val"][1] for f in seeds)
+    return (f"{d['train_items']} diamonds: the training loss drops as epoch 2 starts (the mean of its first half "
+            f"epoch below that of epoch 1's second half) at {drops} of {len(seeds)} seeds; the validation loss ends "
+            f"above its lowest value (turns up) at {len(turned)} of {len(seeds)}"
+            + (f", lowest in epoch {', '.join(str(f['best_epoch']) for f in turned)}" if turned else "")
+            + f"; it ends {rise:.3f} above its low on average.")
 
 
 @timed

@@ -35,10 +35,9 @@ class Budget:
     val_size: int | None = None    # None: the recipe's 64
     top_k: int | None = 3          # the top-k average scored beside greedy (None: greedy only)
     curve_every: int = 10          # training losses stored as means of this many steps
-    small_set: int = 60            # epochs: a training set small enough to be memorised
-    large_set: int = 400           # epochs: the contrast, too large to memorise in as many epochs
-    n_epochs: int = 5
-    eval_every: int = 10           # epochs: validation interval, in steps
+    small_set: int = 20            # epochs: a training set small enough to be memorised
+    large_set: int = 160           # epochs: the contrast (the lab's set before), too large to memorise as fast
+    n_epochs: int = 8
     seed_steps: int = 20           # steps of each of the seed experiment's three runs
     nf4_matrices: int | None = None   # None: every weight matrix of the model
     overhead_s: float = 60.0       # stated: loading and scoring a run (a stored run's measured one replaces it)
@@ -55,7 +54,7 @@ class Budget:
 
 
 TINY = Budget(steps=3, train_size=8, test_size=4, val_size=4, top_k=2, curve_every=1, small_set=4, large_set=8,
-              n_epochs=3, eval_every=1, seed_steps=3, nf4_matrices=4, overhead_s=1.0)
+              n_epochs=3, seed_steps=3, nf4_matrices=4, overhead_s=1.0)
 
 
 @dataclass
