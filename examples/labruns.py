@@ -85,11 +85,11 @@ def write_json(path: str, data: dict[str, Any]) -> None:
 
 
 def commit() -> str:
-    """The commit the lab runs on (`+` when the tree has changes), for the record."""
+    """The commit the lab runs on (`+` when its Python files have changes), for the record."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=HERE, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py"], cwd=HERE,
                                capture_output=True, text=True).stdout.strip()
         return head + ("+" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
