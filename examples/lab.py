@@ -9,7 +9,7 @@
     python examples/lab.py seed        # same seed, same curves; another seed, other curves
     python examples/lab.py all --seeds 3 --jobs 2    # every experiment, then the report
     python examples/lab.py alpha rank --jobs 2       # several experiments, their runs in one queue
-    python examples/lab.py report      # examples/LAB.md from the fragments in examples/lab/
+    python examples/lab.py report      # examples/LAB.md from the runs stored so far, nothing run
 
 Every training run is the lab's base recipe (`PRESETS["lab"]`) with one or two values changed, trained
 for all its steps and scored on the 200 held-out diamonds, once per seed (0, 1, 2: the split, the LoRA
@@ -19,13 +19,18 @@ once, and an interrupted command picks up where it stopped. Before it starts, ea
 how long its runs will take, from measured CPU seconds per step.
 
 Each experiment writes `<out>/<name>.png`, `<name>.json` and `<name>.md` (a fragment with the
-command, machine, commit, cost, table and figure); `report` pastes each fragment between the
-`<!-- lab:<name> -->` markers of LAB.md. `--tiny` runs every experiment for a few steps on a few
-diamonds (with `--model`, a tiny checkpoint): the plumbing, in seconds.
+command, machine, commit, cost, table and figure); `report` writes the training experiments' fragments
+again from the runs stored so far (a row still running says how many of its seeds are in), runs
+nothing, and pastes each fragment between the `<!-- lab:<name> -->` markers of LAB.md, with the
+lab's total (`<!-- lab:total -->`: runs, CPU hours, wall time, commits). `--tiny` runs every
+experiment for a few steps on a few diamonds (with `--model`, a tiny checkpoint): the plumbing, in
+seconds.
 """
 from __future__ import annotations
 
 import argparse
+import calendar
+import json
 import os
 import re
 import sys
@@ -36,7 +41,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library, the pricer package 
 
 import labepochs  # noqa: E402
 import labsweeps  # noqa: E402
-from labkit import TINY, Budget, Lab  # noqa: E402
+from labkit import TINY, Budget, Lab, machine  # noqa: E402
 from labruns import Estimate, RunSpec, load_result  # noqa: E402
 from nf4lab import nf4  # noqa: E402
 
@@ -70,11 +75,39 @@ def state_budget(lab: Lab, specs: list[RunSpec]) -> float:
     return cpu
 
 
+def total(lab: Lab) -> str:
+    """`<out>/total.md`: what the whole lab's training runs took, from the stored runs (CPU seconds of
+    each run, the first start and the last end), and the commits they ran on."""
+    specs = plan(lab, list(EXPERIMENTS))
+    runs = [r for s in specs if (r := load_result(s, lab.out)) is not None]
+    lines = [f"The lab's training runs: {len(runs)} of {len(specs)} stored"
+             + ("" if len(runs) == len(specs) else " (the rest still running)") + "."]
+    if runs:
+        start = min(calendar.timegm(time.strptime(r["started"], "%Y-%m-%d %H:%M:%S")) for r in runs)
+        end = max(calendar.timegm(time.strptime(r["started"], "%Y-%m-%d %H:%M:%S")) + r["wall_s"] for r in runs)
+        cpu = sum(r["cpu_s"] for r in runs)
+        lines[0] += (f" Measured: {cpu:,.0f} CPU seconds ({cpu / 3600:.1f} CPU hours: load, training and scoring, "
+                     f"one torch thread a run), from {time.strftime('%Y-%m-%d %H:%M', time.gmtime(start))} to "
+                     f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(end))} UTC, {(end - start) / 3600:.1f} hours of "
+                     f"wall time, on {machine(load=False)}; commit {', '.join(sorted({r['commit'] for r in runs}))}.")
+    for name in ("nf4", "seed"):   # they store no runs: the time their last command took
+        path = os.path.join(lab.out, f"{name}.json")
+        took = json.load(open(path)).get("took_s") if os.path.isfile(path) else None
+        if took is not None:
+            lines.append(f"`{name}` took {took / 60:.1f} minutes (one process).")
+    path = os.path.join(lab.out, "total.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(" ".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def report(out: str, page: str) -> str:
-    """Paste each `<out>/<name>.md` fragment between `<!-- lab:<name> -->` and `<!-- /lab:<name> -->` of `page`."""
+    """Paste each `<out>/<name>.md` fragment between `<!-- lab:<name> -->` and `<!-- /lab:<name> -->` of `page`
+    (the experiments, then `total`)."""
     with open(page) as f:
         text = f.read()
-    for name in EXPERIMENTS:
+    for name in [*EXPERIMENTS, "total"]:
         path = os.path.join(out, f"{name}.md")
         body = open(path).read().strip() if os.path.isfile(path) else f"*Not run yet: `python examples/lab.py {name}`.*"
         pattern = re.compile(rf"(<!-- lab:{name} -->\n).*?(\n<!-- /lab:{name} -->)", re.S)
@@ -100,16 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="a few steps on a few diamonds: the plumbing in seconds")
     p.add_argument("--plan", action="store_true", help="state the runs and their time, run nothing")
     args = p.parse_args(argv)
-    if "report" in args.experiment:
-        print(f"wrote {report(args.out, args.page)}")
-        return 0
     if args.seeds < 1 or args.jobs < 1:
         print("error: --seeds and --jobs must be at least 1", file=sys.stderr)
         return 2
     flags = "".join(f" {flag} {value}" for flag, value in (("--model", args.model),
                                                            ("--out", args.out if argv is not None else None)) if value)
     lab = Lab(args.model, TINY if args.tiny else Budget(), args.out, seeds=tuple(range(args.seeds)), jobs=args.jobs,
-              flags=flags + (" --tiny" if args.tiny else ""))
+              flags=flags + (" --tiny" if args.tiny else ""), stored_only="report" in args.experiment)
+    if lab.stored_only:   # every training experiment's table from the runs stored so far
+        for name in SPECS:
+            EXPERIMENTS[name](lab)
+        total(lab)
+        print(f"wrote {report(args.out, args.page)}")
+        return 0
     names = list(EXPERIMENTS) if "all" in args.experiment else list(dict.fromkeys(args.experiment))
     t0 = time.perf_counter()
     state_budget(lab, plan(lab, names))
@@ -119,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         EXPERIMENTS[name](lab)
     if "all" in args.experiment:
+        total(lab)
         print(f"all experiments in {(time.perf_counter() - t0) / 60:.1f} minutes; wrote {report(args.out, args.page)}")
     return 0
 

@@ -70,6 +70,9 @@ def epochs(lab: Lab, started: float) -> str:
         found = [analyse(r, n_epochs) for r in runs]
         data[name] = {"train_items": settings["train_size"], "seeds": found,
                       "curves": [{"train": r["train_curve"], "val": r["val_losses"]} for r in runs]}
+        if not runs:   # `report` before any of this set's runs is stored
+            ax.set_title(f"{settings['train_size']} diamonds: not run yet")
+            continue
         for seed, f in zip(lab.seeds, found):
             pair = lambda e: f"{f['drops'][e][0]:.3f} → {f['drops'][e][1]:.3f}" if len(f["drops"]) > e else "-"  # noqa: E731
             table_rows.append((f"{settings['train_size']} diamonds", seed, f["steps_per_epoch"], pair(0), pair(1),
@@ -98,6 +101,9 @@ def epochs(lab: Lab, started: float) -> str:
                             "boundaries with a drop", "mean train loss, first → last epoch", "lowest validation loss",
                             "last validation loss"), table_rows)
     notes = [note(name, d, n_epochs) for name, d in data.items()]
+    left = [f"{d['train_items']} diamonds ({len(d['seeds'])} of {len(lab.seeds)} seeds)" for d in data.values()
+            if len(d["seeds"]) < len(lab.seeds)]
+    notes += [f"**Still running**: {', '.join(left)}."] if left else []
     return record(lab, "epochs", f"epochs: {n_epochs} passes over a small training set and a larger one", table, fig,
                   started, notes=notes, data=data, cost=runs_cost(all_runs))
 
@@ -105,6 +111,8 @@ def epochs(lab: Lab, started: float) -> str:
 def note(name: str, d: dict[str, Any], n_epochs: int) -> str:
     """One sentence per training set, written from the numbers."""
     seeds = d["seeds"]
+    if not seeds:
+        return f"{d['train_items']} diamonds: no run stored yet."
     drops = sum(a > b for f in seeds for a, b in f["drops"][:1])
     turned = [f for f in seeds if f["turned_up"]]
     rise = statistics.fmean(f["last_val"][1] - f["best_val"][1] for f in seeds)

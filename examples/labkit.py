@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from labruns import RunSpec, commit, run_all
+from labruns import RunSpec, commit, load_result, run_all
 from pricer import PRESETS
 
 # Every training run of the lab is this recipe (examples/pricer/recipe.py) with one or two values changed:
@@ -67,6 +67,7 @@ class Lab:
     seeds: tuple[int, ...] = (0, 1, 2)
     jobs: int = 1
     flags: str = ""                 # the command's flags, for the record
+    stored_only: bool = False       # `report`: tables from the runs stored so far, nothing run
     n_layers: int = 30
     _results: dict[str, dict] = field(default_factory=dict)
 
@@ -95,20 +96,30 @@ class Lab:
         return [self.spec(name, settings, seed, **kw) for seed in self.seeds]
 
     def run(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
-        """The results of `specs` in order: stored ones read, the rest run (`jobs` at a time)."""
+        """The results of `specs` in order: stored ones read, the rest run (`jobs` at a time); with
+        `stored_only`, the stored ones alone (a row still running has fewer than its seeds)."""
+        if self.stored_only:
+            return [r for s in specs if (r := self._results.get(s.key) or load_result(s, self.out)) is not None]
         self._results |= run_all(specs, self.out, self.jobs)
         return [self._results[s.key] for s in specs]
 
+    def seeds_cell(self, results: list[dict[str, Any]]) -> str:
+        """'3' for a finished row; '1 of 3, running' while its other seeds are not stored yet."""
+        n = len(self.seeds)
+        return f"{len(results)}" if len(results) >= n else f"{len(results)} of {n}, running"
+
 
 def stats(values: Sequence[float]) -> dict[str, float]:
-    """Mean, sample standard deviation (0 for one value), min and max."""
+    """Mean, sample standard deviation (0 for one value), min and max (NaN for no value)."""
+    if not values:
+        return {"mean": math.nan, "sd": math.nan, "min": math.nan, "max": math.nan, "n": 0}
     return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values), "n": len(values)}
 
 
 def spread(values: Sequence[float], fmt: str = "{:.1f}", unit: str = "") -> str:
     """'61.3% (58.5–64.0)': the mean of the seeds and their range."""
-    if any(math.isnan(v) for v in values):
+    if not values or any(math.isnan(v) for v in values):
         return "-"
     s = stats(values)
     pre, post = ("$", "") if unit == "$" else ("", unit)
@@ -134,16 +145,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    """CPU model, cores, torch version and the load average now."""
+def machine(load: bool = True) -> str:
+    """CPU model, cores, torch version and (with `load`) the load average now."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}; load average {load:.1f}"
+    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if load and hasattr(os, "getloadavg"):
+        text += f"; load average {os.getloadavg()[0]:.1f}"
+    return text
 
 
 def new_figure(ncols: int = 1, width: float = 7.0):
@@ -160,6 +173,8 @@ def new_figure(ncols: int = 1, width: float = 7.0):
 def runs_cost(results: list[dict[str, Any]]) -> str:
     """What the runs behind a table cost: their count, CPU seconds and the commit they ran on."""
     unique = {r["key"]: r for r in results}.values()
+    if not unique:
+        return "no run finished yet"
     commits = sorted({r["commit"] for r in unique})
     dates = sorted(r["started"][:10] for r in unique)
     return (f"{len(unique)} runs, one torch thread each, {sum(r['cpu_s'] for r in unique):,.0f} CPU seconds in all "
@@ -175,15 +190,17 @@ def record(lab: Lab, name: str, title: str, table: str, fig, started: float, not
     fig.tight_layout()
     fig.savefig(os.path.join(lab.out, f"{name}.png"))
     if data is not None:
+        if cost is None:   # an experiment that stores no runs: the time this command took, for the lab's total
+            data = dict(data, took_s=time.perf_counter() - started)
         with open(os.path.join(lab.out, f"{name}.json"), "w") as f:
             json.dump(data, f, indent=1)
     seeds = f" --seeds {len(lab.seeds)}" if name not in ("nf4", "seed") else ""
     command = f"python examples/lab.py {name}{seeds}{lab.flags}"
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     text = [f"### {title}", "", f"Command: `{command}`", "",
-            f"Written {when} UTC on {machine()}; commit {commit()}. "
-            + (f"Behind the table: {cost}." if cost else
-               f"Took {(time.perf_counter() - started) / 60:.1f} minutes."), "", table, ""]
+            (f"Table written {when} UTC from the stored runs on {machine(load=False)}. Behind it: {cost}."
+             if cost else f"Written {when} UTC on {machine()}; commit {commit()}. "
+             f"Took {(time.perf_counter() - started) / 60:.1f} minutes."), "", table, ""]
     for note in notes:
         text += [note, ""]
     text += [f"![{name}](lab/{name}.png)", ""]

@@ -33,7 +33,7 @@ def score_cells(results: list[dict[str, Any]], top_k: int | None) -> list[str]:
     if top_k:
         cells += [spread(field_of(results, f"top{top_k}.hit_rate"), unit="%"),
                   spread(field_of(results, f"top{top_k}.mean_error"), "{:,.0f}", "$")]
-    return cells + [f"{stats(field_of(results, 'cpu_s_per_step'))['mean']:.3f}"]
+    return cells + [f"{stats(field_of(results, 'cpu_s_per_step'))['mean']:.3f}" if results else "-"]
 
 
 def score_header(top_k: int | None) -> tuple[str, ...]:
@@ -42,7 +42,10 @@ def score_header(top_k: int | None) -> tuple[str, ...]:
 
 
 def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """A row's numbers for the JSON: each seed's scores and the statistics over the seeds."""
+    """A row's numbers for the JSON: each seed's scores and the statistics over the seeds ({} while none
+    is stored)."""
+    if not results:
+        return {}
     keys = ["greedy.hit_rate", "greedy.mean_error", "greedy.rmsle", "constant.hit_rate", "constant.mean_error",
             "cpu_s_per_step"] + [f"{k}.{m}" for k in ("top3", "top2") for m in ("hit_rate", "mean_error")]
     values = {k: field_of(results, k) for k in keys}
@@ -51,10 +54,22 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
                   "adapter_bytes": results[0]["adapter_bytes"], "base_memory": results[0]["base_memory"]}
 
 
-def baseline_note(results: list[dict[str, Any]]) -> str:
+def first(rows: list[list[dict[str, Any]]], key: str, fmt: Callable[[Any], str] = str) -> list[str]:
+    """`key` of each row's first stored run, formatted ('-' for a row with none yet)."""
+    return [fmt(res[0][key]) if res else "-" for res in rows]
+
+
+def running_note(lab: Lab, names: list[str], rows: list[list[dict[str, Any]]]) -> list[str]:
+    """A sentence naming the rows whose seeds are not all stored yet (none when the table is complete)."""
+    left = [f"{name} ({len(res)} of {len(lab.seeds)} seeds)" for name, res in zip(names, rows) if len(res) < len(lab.seeds)]
+    return [f"**Still running**: {', '.join(left)}; their cells show the seeds stored so far."] if left else []
+
+
+def baseline_note(rows: list[list[dict[str, Any]]]) -> str:
+    results = next((res for res in rows if res), [])
     hits, error = field_of(results, "constant.hit_rate"), field_of(results, "constant.mean_error")
     return (f"Always answering the training mean price scores {spread(hits, unit='%')} hits and "
-            f"{spread(error, '{:,.0f}', '$')} mean error on the same test splits (seeds {len(hits)}).")
+            f"{spread(error, '{:,.0f}', '$')} mean error on the same test splits ({len(hits)} seeds).")
 
 
 def draw(ax_hits, ax_error, labels: list[str], rows: list[list[dict[str, Any]]], name: str, color: str,
@@ -62,7 +77,7 @@ def draw(ax_hits, ax_error, labels: list[str], rows: list[list[dict[str, Any]]],
     """Mean hit rate and mean error of each row as a point, its seeds' range as a bar."""
     x = [i + offset for i in range(len(labels))]
     for ax, key in ((ax_hits, "greedy.hit_rate"), (ax_error, "greedy.mean_error")):
-        s = [stats(field_of(r, key)) for r in rows]
+        s = [stats(field_of(r, key)) for r in rows]   # NaN for a row with no stored run: a gap
         ax.errorbar(x, [v["mean"] for v in s], yerr=[[v["mean"] - v["min"] for v in s], [v["max"] - v["mean"] for v in s]],
                     fmt="o-", color=color, capsize=3, label=name)
         ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=20 if len(max(labels, key=len)) > 6 else 0)
@@ -105,16 +120,15 @@ def rank(lab: Lab, started: float) -> str:
     results = results_of(lab, rank_rows(lab), "rank")
     two_r, fixed = results[:len(RANKS)], results[len(RANKS):]
     k = lab.budget.top_k
-    table = markdown_table(("r", "alpha", *score_header(k), "trainable parameters"),
-                           [(r, a, *score_cells(res, k), f"{res[0]['trainable']:,}")
-                            for rows, alphas in ((two_r, [2 * r for r in RANKS]), (fixed, [FIXED_ALPHA] * len(RANKS)))
-                            for r, a, res in zip(RANKS, alphas, rows)])
+    pairs = [(r, 2 * r) for r in RANKS] + [(r, FIXED_ALPHA) for r in RANKS]
+    table = markdown_table(("r", "alpha", *score_header(k), "trainable parameters", "seeds"),
+                           [(r, a, *score_cells(res, k), n, lab.seeds_cell(res))
+                            for (r, a), res, n in zip(pairs, results, first(results, "trainable", "{:,}".format))])
     fig = sweep_figure(lab, "r", [str(r) for r in RANKS], {"alpha = 2r": two_r, f"alpha = {FIXED_ALPHA}": fixed})
-    data = {f"r={r}, alpha={a}": summary(res) for rows, alphas in ((two_r, [2 * r for r in RANKS]),
-                                                                    (fixed, [FIXED_ALPHA] * len(RANKS)))
-            for r, a, res in zip(RANKS, alphas, rows)}
+    names = [f"r={r}, alpha={a}" for r, a in pairs]
     return record(lab, "rank", f"rank: r = 2 to 64, alpha = 2r and alpha = {FIXED_ALPHA}", table, fig, started,
-                  notes=[baseline_note(results[0])], data=data, cost=runs_cost(sum(results, [])))
+                  notes=[baseline_note(results), *running_note(lab, names, results)],
+                  data={name: summary(res) for name, res in zip(names, results)}, cost=runs_cost(sum(results, [])))
 
 
 # ---------------------------------------------------------------- alpha
@@ -132,12 +146,13 @@ def alpha(lab: Lab, started: float) -> str:
     """r = 8 with alpha = 2 .. 64: the scaling alpha / r from 0.25 to 8, the parameters unchanged."""
     results = results_of(lab, alpha_rows(lab), "alpha")
     k = lab.budget.top_k
-    table = markdown_table(("alpha", "alpha / r", *score_header(k)),
-                           [(a, f"{a / 8:g}", *score_cells(res, k)) for a, res in zip(ALPHAS, results)])
+    table = markdown_table(("alpha", "alpha / r", *score_header(k), "seeds"),
+                           [(a, f"{a / 8:g}", *score_cells(res, k), lab.seeds_cell(res)) for a, res in zip(ALPHAS, results)])
     fig = sweep_figure(lab, "alpha (r = 8)", [str(a) for a in ALPHAS], {"r = 8": results})
+    names = [f"alpha={a}" for a in ALPHAS]
     return record(lab, "alpha", "alpha: r = 8, alpha = 2 to 64", table, fig, started,
-                  notes=[baseline_note(results[0])], data={f"alpha={a}": summary(r) for a, r in zip(ALPHAS, results)},
-                  cost=runs_cost(sum(results, [])))
+                  notes=[baseline_note(results), *running_note(lab, names, results)],
+                  data={name: summary(r) for name, r in zip(names, results)}, cost=runs_cost(sum(results, [])))
 
 
 # ---------------------------------------------------------------- targets
@@ -161,15 +176,15 @@ def targets(lab: Lab, started: float) -> str:
     rows = targets_rows(lab)
     results = results_of(lab, [(n, s) for n, _, _, s in rows], "targets")
     k = lab.budget.top_k
-    table = markdown_table(("modules", "layers", *score_header(k), "trainable parameters"),
-                           [(m, layers, *score_cells(res, k), f"{res[0]['trainable']:,}")
-                            for (_, m, layers, _), res in zip(rows, results)])
+    table = markdown_table(("modules", "layers", *score_header(k), "trainable parameters", "seeds"),
+                           [(m, layers, *score_cells(res, k), n, lab.seeds_cell(res))
+                            for (_, m, layers, _), res, n in zip(rows, results, first(results, "trainable", "{:,}".format))])
     fig = sweep_figure(lab, "targets", [f"{m.split(' (')[0]}, {layers.split(' (')[0]}" for _, m, layers, _ in rows],
                        {"": results})
+    names = [f"{m}, {layers}" for _, m, layers, _ in rows]
     return record(lab, "targets", "targets: attention, MLP or all seven; upper third, lower third or all layers",
-                  table, fig, started, notes=[baseline_note(results[0])],
-                  data={f"{m}, {layers}": summary(r) for (_, m, layers, _), r in zip(rows, results)},
-                  cost=runs_cost(sum(results, [])))
+                  table, fig, started, notes=[baseline_note(results), *running_note(lab, names, results)],
+                  data={name: summary(r) for name, r in zip(names, results)}, cost=runs_cost(sum(results, [])))
 
 
 # ---------------------------------------------------------------- qlora
@@ -204,14 +219,18 @@ def qlora(lab: Lab, started: float) -> str:
     rows = qlora_rows(lab)
     results = results_of(lab, [(n, s) for n, _, s in rows], "qlora")
     k = lab.budget.top_k
-    mib: Callable[[float], str] = lambda b: f"{b / 2 ** 20:,.1f}"  # noqa: E731
+    def mib(key: str) -> Callable[[dict[str, float]], str]:
+        return lambda memory: f"{memory[key] / 2 ** 20:,.1f}"
+
+    memory = zip(first(results, "base_memory", mib("projection_bytes")),
+                 first(results, "base_memory", lambda m: f"{m['bits_per_weight']:.3f}"),
+                 first(results, "base_memory", mib("model_bytes")))
     table = markdown_table(("frozen base", *score_header(k), "projections held, MiB", "bits a weight, held",
-                            "whole model, MiB"),
-                           [(label, *score_cells(res, k), mib(res[0]["base_memory"]["projection_bytes"]),
-                             f"{res[0]['base_memory']['bits_per_weight']:.3f}", mib(res[0]["base_memory"]["model_bytes"]))
-                            for (_, label, _), res in zip(rows, results)])
+                            "whole model, MiB", "seeds"),
+                           [(label, *score_cells(res, k), *held, lab.seeds_cell(res))
+                            for (_, label, _), res, held in zip(rows, results, memory)])
     fig = sweep_figure(lab, "frozen base", [n for n, _, _ in rows], {"": results})
-    notes = [baseline_note(results[0]),
+    notes = [baseline_note(results), *running_note(lab, [label for _, label, _ in rows], results),
              "Held: the bytes the decoder's projections occupy while training (packed 4-bit codes, their scales as "
              "stored and the fp32 scales decoded from them once, the code books; or the plain weights); the whole "
              "model adds the embedding (tied to the head), the norms and the LoRA parameters."]

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import sys
 
 import pytest
@@ -185,11 +186,23 @@ def test_nf4_compares_three_formats_and_measures_bits_on_disk_and_held(tiny, tmp
     assert control["NF4"] < min(control["FP4"], control["int4 (absmax, 15 levels)"])
 
 
-def test_report_fills_the_markers_and_leaves_the_prose(tiny, out, tmp_path):
+def test_report_fills_the_markers_from_the_stored_runs_and_leaves_the_prose(tiny, out, tmp_path, capsys):
+    shutil.copytree(out / "runs", tmp_path / "lab" / "runs")
+    alpha_runs = sorted((tmp_path / "lab" / "runs").glob("alpha*"))
+    alpha_runs[0].unlink()   # one alpha row not finished yet
     page = tmp_path / "LAB.md"
-    page.write_text("".join(f"Prose about {n}.\n<!-- lab:{n} -->\nold\n<!-- /lab:{n} -->\n" for n in lab.EXPERIMENTS))
-    assert lab.main(["report", "--out", str(out), "--page", str(page)]) == 0
+    page.write_text("".join(f"Prose about {n}.\n<!-- lab:{n} -->\nold\n<!-- /lab:{n} -->\n"
+                            for n in [*lab.EXPERIMENTS, "total"]))
+    capsys.readouterr()
+    assert lab.main(["report", "--tiny", "--model", tiny, "--out", str(tmp_path / "lab"), "--page", str(page),
+                     "--seeds", "1"]) == 0
+    assert "run(s) to do" not in capsys.readouterr().out   # report runs nothing
+    assert len(list((tmp_path / "lab" / "runs").iterdir())) == len(list((out / "runs").iterdir())) - 1
     text = page.read_text()
     assert "Prose about qlora." in text and "old" not in text
     assert "| NF4, no double quantization |" in text
+    assert "| 0 of 1, running |" in text and "**Still running**: alpha=" in text
     assert "*Not run yet: `python examples/lab.py seed`.*" in text
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "lab" / "runs").iterdir()]
+    assert f"training runs: {len(runs)} of {len(runs) + 1} stored (the rest still running)" in text
+    assert f"{sum(r['cpu_s'] for r in runs):,.0f} CPU seconds" in text
