@@ -316,3 +316,67 @@ def test_a_damaged_gguf_header_gives_a_value_error(good_gguf, tmp_path_factory, 
     except ValueError:
         return
     assert how == "flip" and config.hidden_size > 0  # a flipped byte in a value may still read as a model
+
+
+# ---------------------------------------------------------------------------------------- GGUF key-values
+_KV_TYPES = {  # GGUF value type -> values of it
+    "UINT8": st.integers(0, 255), "INT8": st.integers(-128, 127), "UINT16": st.integers(0, 2 ** 16 - 1),
+    "INT16": st.integers(-2 ** 15, 2 ** 15 - 1), "UINT32": st.integers(0, 2 ** 32 - 1),
+    "INT32": st.integers(-2 ** 31, 2 ** 31 - 1), "UINT64": st.integers(0, 2 ** 64 - 1),
+    "INT64": st.integers(-2 ** 63, 2 ** 63 - 1), "FLOAT32": st.floats(width=32, allow_nan=False),
+    "FLOAT64": st.floats(allow_nan=False), "BOOL": st.booleans(), "STRING": st.text(max_size=12),
+}
+_kv_scalar = st.sampled_from(sorted(_KV_TYPES)).flatmap(lambda t: st.tuples(st.just(t), _KV_TYPES[t]))
+_kv_array = st.sampled_from(["INT32", "UINT8", "FLOAT32", "STRING", "BOOL"]).flatmap(
+    lambda t: st.tuples(st.just("ARRAY"), st.just(t), st.lists(_KV_TYPES[t], min_size=1, max_size=20)))
+
+
+def _write_gguf_kv(path: str, fields: dict) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(path, "llama")
+    for key, spec in fields.items():
+        if spec[0] == "ARRAY":
+            w.add_key_value(key, spec[2], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType[spec[1]])
+        else:
+            w.add_key_value(key, spec[1], gguf.GGUFValueType[spec[0]])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@SOME
+@given(fields=st.dictionaries(st.text(min_size=1, max_size=10).map(lambda k: "k." + k), _kv_scalar | _kv_array,
+                              max_size=8))
+def test_gguf_key_values_read_as_the_gguf_package_reads_them(fields, tmp_path_factory):
+    import gguf
+
+    from model.gguf import read_gguf_kv
+
+    path = str(tmp_path_factory.mktemp("kv") / "m.gguf")
+    _write_gguf_kv(path, fields)
+    reference = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+    assert read_gguf_kv(path) == reference
+
+
+@SOME
+@given(how=st.sampled_from(["random", "truncate", "flip"]), data=st.data())
+def test_damaged_gguf_key_values_give_a_value_error(good_gguf, tmp_path_factory, how, data):
+    from model.gguf import read_gguf_kv
+
+    raw = good_gguf
+    if how == "random":
+        raw = b"GGUF" + data.draw(st.binary(max_size=120))
+    elif how == "truncate":
+        raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
+    else:
+        i = data.draw(st.integers(4, min(len(raw), 400) - 1))
+        raw = raw[:i] + bytes([raw[i] ^ data.draw(st.integers(1, 255))]) + raw[i + 1:]
+    path = tmp_path_factory.mktemp("g") / "m.gguf"
+    path.write_bytes(raw)
+    try:
+        kv = read_gguf_kv(str(path))
+    except ValueError:
+        return
+    assert isinstance(kv, dict)  # a flipped byte inside a value, or cut tensor data: still key-values
