@@ -3,8 +3,9 @@
 - `tokenizer.model`: a sentencepiece model (Llama 2, Mistral), run by `sentencepiece` itself;
 - `tokenizer.json`: an HF `tokenizers` pipeline (Llama 3, Qwen2, SmolLM2), run by `tokenizers`;
 - a GGUF file's `tokenizer.ggml.*` metadata: for byte-level BPE vocabularies (`tokenizer.ggml.model`
-  "gpt2", as SmolLM2's and Qwen's) we rebuild the `tokenizers` pipeline from the tokens and merges;
-  for sentencepiece ones ("llama": Gemma's, Phi-3's) the sentencepiece model from pieces and scores.
+  "gpt2", as SmolLM2's and Qwen's) we rebuild the `tokenizers` pipeline from the tokens and merges
+  (model/gguf_vocab.py); for sentencepiece ones ("llama": Gemma's, Phi-3's) the sentencepiece model
+  from pieces and scores (model/gguf.py `spm_model_proto`).
 
 `encode` never adds special tokens on its own: `bos=True` asks for the BOS id in front. Special
 tokens written in the text (`<|im_start|>`, `<|eot_id|>`, `<s>`) become their ids, as in transformers.
@@ -21,38 +22,6 @@ import re
 from typing import Any, Sequence
 
 from .chat_template import read_chat_template, render_chat
-
-GGUF_CONTROL = 3  # llama.cpp token type of special tokens such as <|im_start|>
-GGUF_USER_DEFINED = 4  # added tokens matched whole in text but not special, such as <think>
-
-# Pre-tokenizer splits of llama.cpp's `tokenizer.ggml.pre` names that differ from GPT-2's.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (  # as Llama 3's, but digits one by one
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-LLAMA3_PRES = ("llama3", "llama-v3", "llama-bpe")
-GGUF_PRE_SPLITS = {**{pre: _LLAMA3_SPLIT for pre in LLAMA3_PRES}, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte alphabet: each of the 256 bytes spelled as one printable character.
-
-    Printable bytes stand for themselves; the others (space, control bytes) are moved to code points
-    from 256 up, so a space is written `Ġ` and a newline `Ċ` in the vocabulary.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def _token_content(value: Any) -> str | None:
@@ -85,6 +54,7 @@ class Tokenizer:
             added = {sp.IdToPiece(i) for i in range(sp.GetPieceSize()) if sp.IsControl(i) or sp.IsUnknown(i)}
             added = sorted(added | set(added_tokens), key=len, reverse=True)
             self._added = {t: sp.PieceToId(t) for t in added}
+            self._added_ids = set(self._added.values())
             self._split = re.compile("|".join(map(re.escape, added))) if added else None
 
     # ------------------------------------------------------------------ constructors
@@ -150,16 +120,14 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str) -> "Tokenizer":
         """The vocabulary a GGUF file embeds: byte-level BPE ("gpt2") or sentencepiece ("llama")."""
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as Backend
-
         from .gguf import read_gguf_kv, spm_model_proto
+        from .gguf_vocab import GGUF_USER_DEFINED, bpe_backend
 
         meta = read_gguf_kv(path)
         kind = meta.get("tokenizer.ggml.model")
         template = meta.get("tokenizer.chat_template")
-        types = meta.get("tokenizer.ggml.token_type") or []
         if kind == "llama":
+            types = meta.get("tokenizer.ggml.token_type") or []
             user_defined = [t for t, ty in zip(meta["tokenizer.ggml.tokens"], types) if ty == GGUF_USER_DEFINED]
             return cls.from_sentencepiece(path, proto=spm_model_proto(meta), added_tokens=user_defined,
                                           chat_template=template)
@@ -167,33 +135,7 @@ class Tokenizer:
             raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; expected byte-level BPE ('gpt2') "
                              "or sentencepiece ('llama')")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
-        spell = bytes_to_unicode()
-        alphabet = set(spell.values())
-        # Every regular token is already written in the byte alphabet; respell any that is not.
-        vocab = {t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8")): i
-                 for i, t in enumerate(tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-        pre = meta.get("tokenizer.ggml.pre")
-        # Llama 3 takes a word that is itself a token whole, before any merge (llama.cpp and its
-        # tokenizer.json agree: " Việt" is one token, though the merges would reach it another way)
-        backend = Backend(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                     end_of_word_suffix="", fuse_unk=False, ignore_merges=pre in LLAMA3_PRES))
-        split = GGUF_PRE_SPLITS.get(pre)
-        if split is None:  # GPT-2's own split regex, inside ByteLevel
-            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        else:
-            backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ])
-        backend.decoder = decoders.ByteLevel()
-        # Control tokens (<|im_start|>, ...) must match whole, never be cut into bytes; so must
-        # user-defined ones (<think>), which are not special (decode keeps them)
-        control = [t for t, ty in zip(tokens, types) if ty == GGUF_CONTROL and set(t) <= alphabet]
-        backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-        user = [t for t, ty in zip(tokens, types) if ty == GGUF_USER_DEFINED and set(t) <= alphabet]
-        backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
-
+        backend = bpe_backend(meta)
         def get(key: str) -> int | None:
             value = meta.get(f"tokenizer.ggml.{key}")
             return int(value) if value is not None else None
@@ -272,11 +214,31 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Ids (a list or a 1-D tensor) -> text."""
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        if self.sp is None:
+            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        # as encode cut the text at added tokens, each run between them is decoded alone
+        pieces, run = [], []
+        for i in ids + [None]:
+            if i is None or i in self._added_ids:
+                pieces.append(self.sp.DecodeIds(run))
+                run = []
+                if i is not None and not (skip_special_tokens and (self.sp.IsControl(i) or self.sp.IsUnknown(i))):
+                    pieces.append(self.sp.IdToPiece(i))
+            else:
+                run.append(i)
+        return "".join(pieces)
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """The special tokens' strings (<|im_start|>, <|eot_id|>, </s>...) that text may hold: the control
+        tokens (which `decode(..., skip_special_tokens=True)` leaves out) and the named bos/eos/pad/unk."""
         if self.sp is not None:
-            if skip_special_tokens:
-                ids = [i for i in ids if not (self.sp.IsControl(i) or self.sp.IsUnknown(i))]
-            return self.sp.DecodeIds(ids)
-        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+            control = {t for t, i in self._added.items() if self.sp.IsControl(i)}
+            matched = set(self._added)
+        else:
+            added = self.backend.get_added_tokens_decoder().values()
+            control, matched = {t.content for t in added if t.special}, {t.content for t in added}
+        return sorted(control | (matched & {v for v in self.special.values() if v}))
 
     def save_pretrained(self, folder: str) -> None:
         """Write files that `transformers.AutoTokenizer.from_pretrained(folder)` loads to the same ids.
