@@ -21,9 +21,11 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import transformers  # noqa: E402
+from conftest import labelled_runs, tiny_hf_config  # noqa: E402
 from tokenizers import AddedToken  # noqa: E402
 
 from model import CHATML, ChatTemplateError, Tokenizer, default_checkpoint  # noqa: E402
+from train import IGNORE_INDEX, chat_example, load_chat_jsonl, read_jsonl_conversations  # noqa: E402
 
 # llama.cpp's models/ folder, resolved from the repository root (make test unpacks it there)
 MODELS = os.path.join(ROOT, ".venv", "llama.cpp", "models")
@@ -218,3 +220,165 @@ def test_vocabularies_tokenize_llama_cpps_test_texts_to_its_ids(name, tokenizers
         got, offsets = ours.encode_with_offsets(text)
         assert got == ids and len(offsets) == len(ids)
         assert all(0 <= lo <= hi <= len(text) for lo, hi in offsets)
+
+
+# ------------------------------------------------------------------------------------------ assistant-only labels
+# What each template writes after an assistant's content to close the turn, and whether it trims the content
+END_OF_TURN = {"smollm2": "<|im_end|>", "llama3.1": "<|eot_id|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>",
+               "gemma2": "<end_of_turn>", "phi3.5": "<|end|>", "nemo": "<|endoftext|>"}  # nemo: eos of Qwen2's vocabulary
+TRIMS = {"llama3.1", "gemma2"}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_labels_are_the_assistant_contents_and_their_end_of_turn(case, tokenizers):
+    vocab, file = CASES[case]
+    ours, ref = tokenizers[vocab]
+    chat_template = template(file)
+    tok = ours if chat_template is None else with_template(ours, chat_template)
+    messages = conversation(3, system=case != "gemma2")   # three turns; Gemma 2 has no system role
+    example = chat_example(tok, messages)
+    assert example.input_ids == reference_ids(ref, messages, False, chat_template)
+    assert all(y in (IGNORE_INDEX, t) for t, y in zip(example.input_ids, example.labels))
+    contents = [m["content"].strip() if case in TRIMS else m["content"] for m in messages if m["role"] == "assistant"]
+    assert labelled_runs(tok, example) == [c + END_OF_TURN[case] for c in contents]
+
+
+def with_template(tok: Tokenizer, chat_template: str) -> Tokenizer:
+    """The same tokenizer with another template (a shallow copy: the vocabulary is shared)."""
+    import copy
+
+    other = copy.copy(tok)
+    other.chat_template = chat_template
+    return other
+
+
+def test_chat_example_cuts_to_max_len_and_refuses_malformed_conversations(tokenizers):
+    tok, _ = tokenizers["smollm2"]
+    full = chat_example(tok, conversation(2, True))
+    cut = chat_example(tok, conversation(2, True), max_len=20)
+    assert cut.input_ids == full.input_ids[:20] and cut.labels == full.labels[:20]
+    for messages, error in [([], "empty"), ("hi", "list of messages"), ([{"content": "x"}], "message 0 has no 'role'"),
+                            ([{"role": "user"}], r"message 0 \(user\) has no 'content'"),
+                            ([{"role": "user", "content": "hi"}], "no assistant message")]:
+        with pytest.raises(ValueError, match=error):
+            chat_example(tok, messages)
+    twice = "{% for m in messages %}{{ m['content'] }}|{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="writes an assistant's content 2 times"):
+        chat_example(with_template(tok, twice), conversation(1, False))
+
+
+# ------------------------------------------------------------------------------------------ training on Examples
+@pytest.fixture(scope="module")
+def smollm2_vocab_model():
+    """A tiny random Llama over SmolLM2's 49,152 token ids, with LoRA (no dropout)."""
+    import torch
+
+    from lora import LoRAConfig, apply_lora
+    from model import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_hf(tiny_hf_config(vocab_size=49152)))
+    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj")))
+    return model
+
+
+def test_train_takes_examples_and_learns_their_labels(tokenizers, smollm2_vocab_model):
+    import copy
+
+    import torch
+
+    from train import TrainConfig, collate, evaluate, train
+
+    tok, _ = tokenizers["smollm2"]
+    examples = [chat_example(tok, conversation(n, system)) for n in (1, 2) for system in (False, True)]
+    model = copy.deepcopy(smollm2_vocab_model)
+    batch = collate(examples, tok.pad_id)
+    with torch.no_grad():  # the reference: cross-entropy over every logit, on the labels as chat_example set them
+        logits = model(batch["input_ids"])
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+    assert abs(evaluate(model, examples) - expected.item()) < 1e-5
+    config = TrainConfig(lr=1e-3, max_steps=1, batch_size=4, warmup_steps=0, progress=False)
+    result = train(model, tok, examples, examples, config)
+    assert abs(result.train_losses[0][1] - expected.item()) < 1e-5   # step 1's loss: before its update
+    assert result.val_losses[-1][1] < result.train_losses[0][1]      # one step on them lowered it
+
+    unlabelled = chat_example(tok, conversation(1, False), max_len=3)   # cut before the assistant's turn
+    mixed = [("How much is it?", "12.00"), *examples, unlabelled]
+    with pytest.warns(UserWarning, match="1 of 5 examples have no label to learn"):
+        result = train(copy.deepcopy(smollm2_vocab_model), tok, mixed, None, config)
+    assert result.skipped_items == 1
+
+
+# ------------------------------------------------------------------------------------------ JSON Lines files
+def write_lines(path, lines) -> str:
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)
+                              for line in lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_jsonl_reads_the_three_shapes_into_examples(tokenizers, tmp_path):
+    tok, _ = tokenizers["smollm2"]
+    chat = conversation(2, True)
+    path = write_lines(tmp_path / "d.jsonl", [
+        {"messages": chat, "id": 7, "source": "extra keys are ignored"},
+        "",
+        {"prompt": "What is 2+2?", "completion": "4"},
+        {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4", "system": "Be brief."},
+        {"instruction": "Say hi.", "input": "  ", "output": "hi"},
+        {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello"}]},
+    ])
+    expected = [chat,
+                [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add the numbers.\n\n2 and 2"},
+                 {"role": "assistant", "content": "4"}],
+                [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}],
+                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]]
+    read = list(read_jsonl_conversations(path))
+    assert [n for n, _ in read] == [1, 3, 4, 5, 6] and [m for _, m in read] == expected
+    data = load_chat_jsonl(path, tok)
+    assert (data.truncated, data.skipped) == (0, 0)
+    assert [(e.input_ids, e.labels) for e in data.examples] == [
+        (e.input_ids, e.labels) for e in (chat_example(tok, m) for m in expected)]
+
+
+BAD_LINES = [  # (line, what the error says after path:line:)
+    ('{"prompt": "a", "completion": "b"', "not valid JSON"),
+    ("[1, 2]", "expected a JSON object, got list"),
+    ({"text": "hello"}, r"expected 'messages', 'prompt' and 'completion', or 'instruction' and 'output'; .*\['text'\]"),
+    ({"prompt": "a"}, "missing key 'completion'"),
+    ({"instruction": "a", "input": "b"}, "missing key 'output'"),
+    ({"prompt": "a", "completion": 3}, "'completion' must be a string, got int"),
+    ({"messages": []}, "the conversation is empty"),
+    ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}, "message 0 has no 'role'"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, r"message 0 \(user\) has no 'content'"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "the conversation has no assistant message"),
+    ({"messages": [SYSTEM, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+     "chat template: System role not supported"),        # Gemma 2's template refuses a system message
+]
+
+
+@pytest.mark.parametrize("bad,error", BAD_LINES)
+def test_a_bad_line_names_its_file_and_line(bad, error, tokenizers, tmp_path):
+    tok = with_template(tokenizers["smollm2"][0], template(GEMMA2))
+    good = {"prompt": "What is 2+2?", "completion": "4"}
+    path = write_lines(tmp_path / "bad.jsonl", [good, "", good, bad, good])
+    with pytest.raises(ValueError, match=re.escape(path) + ":4: " + error):
+        load_chat_jsonl(path, tok)
+
+
+def test_jsonl_overlong_conversations_are_cut_or_skipped_and_counted(tokenizers, tmp_path):
+    tok, _ = tokenizers["smollm2"]
+    lines = [{"messages": conversation(n, True)} for n in (1, 2, 3)] + [{"prompt": "x " * 50, "completion": "y"}]
+    path = write_lines(tmp_path / "long.jsonl", lines)
+    lengths = [len(e.input_ids) for e in load_chat_jsonl(path, tok).examples]
+    max_len = sorted(lengths)[1]                                     # two fit, two are longer
+    skipped = load_chat_jsonl(path, tok, max_len=max_len, overlong="skip")
+    assert (skipped.truncated, skipped.skipped, len(skipped.examples)) == (0, 2, 2)
+    cut = load_chat_jsonl(path, tok, max_len=max_len, overlong="truncate")
+    # the long prompt leaves no assistant token within max_len: skipped even when truncating
+    assert (cut.truncated, cut.skipped, len(cut.examples)) == (1, 1, 3)
+    assert max(len(e.input_ids) for e in cut.examples) == max_len
+    with pytest.raises(ValueError, match="overlong must be one of"):
+        load_chat_jsonl(path, tok, overlong="drop")
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl: no such file"):
+        load_chat_jsonl(str(tmp_path / "nowhere.jsonl"), tok)
