@@ -171,6 +171,9 @@ MUTANTS = [
     Mutant("chat template ignored: the contents joined plainly", "model/chat_template.py",
            "        return compiled.render(", "        return ''.join(m['content'] for m in messages)\n"
            "        return compiled.render(", k(CHAT, "template")),
+    Mutant("templates rendered without trim_blocks and lstrip_blocks", "model/chat_template.py",
+           "ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,", "ImmutableSandboxedEnvironment(",
+           k(CHAT, "whitespace_control")),
     Mutant("sentencepiece cuts control tokens into pieces", "model/tokenizer.py",
            'self._split = re.compile("|".join(map(re.escape, added))) if added else None', "self._split = None",
            k(CHAT, "phi3")),

@@ -134,10 +134,11 @@ def test_template_kwargs_reach_the_template(tokenizers):
     assert ours.decode(ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
-def test_tojson_and_loop_controls_behave_as_in_transformers(tokenizers):
+def test_whitespace_control_tojson_and_loop_controls_behave_as_in_transformers(tokenizers):
     ours, ref = tokenizers["smollm2"]
-    probe = ("{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}{{ m | tojson }}\n"
-             "{% endfor %}{{ messages[0] | tojson(indent=2) }}{{ bos_token }}{{ eos_token }}")
+    probe = ("{% for m in messages %}\n    {% if loop.index > 2 %}\n        {% break %}\n    {% endif %}\n"
+             "{{ m | tojson }}\n{% endfor %}\n{{ messages[0] | tojson(indent=2) }}{{ bos_token }}{{ eos_token }}\n"
+             "{% set ns = namespace(n=0) %}{% set ns.n = ns.n + 1 %}{{ ns.n }} {{ strftime_now('%Y-%m') }}")
     messages = [{"role": "user", "content": "<b>é & \"quotes\"</b>"}, {"role": "assistant", "content": None,
                                                                         "reasoning": "thinking"},
                 {"role": "user", "content": "third"}]
