@@ -27,7 +27,7 @@ from torch import nn
 
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import IGNORE_INDEX, Example, build_examples, collate, epoch_batches
+from .data import IGNORE_INDEX, Example, as_examples, collate, epoch_batches
 from .distributed import DistContext, accumulate, all_gather_object, all_reduce_sum, setup_distributed, teardown_distributed
 from .fsdp import OPTIMIZER_DIR, even_eval_batches, gathered_trainable, load_optimizer, save_optimizer, wrap_model
 from .log import RunLogger, default_run_name
@@ -112,8 +112,8 @@ def evaluate(model: nn.Module, batches_or_items, tokenizer=None, batch_size: int
              add_eos: bool = True) -> float:
     """Mean cross-entropy per answer token over a validation set.
 
-    `batches_or_items`: (prompt, answer) string pairs (then `tokenizer` is required), or batch
-    dicts with input_ids and labels (B, T) as `collate` makes them.
+    `batches_or_items`: (prompt, answer) string pairs (then `tokenizer` is required) or `Example`s
+    (e.g. `chat_example`'s), or batch dicts with input_ids and labels (B, T) as `collate` makes them.
     """
     data = list(batches_or_items)
     if not data:
@@ -122,9 +122,9 @@ def evaluate(model: nn.Module, batches_or_items, tokenizer=None, batch_size: int
     if isinstance(data[0], dict):
         batches = data
     else:
-        if tokenizer is None:
+        if tokenizer is None and not all(isinstance(x, Example) for x in data):
             raise ValueError("evaluate needs a tokenizer to turn (prompt, answer) pairs into token ids")
-        examples, _ = build_examples(tokenizer, data, max_len, add_eos)
+        examples, _ = as_examples(tokenizer, data, max_len, add_eos)
         batches = _eval_batches(examples, batch_size, _pad_id(tokenizer))
     total, count = _loss_totals(model, batches, device, _autocast(device, autocast_dtype))
     if count == 0:
@@ -185,7 +185,8 @@ class _DataPlan:
 
 def train(model: nn.Module, tokenizer, train_items: Sequence[tuple[str, str]], val_items: Sequence[tuple[str, str]] | None,
           config: TrainConfig, resume: bool = False) -> TrainResult:
-    """Fine-tune the trainable (LoRA) parameters of `model` on (prompt, answer) pairs.
+    """Fine-tune the trainable (LoRA) parameters of `model` on (prompt, answer) pairs, or on `Example`s
+    already tokenized (`train.chat_example`: labels on the assistant turns).
 
     The model arrives with LoRA applied (only its parameters require grad). Under torchrun the same
     call trains with DistributedDataParallel, or with `parallel="fsdp"` sharded by FSDP2 (train/fsdp.py;
@@ -205,14 +206,14 @@ def train(model: nn.Module, tokenizer, train_items: Sequence[tuple[str, str]], v
 def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume: bool, ctx: DistContext) -> TrainResult:
     train_items = list(train_items)
     if not train_items:
-        raise ValueError("train_items is empty: pass a list of (prompt, answer) string pairs")
+        raise ValueError("train_items is empty: pass a list of (prompt, answer) string pairs or Examples")
     if resume and config.out_dir is None:
         raise ValueError("resume=True needs config.out_dir, the folder holding checkpoint-<step>/")
     _seed_everything(config.seed)
-    examples, skipped = build_examples(tokenizer, train_items, config.max_len, config.add_eos)
+    examples, skipped = as_examples(tokenizer, train_items, config.max_len, config.add_eos)
     if not examples:
         raise ValueError(f"none of the {len(train_items)} training items has an answer token to train on")
-    val_examples = build_examples(tokenizer, val_items, config.max_len, config.add_eos)[0] if val_items else []
+    val_examples = as_examples(tokenizer, val_items, config.max_len, config.add_eos)[0] if val_items else []
     pad_id = _pad_id(tokenizer)
     plan = _DataPlan(examples, config, ctx)
     total_steps = config.max_steps or config.epochs * plan.steps_per_epoch
