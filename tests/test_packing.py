@@ -160,7 +160,7 @@ def test_best_fit_decreasing_packs_every_example_once_nearly_full_rows():
 
 def test_the_packed_plan_is_a_function_of_seed_and_step_and_covers_each_epoch_once():
     examples = build_examples(CharTokenizer(), pricer_items(40))[0]
-    config = TrainConfig(packing=True, max_len=64, batch_size=3, grad_accum=2, seed=5, progress=False)
+    config = TrainConfig(packing=True, max_len=128, batch_size=3, grad_accum=2, seed=5, progress=False)
     plan = DataPlan(examples, config)
     lengths = [len(e.input_ids) for e in examples]
     for epoch in (0, 1):
@@ -169,10 +169,11 @@ def test_the_packed_plan_is_a_function_of_seed_and_step_and_covers_each_epoch_on
         assert sorted(i for row in rows for i in row) == list(range(len(examples)))
         sizes = [len(mb) for step in steps for mb in step]
         assert all(size == 3 for size in sizes[:-1]) and sizes[-1] >= 1  # batch_size rows, the last what is left
-        assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+        assert all(sum(lengths[i] for i in row) <= 128 for row in rows)
+        assert len(rows) == len(epoch_rows(lengths, 128, 5, epoch)) < len(examples) / 2  # 2 or 3 examples a row
         assert [DataPlan(examples, config).step_batches(s) for s in range(epoch * plan.steps_per_epoch,
                 (epoch + 1) * plan.steps_per_epoch)] == steps  # a fresh plan (a resumed run) finds the same
-    assert epoch_rows(lengths, 64, 5, 0) != epoch_rows(lengths, 64, 5, 1)
+    assert epoch_rows(lengths, 128, 5, 0) != epoch_rows(lengths, 128, 5, 1)
 
 
 def test_train_with_packing_takes_the_first_step_of_the_padded_run(tmp_path):
