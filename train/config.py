@@ -48,7 +48,8 @@ class TrainConfig:
     max_len: int | None = None           # truncate prompt + answer: the prompt loses tokens on the left
     group_by_length: bool = False        # length-bucketed batches: less padding, same epoch coverage
     packing: bool = False                # fill rows of max_len tokens with whole examples (train/packing.py);
-                                         # batch_size then counts rows; validation stays unpacked
+                                         # batch_size then counts rows; group_by_length has no effect;
+                                         # validation stays unpacked (sorted by length, no backward pass)
     run_name: str | None = None          # None: the start date and time
     progress: bool = True                # tqdm bar on stderr
     add_eos: bool = True                 # end each answer with EOS so the model learns to stop
