@@ -4,7 +4,10 @@ The same examples train on three sides, in one process, alternating in rounds: p
 random order (the default), padded batches grouped by length (`group_by_length`), and packed rows
 (`TrainConfig(packing=True)`: whole examples filling rows of max_len tokens, train/packing.py). One
 epoch of each side is the four steps over every example once, so each side trains the same number of
-real tokens; what differs is the padding the model runs over. Tokens/s counts real tokens only.
+real tokens in the same number of micro-batches (packed micro-batches take as many rows as that needs);
+what differs is the padding the model runs over, and the length of the rows attention spans (a packed
+row spans max_len positions, its mask block-diagonal). Tokens/s counts real
+tokens only; CPU seconds are the process's user + system time, with one torch thread (two would spin).
 
 The model and adapter are the demo's (examples/pricer/recipe.py PRESETS["demo"]): SmolLM2-135M-Instruct
 from the embedded GGUF, NF4 base, LoRA r 8 on all seven projections of layers 20 to 29.
@@ -12,7 +15,7 @@ from the embedded GGUF, NF4 base, LoRA r 8 on all seven projections of layers 20
 The data: a customer asks the price of 1 to 12 diamonds at once (log-uniform: mostly one or two, some
 long lists), and the answer prices each: mixed lengths, labels on the answer.
 
-    python bench/packing.py --threads 1         # 48 conversations, max_len 512, 2 rounds: CPU seconds without spinning threads
+    python bench/packing.py --threads 1         # 48 conversations, max_len 512, 2 rounds
     python bench/packing.py --n 32 --rounds 1   # a quick look
 """
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pricer import PRESETS, describe_four_cs, diamonds_csv, lora_config  # noqa:
 from train import TrainConfig, build_examples, training_step  # noqa: E402
 from train.distributed import DistContext  # noqa: E402
 from train.loss import AnswerLossModule  # noqa: E402
-from train.packing import fill  # noqa: E402
+from train.packing import epoch_rows, fill  # noqa: E402
 from train.plan import DataPlan  # noqa: E402
 
 
@@ -90,7 +93,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=48, help="conversations (default 48)")
     ap.add_argument("--max-len", type=int, default=512, help="tokens per packed row (default 512)")
     ap.add_argument("--batch-size", type=int, default=8, help="examples per padded micro-batch (default 8); packed "
-                    "micro-batches take as many rows as hold about the same number of real tokens")
+                    "micro-batches take as many rows as make the same number of micro-batches (optimizer steps) an epoch")
     ap.add_argument("--rounds", type=int, default=2, help="epochs per side, alternating (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     args = ap.parse_args(argv)
@@ -103,7 +106,8 @@ def main(argv=None) -> None:
     examples = to_examples(tok, conversations(args.n, seed=0), args.max_len)
     lengths = [len(e.input_ids) for e in examples]
     mean = sum(lengths) / len(lengths)
-    rows_per_batch = max(1, round(args.batch_size * mean / args.max_len))
+    n_rows = len(epoch_rows(lengths, args.max_len, 42, 0))
+    rows_per_batch = math.ceil(n_rows / math.ceil(len(examples) / args.batch_size))  # as many steps as padded
     configs = {
         "padded": TrainConfig(batch_size=args.batch_size, max_len=args.max_len),
         "padded, grouped by length": TrainConfig(batch_size=args.batch_size, max_len=args.max_len, group_by_length=True),
