@@ -97,7 +97,7 @@ def test_a_packed_row_has_transformers_padding_free_logits():
     assert (got - ref).abs().max().item() <= 1e-5
 
 
-def test_a_plain_arange_keeps_the_fused_causal_path_and_a_cache_refuses_packed_rows(monkeypatch):
+def test_a_plain_arange_keeps_the_fused_causal_path_and_misused_position_ids_are_refused(monkeypatch):
     import model.attention as attention
 
     model = random_model(CONFIGS["llama"])
@@ -113,6 +113,8 @@ def test_a_plain_arange_keeps_the_fused_causal_path_and_a_cache_refuses_packed_r
         cache = [KVCache.empty(2, model.config, 16, torch.float32, "cpu") for _ in model.model.layers]
         with pytest.raises(ValueError, match="KV cache"):
             model.model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]] * 2), cache=cache)
+    with pytest.raises(ValueError, match=r"position_ids \(2, 7\) must have the shape of input_ids \(2, 8\)"):
+        answer_loss(model, ids, ids, position_ids=torch.zeros(2, 7, dtype=torch.long))
 
 
 # ------------------------------------------------------------------------------------------ loss and gradients

@@ -42,8 +42,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         [0, 0, 0,  0]   →   [0.250, 0.250, 0.250, 0.250]   [0, 0, 1, 0]   [0.250, 0.250, -0.750, 0.250]   1.386
         [1, 3, 0,  1]   →   [0.102, 0.757, 0.038, 0.102]   [0, 1, 0, 0]   [0.102, -0.243, 0.038, 0.102]   0.278
 
-    loss_i = −log softmax(z_i)[y_i], summed: 2.104 (0.44019 + 1.38629 + 0.27798 = 2.10446). Each row of the gradient sums to 0: the target's
-    logit is pushed up by 1 − p, every other one down by its own probability. Then
+    loss_i = −log softmax(z_i)[y_i], summed: 2.104 (0.44019 + 1.38629 + 0.27798 = 2.10446). Each row
+    of the gradient sums to 0: the target's logit is pushed up by 1 − p, every other one down by its
+    own probability. Then
     d loss / d h = (d loss / d z) W, d loss / d W = (d loss / d z)ᵀ h, d loss / d b = Σ_rows d loss / d z,
     all made here, in the forward pass: the training loop's step 3 (backward) finds the head's
     gradient already there and only multiplies it by the incoming scale.
@@ -122,6 +123,8 @@ def answer_loss(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if input_ids.shape != labels.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} must have the same shape (B, T)")
+    if position_ids is not None and position_ids.shape != input_ids.shape:
+        raise ValueError(f"position_ids {tuple(position_ids.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
     model = unwrap(model)
     hidden = model.model(input_ids, attention_mask, position_ids)   # (B, T, D)
     targets = labels[:, 1:]                                    # (B, T-1): the next token of each position
