@@ -45,7 +45,7 @@ FSDP, RELIABILITY, PRECISION, CLI = ("tests/test_fsdp.py", "tests/test_reliabili
                                      "tests/test_cli.py")
 BACKWARD, FUSED, FAMILIES, DORA = ("tests/test_backward.py", "tests/test_lora_fused.py", "tests/test_families.py",
                                    "tests/test_dora.py")
-CHAT = "tests/test_chat.py"
+CHAT, PACKING = "tests/test_chat.py", "tests/test_packing.py"
 
 MUTANTS = [
     # ---------------------------------------------------------------- optimizers (train/optim.py)
@@ -83,7 +83,7 @@ MUTANTS = [
     # ---------------------------------------------------------------- DDP and FSDP
     Mutant("torchrun ignored: each rank trains alone", "train/distributed.py",
            'if "RANK" not in os.environ or world_size <= 1:', "if True:", k(TRAIN, "gloo")),
-    Mutant("DDP loss not scaled by world_size", "train/distributed.py",
+    Mutant("DDP loss not scaled by world_size", "train/loop.py",
            "scale = ctx.world_size / n_answer_tokens", "scale = 1 / n_answer_tokens", k(TRAIN, "gloo")),
     Mutant("validation loss not summed over ranks", "train/distributed.py",
            "    if ctx.enabled:\n        t = t.clone()", "    if False:\n        t = t.clone()", k(TRAIN, "gloo")),
@@ -142,9 +142,9 @@ MUTANTS = [
            k(TRAIN, "head_runs")),
     Mutant("LinearCrossEntropy's gradient forgets the onehot", "train/loss.py",
            "] -= 1.0      # - onehot(y)", "] -= 0.0", k(TRAIN, "linear_cross_entropy")),
-    Mutant("each micro-batch divided by its own tokens", "train/distributed.py",
-           "        (summed_loss * scale).backward()",
-           "        (summed_loss * ctx.world_size / len(micro_batches)"
+    Mutant("each micro-batch divided by its own tokens", "train/loop.py",
+           "            (scaler.scale(loss) * scale).backward()",
+           "            (scaler.scale(loss) * ctx.world_size / len(micro_batches)"
            " / int((batch['labels'][:, 1:] != -100).sum())).backward()", k(TRAIN, "accumulate")),
     Mutant("no EOS after the answer", "train/data.py",
            "if add_eos and tokenizer.eos_id is not None:", "if False:", k(TRAIN, "labels_mask")),
@@ -155,6 +155,19 @@ MUTANTS = [
            k(TRAIN, "resumes")),
     Mutant("no warmup", "train/schedule.py",
            "        return base_lr * step / warmup_steps", "        return base_lr", k(TRAIN, "cosine")),
+    # ---------------------------------------------------------------- packing: rows of whole examples, documents apart
+    Mutant("the mask ignores the document boundaries", "model/attention.py",
+           "    if documents is not None:  # block-diagonal", "    if False:  # block-diagonal", k(PACKING, "alone")),
+    Mutant("the loss predicts across a document boundary", "train/loss.py",
+           "        keep = keep & (position_ids[:, 1:] != 0)", "        pass", k(PACKING, "padded_step")),
+    Mutant("position ids run on across a packed row", "train/packing.py",
+           "            position_ids[r, t:t + n] = torch.arange(n)", "            position_ids[r, t:t + n] = torch.arange(t, t + n)",
+           k(PACKING, "padded_step")),
+    Mutant("best fit opens a row for every example", "train/packing.py",
+           "        j = bisect.bisect_left(free, (n, -1))", "        j = len(free)", k(PACKING, "nearly_full")),
+    Mutant("train() ignores packing", "train/plan.py",
+           "        if c.packing:\n            rows = epoch_rows", "        if False:\n            rows = epoch_rows",
+           k(PACKING, "plan")),
     # ---------------------------------------------------------------- LoRA and NF4
     Mutant("no dropout on the LoRA path", "lora/layer.py",
            "nn.Dropout(dropout) if dropout > 0 else nn.Identity()", "nn.Identity()", k(LORA, "dropout")),
