@@ -110,10 +110,10 @@ def report(out: str, page: str) -> str:
     for name in [*EXPERIMENTS, "total"]:
         path = os.path.join(out, f"{name}.md")
         body = open(path).read().strip() if os.path.isfile(path) else f"*Not run yet: `python examples/lab.py {name}`.*"
-        pattern = re.compile(rf"(<!-- lab:{name} -->\n).*?(\n<!-- /lab:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- lab:{name} -->\n)(?:.*?\n)?(<!-- /lab:{name} -->)", re.S)
         if not pattern.search(text):
             raise ValueError(f"{page}: no <!-- lab:{name} --> ... <!-- /lab:{name} --> markers")
-        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     tmp = page + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
