@@ -12,6 +12,7 @@ A mistake in the flags or files prints `error: <message>` and exits with status 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -22,7 +23,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora) and th
 
 from lora import export_gguf, export_gguf_adapter, read_adapter_config  # noqa: E402
 from lora.gguf_export import OUT_TYPES  # noqa: E402
-from model import default_checkpoint  # noqa: E402
+from model import default_checkpoint, load_tokenizer  # noqa: E402
 from pricer import describe_four_cs, make_prompt  # noqa: E402
 
 EXAMPLE = make_prompt(describe_four_cs({"carat": "1.01", "cut": "Ideal", "color": "G", "clarity": "VS1"}))
@@ -63,6 +64,29 @@ def ollama_modelfile(gguf_path: str) -> str:
     return "\n".join(lines + ["PARAMETER temperature 0", ""])
 
 
+def pricer_prompt(tok) -> str:
+    """A pricer prompt for llama.cpp's -p: BOS first as the pricer trained (llama.cpp reads special tokens
+    in a prompt), each newline written \\n (llama.cpp turns it back), quoted for the shell."""
+    bos = "" if tok.bos_id is None else tok.decode([tok.bos_id])
+    return bos + EXAMPLE
+
+
+def how_to_run(gguf: str, modelfile: str, tok) -> str:
+    """The commands that run a merged export: llama.cpp on a pricer prompt and in a chat, and Ollama."""
+    name = os.path.splitext(os.path.basename(gguf))[0]
+    raw = json.dumps({"model": name, "prompt": pricer_prompt(tok), "raw": True, "stream": False,
+                      "options": {"temperature": 0, "num_predict": 8}})
+    return (f"  llama-completion -m {shlex.quote(gguf)} {completion_flags(tok)}\n"
+            f"  llama-cli -m {shlex.quote(gguf)}     # a chat, in the model's own chat template\n"
+            f"  ollama create {name} -f {shlex.quote(modelfile)} && ollama run {name}\n"
+            f"  curl http://localhost:11434/api/generate -d {shlex.quote(raw)}   # the pricer's prompt, raw")
+
+
+def completion_flags(tok) -> str:
+    """llama-completion's flags for one greedy pricer answer (llama.cpp turns \\n in -p into newlines)."""
+    return f"-no-cnv --temp 0 -n 8 -p {shlex.quote(pricer_prompt(tok).replace(chr(10), chr(92) + 'n'))}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the script; user errors (bad flags, missing or broken files) become one line and status 2."""
     args = parse_args(argv)
@@ -76,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = base_model(args)
-    prompt = shlex.quote(EXAMPLE.replace("\n", "\\n"))  # llama.cpp reads \n in -p as a newline
+    tok = load_tokenizer(model)
     out = args.out
     if args.adapter_only:
         export_gguf_adapter(model, args.adapter, args.out)
@@ -84,21 +108,17 @@ def run(args: argparse.Namespace) -> int:
               f"({os.path.getsize(args.out) / 1e6:.1f} MB, {time.perf_counter() - t0:.0f}s)")
         base = model if model.endswith(".gguf") else "<the base model>.gguf"
         print(f"\nRun it over the base model in llama.cpp:\n"
-              f"  llama-completion -m {shlex.quote(base)} --lora {shlex.quote(out)} -no-cnv --temp 0 -n 8 -p {prompt}")
+              f"  llama-completion -m {shlex.quote(base)} --lora {shlex.quote(out)} {completion_flags(tok)}")
         return 0
     export_gguf(model, args.adapter, args.out, args.type)
     modelfile = os.path.splitext(out)[0] + ".Modelfile"
     with open(modelfile + ".tmp", "w") as f:
         f.write(ollama_modelfile(args.out))
     os.replace(modelfile + ".tmp", modelfile)
-    name = os.path.splitext(os.path.basename(out))[0]
     print(f"wrote {out}: {os.path.basename(os.path.normpath(model))} + {args.adapter}, merged, {args.type} "
           f"({os.path.getsize(args.out) / 1e6:.1f} MB, {time.perf_counter() - t0:.0f}s), and {modelfile}")
-    print(f"\nRun it in llama.cpp (a prompt as the pricer writes it, greedy):\n"
-          f"  llama-completion -m {shlex.quote(out)} -no-cnv --temp 0 -n 8 -p {prompt}\n"
-          f"  llama-cli -m {shlex.quote(out)}     # a chat, in the model's own chat template\n"
-          f"In Ollama:\n"
-          f"  ollama create {name} -f {shlex.quote(modelfile)} && ollama run {name}")
+    print("\nRun it in llama.cpp (a prompt as the pricer writes it, greedy) or Ollama:\n"
+          + how_to_run(out, modelfile, tok))
     return 0
 
 

@@ -136,8 +136,9 @@ def _family_keys(c: LlamaConfig, arch: str) -> dict[str, tuple[Any, str]]:
     if arch == "phi3":
         keys["attention.sliding_window"] = (c.sliding_window or 0, _U32)  # 0: none (Phi-4)
         if kind == "longrope":
-            keys.update({"rope.scaling.original_context_length": (c.rope_scaling["original_max_position_embeddings"], _U32),
-                         "rope.scaling.attn_factor": (longrope_attention_factor(c.rope_scaling, c.max_position_embeddings), _F32)})
+            s = c.rope_scaling
+            keys.update({"rope.scaling.original_context_length": (s["original_max_position_embeddings"], _U32),
+                         "rope.scaling.attn_factor": (longrope_attention_factor(s, c.max_position_embeddings), _F32)})
     return {k: v for k, v in keys.items() if v[0] is not None}
 
 
