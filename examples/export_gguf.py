@@ -21,8 +21,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora) and the pricer package
 
-from lora import export_gguf, export_gguf_adapter, read_adapter_config  # noqa: E402
-from lora.gguf_export import OUT_TYPES  # noqa: E402
+from lora import GGUF_TYPES, export_gguf, export_gguf_adapter, read_adapter_config  # noqa: E402
 from model import default_checkpoint, load_tokenizer  # noqa: E402
 from pricer import describe_four_cs, make_prompt  # noqa: E402
 
@@ -38,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="the .gguf file to write")
     p.add_argument("--model", help="the base model: HF checkpoint folder or .gguf file [the adapter's "
                                    "base_model_name_or_path when it exists here, else the embedded SmolLM2-135M-Instruct]")
-    p.add_argument("--type", choices=OUT_TYPES, default="f16",
+    p.add_argument("--type", choices=GGUF_TYPES, default="f16",
                    help="of the weights: f32, f16, bf16 (2 bytes), q8_0 (8.5 bits), q4_0 (4.5 bits) [f16]")
     p.add_argument("--adapter-only", action="store_true",
                    help="write the adapter alone as llama.cpp's LoRA GGUF (f32), not the merged model")

@@ -32,7 +32,7 @@ import numpy as np
 
 from .export import adapter_deltas, merged_weight
 
-OUT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # the out_types model/gguf_write.py's OUT_TYPES maps
 
 
 def export_gguf(checkpoint: str, adapter_dir: str, out_path: str, out_type: str = "f16") -> str:
@@ -45,8 +45,8 @@ def export_gguf(checkpoint: str, adapter_dir: str, out_path: str, out_type: str 
     """
     from model import gguf_vocab, gguf_write, load as model_load
 
-    if out_type not in OUT_TYPES:
-        raise ValueError(f"out_type={out_type!r}: expected one of {OUT_TYPES}")
+    if out_type not in GGUF_TYPES:
+        raise ValueError(f"out_type={out_type!r}: expected one of {GGUF_TYPES}")
     config = model_load.read_config(checkpoint)
     metadata = gguf_write.architecture_metadata(config, out_type)  # what GGUF cannot state fails here
     A, B, scaling, M = adapter_deltas(adapter_dir)
@@ -73,7 +73,7 @@ def export_gguf(checkpoint: str, adapter_dir: str, out_path: str, out_type: str 
         for _, t in extra:
             yield gguf_write.encode(t, "F32")
         tensors = ((n, W) for n, W in model_load.iter_tensors(checkpoint) if not (tied and n == "lm_head.weight"))
-        for (name, shape), (read, W), (_, _, kind) in zip(shapes, tensors, layout[len(extra):]):
+        for (name, _), (read, W), (_, _, kind) in zip(shapes, tensors, layout[len(extra):]):
             assert read == name, f"{checkpoint}: tensor {read!r} read where its header listed {name!r}"
             W = merged_weight(name, W, A, B, scaling, M, checkpoint)
             yield gguf_write.encode(gguf_write.to_gguf_layout(name, W, config), kind)
