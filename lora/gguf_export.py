@@ -2,7 +2,7 @@
 
 export_gguf: the adapter merged into the checkpoint's original weights (W0 + scaling · B A in fp32, as
 export_merged does: never the NF4 copy the adapter trained against), in llama.cpp's names and
-layouts, with the architecture's metadata and the tokenizer (model/gguf_write.py, model/gguf_vocab.py).
+layouts, with the architecture's metadata and the tokenizer (model/gguf_write.py, gguf_write_vocab.py).
 Types: f32, f16, bf16 (round to nearest even), q8_0 and q4_0 (blocks of 32 weights sharing one scale).
 
 export_gguf_adapter: the adapter alone as llama.cpp's LoRA GGUF, for `llama-cli -m base.gguf --lora`:
@@ -43,7 +43,7 @@ def export_gguf(checkpoint: str, adapter_dir: str, out_path: str, out_type: str 
     llama.cpp's converter. A GGUF checkpoint's tokenizer metadata is carried over unchanged.
     Returns out_path.
     """
-    from model import gguf_vocab, gguf_write, load as model_load
+    from model import gguf_write, gguf_write_vocab, load as model_load
 
     if out_type not in GGUF_TYPES:
         raise ValueError(f"out_type={out_type!r}: expected one of {GGUF_TYPES}")
@@ -55,7 +55,7 @@ def export_gguf(checkpoint: str, adapter_dir: str, out_path: str, out_type: str 
         raise ValueError(f"{adapter_dir}: the adapter changes lm_head, which this model ties to the embedding; "
                          "a merged head would no longer be tied")
     tok = model_load.load_tokenizer(checkpoint)
-    metadata += gguf_vocab.tokenizer_metadata(checkpoint, tok, config.vocab_size)
+    metadata += gguf_write_vocab.tokenizer_metadata(checkpoint, tok, config.vocab_size)
     metadata += [("general.type", "model", "STRING"), ("general.name", _model_name(checkpoint), "STRING")]
 
     arch = gguf_write.gguf_arch(config)

@@ -162,6 +162,8 @@ def check_exportable(c: LlamaConfig) -> None:
                              f"this model's attention scores by {expected}^-1/2 and GGUF has no key to say otherwise")
     if arch == "gemma2" and not c.tie_word_embeddings:
         raise ValueError("gemma2: an untied lm_head is not read by llama.cpp, whose Gemma 2 multiplies by the embedding")
+    if arch == "gemma2" and not c.sliding_window:
+        raise ValueError("gemma2: llama.cpp's Gemma 2 always slides its local layers; this model has no sliding_window")
     if arch in ("llama", "qwen2", "qwen3") and c.sliding_window and c.sliding_window < c.max_position_embeddings:
         warnings.warn(f"llama.cpp's {arch} architecture has no sliding window: past {c.sliding_window} tokens "
                       f"the GGUF's outputs differ from this {c.model_type} model's", stacklevel=3)
