@@ -54,9 +54,7 @@ def base_model(args: argparse.Namespace) -> str:
 def ollama_modelfile(gguf_path: str) -> str:
     """An Ollama Modelfile beside the GGUF: FROM the file, and the chat template in Ollama's syntax
     where it is ChatML (otherwise Ollama reads `tokenizer.chat_template` from the GGUF itself)."""
-    from model.gguf import gguf_metadata
-
-    template = gguf_metadata(gguf_path).get("tokenizer.chat_template") or ""
+    template = load_tokenizer(gguf_path).chat_template or ""
     lines = [f"FROM ./{os.path.basename(gguf_path)}"]
     if "<|im_start|>" in template:
         lines += [f'TEMPLATE """{CHATML}"""', 'PARAMETER stop "<|im_end|>"']

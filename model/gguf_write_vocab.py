@@ -20,11 +20,10 @@ import os
 from typing import Any
 
 from .gguf import open_gguf
-from .tokenizer import _LLAMA3_SPLIT, Tokenizer, _read_json
+from .gguf_vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT
+from .tokenizer import Tokenizer, _read_json
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 # tokenizer.json pre-tokenizer steps -> llama.cpp's name of the same split rules
 PRE_TOKENIZERS = {
     (("Split", _LLAMA3_SPLIT), ("ByteLevel", False)): "llama-bpe",      # Llama 3
@@ -57,9 +56,8 @@ def tokenizer_metadata(checkpoint: str, tok: Tokenizer, vocab_size: int) -> list
     entries += [(f"tokenizer.ggml.{k}_token_id", i, "UINT32") for k, i in ids.items() if i is not None]
     entries.append(("tokenizer.ggml.add_bos_token", _adds_bos(config, spec, tok, sentencepiece=os.path.isfile(sp_file)),
                     "BOOL"))
-    template = getattr(tok, "chat_template", None) or _folder_chat_template(checkpoint, config)
-    if template:
-        entries.append(("tokenizer.chat_template", template, "STRING"))
+    if tok.chat_template:
+        entries.append(("tokenizer.chat_template", tok.chat_template, "STRING"))
     return entries
 
 
@@ -159,12 +157,3 @@ def _adds_bos(config: dict[str, Any], spec: dict[str, Any], tok: Tokenizer, sent
             return first is not None and first == tok.special.get("bos")
     return sentencepiece
 
-
-def _folder_chat_template(folder: str, config: dict[str, Any]) -> str | None:
-    """An HF folder's chat template: `chat_template.jinja`, else tokenizer_config.json's `chat_template`."""
-    file = os.path.join(folder, "chat_template.jinja")
-    if os.path.isfile(file):
-        with open(file, encoding="utf-8") as f:
-            return f.read()
-    template = config.get("chat_template")
-    return template if isinstance(template, str) else None

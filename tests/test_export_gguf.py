@@ -15,7 +15,7 @@ from conftest import tiny_hf_config
 from lora import (GGUF_TYPES, LoRAConfig, apply_lora, export_gguf, export_gguf_adapter, merge_lora,
                   save_adapter)
 from model import load_pretrained
-from model.tokenizer import _LLAMA3_SPLIT
+from model.gguf_vocab import _LLAMA3_SPLIT
 from test_families import FAMILIES, hf_model, targets_of
 from test_model import STRINGS, sp_model_file  # noqa: F401  (a fixture: a trained sentencepiece model)
 
