@@ -50,7 +50,7 @@ test: $(STAMP) $(LLAMA_MODELS)/.unpacked $(LLAMA_CPP_BUILT)
 	$(PY) -m pytest -q --durations=15 tests
 
 # switch each feature the README claims off, one at a time, and check a test fails (about 20 minutes)
-mutants: $(STAMP)
+mutants: $(STAMP) $(LLAMA_MODELS)/.unpacked $(LLAMA_CPP_BUILT)
 	$(PY) tests/mutants.py
 
 # ours against transformers + PEFT, one thread so a busy neighbour core cannot stall a step (about 25 minutes)
