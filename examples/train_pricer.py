@@ -36,6 +36,7 @@ from pricer import (  # noqa: E402
     split_items, compute_dtype, train_config,
 )
 from train import OPTIMIZERS, TrainingInterrupted, latest_checkpoint, train  # noqa: E402
+from export_gguf import how_to_run  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -176,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
         log_to_tensorboard(after, result.run_dir, step=result.step, name="after training")
     print(f"adapter: {adapter_dir}\nchart: {chart}\nTensorBoard: {result.run_dir}\n"
           f"total {(time.perf_counter() - start) / 60:.1f} minutes")
+    gguf = os.path.join(args.out, "pricer.gguf")
+    print(f"\nRun it in llama.cpp or Ollama (README: \"Run it in llama.cpp or Ollama\"):\n"
+          f"  python examples/export_gguf.py --adapter {adapter_dir} --out {gguf} --type q8_0\n"
+          + how_to_run(gguf, os.path.splitext(gguf)[0] + ".Modelfile", tokenizer))
     return 0
 
 

@@ -46,6 +46,13 @@ FSDP, RELIABILITY, PRECISION, CLI = ("tests/test_fsdp.py", "tests/test_reliabili
 BACKWARD, FUSED, FAMILIES, DORA = ("tests/test_backward.py", "tests/test_lora_fused.py", "tests/test_families.py",
                                    "tests/test_dora.py")
 CHAT, PACKING = "tests/test_chat.py", "tests/test_packing.py"
+EXPORT = "tests/test_export_gguf.py"
+
+
+def case(test: str, param: str = "") -> str:
+    """One test of the GGUF export file, by node id: `-k llama` would match every llama_cpp test."""
+    return f"{EXPORT}::{test}" + (f"[{param}]" if param else "")
+
 
 MUTANTS = [
     # ---------------------------------------------------------------- optimizers (train/optim.py)
@@ -209,6 +216,31 @@ MUTANTS = [
            "    return logits.argmax(-1)", k(MODEL, "sampling")),
     Mutant("top_p ignored", "model/generate.py",
            "sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)", "sorted_p = sorted_p", k(MODEL, "sampling")),
+    # ---------------------------------------------------------------- GGUF export
+    Mutant("GGUF export keeps HF's q/k row order", "model/gguf_write.py",
+           'PERMUTED = ("llama",)', "PERMUTED = ()",
+           (case("test_llama_cpp_computes_the_merged_models_logits", "llama"),)),
+    Mutant("GGUF export writes no tokenizer", "lora/gguf_export.py",
+           "metadata += gguf_write_vocab.tokenizer_metadata(checkpoint, tok, config.vocab_size)", "metadata += []",
+           (case("test_llama_cpp_splits_text_as_we_do_and_keeps_the_chat_template", "qwen2"),)),
+    Mutant("GGUF export names no pre-tokenizer", "model/gguf_write_vocab.py",
+           '("tokenizer.ggml.pre", pre, "STRING"),', "",
+           (case("test_llama_cpp_splits_text_as_we_do_and_keeps_the_chat_template", "qwen2"),)),
+    Mutant("GGUF export drops the chat template", "model/gguf_write_vocab.py",
+           'entries.append(("tokenizer.chat_template", tok.chat_template, "STRING"))', "pass",
+           (case("test_llama_cpp_splits_text_as_we_do_and_keeps_the_chat_template", "qwen2"),)),
+    Mutant("GGUF export stores Gemma's norms as w, not 1 + w", "model/gguf_write.py",
+           'NORM_PLUS_ONE = ("gemma2", "gemma3")', "NORM_PLUS_ONE = ()",
+           (case("test_llama_cpp_computes_the_merged_models_logits", "gemma3"),)),
+    Mutant("GGUF LoRA keeps B's rows in HF order", "lora/gguf_export.py",
+           "pairs += [A[name], gguf_write.to_gguf_layout(name, B[name], config)]", "pairs += [A[name], B[name]]",
+           (case("test_llama_cpp_lora_moves_the_base_as_our_adapter_does"),)),
+    Mutant("GGUF LoRA alpha ignores rsLoRA", "lora/gguf_export.py",
+           '("adapter.lora.alpha", scaling * r, "FLOAT32")', '("adapter.lora.alpha", float(r), "FLOAT32")',
+           (case("test_llama_cpp_lora_moves_the_base_as_our_adapter_does"),)),
+    Mutant("a failed GGUF write leaves its temporary file", "lora/gguf_export.py",
+           "        if os.path.exists(tmp):\n            os.remove(tmp)", "        pass",
+           (case("test_a_write_that_fails_midway_leaves_nothing_behind"),)),
 ]
 
 
