@@ -266,6 +266,8 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=0, help="also list each side's N most frequent ops")
     p.add_argument("--vocab", type=int, default=8192,
                    help="llama31-8b: vocabulary of the random model (default 8192; the head is not a decoder layer)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu): the same code, though SDPA and "
+                   "dropout dispatch other kernels on a GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
@@ -278,6 +280,8 @@ def parse_args(argv=None):
         p.error(f"--sides {args.sides}: expected ours, theirs or both")
     if args.preset:
         args.dtype = "bfloat16"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no GPU here")
     # what train_step's model builders read: NF4 bases; full-width Llama-3.1-8B layers, two of them
     # so that the one shown has an input that needs a gradient, as in layers 1 to 31 of the real model
     args.quant, args.layers, args.shrink, args.compile, args.offload = "nf4", 2, 1, False, False
@@ -288,10 +292,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    print(header("Lean step: ops and saved bytes, ours vs transformers + PEFT", "cpu",
+    print(header("Lean step: ops and saved bytes, ours vs transformers + PEFT", args.device,
                  [os.path.abspath(__file__)] + sys.argv[1:]), flush=True)
     for name in args.shapes:
-        print("\n" + measure(args, name, "cpu", dtype), flush=True)
+        print("\n" + measure(args, name, args.device, dtype), flush=True)
 
 
 if __name__ == "__main__":

@@ -122,8 +122,10 @@ def logits_and_grads(model: Llama, handwritten: bool, autocast: torch.dtype | No
     given, the backward pass outside it, as train() runs them."""
     set_handwritten(model, handwritten)
     torch.manual_seed(3)
-    with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
-        logits = model(torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0)))
+    device = model.lm_head.weight.device
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+        logits = model(ids)
     params = [p for p in model.parameters() if p.requires_grad]
     loss = logits.float().logsumexp(-1).mean()
     seen, stack = set(), [loss.grad_fn]
@@ -211,13 +213,17 @@ def test_checkpointed_layers_redraw_the_same_dropout_and_give_the_same_gradients
 
 
 # ------------------------------------------------------------------------ the course preset's precision
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_preset_precision_takes_the_fused_path_with_the_plain_paths_gradients(dtype, dropout):
+def test_preset_precision_takes_the_fused_path_with_the_plain_paths_gradients(dtype, dropout, device):
     """The preset: a bf16 model, NF4 computing in bf16, fp32 LoRA, the forward pass under bf16 autocast
     (fp16 alike, for GPUs without bf16). Autocast's dtype is x's, so the fused function runs; every
     LoRA gradient equals the plain path's under the same autocast within rounding (`MODEL_TOL`)."""
-    model = tiny(True, dropout, dtype=dtype)
+    model = tiny(True, dropout, dtype=dtype).to(device)
     logits, grads, nodes = logits_and_grads(model, True, autocast=dtype)
     logits_ref, grads_ref, nodes_ref = logits_and_grads(model, False, autocast=dtype)
     assert "LoRAProjectionsBackward" in nodes and "AddmmBackward0" not in nodes
@@ -230,7 +236,7 @@ def test_preset_precision_takes_the_fused_path_with_the_plain_paths_gradients(dt
         assert g.dtype == torch.float32  # the fp32 master weights receive fp32 gradients
         worst = max(worst, (g - g_ref).abs().max().item() / g_ref.abs().max().item())
     assert worst <= MODEL_TOL[dtype], f"LoRA gradients: max error {worst:.2e} of the largest, allowed {MODEL_TOL[dtype]:.0e}"
-    print(f"\n{dtype}, dropout {dropout}: LoRA gradients, fused vs plain under autocast: {worst:.2e} of the largest")
+    print(f"\n{device} {dtype}, dropout {dropout}: LoRA gradients, fused vs plain under autocast: {worst:.2e} of the largest")
 
 
 def test_an_fp32_model_under_bf16_autocast_takes_the_plain_path():
