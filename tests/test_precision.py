@@ -45,9 +45,9 @@ def overflow_hook(model, at: int):
     p.register_hook(hook)
 
 
-def reference_run(overflow_at: int):
+def reference_run(overflow_at: int, base: str = "fp32"):
     """The AMP recipe by hand, step by step as train() orders the data; returns (adapter, S, skipped)."""
-    model = tiny_lora_model()
+    model = tiny_lora_model(base=base)
     overflow_hook(model, overflow_at)
     torch.manual_seed(42)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -132,6 +132,24 @@ def test_a_nan_loss_under_fp16_still_stops_the_run():
     model.model.register_forward_hook(poison)
     with pytest.raises(FloatingPointError, match="step 2"):
         train(model, CharTokenizer(), pricer_items(24), None, fp16_config())
+
+
+def test_an_fp16_model_takes_the_fused_path_and_still_skips_the_overflow_step(monkeypatch):
+    """fp16 weights under fp16 autocast (the preset on a GPU without bf16): autocast's dtype is the
+    activations', so the hand-written LoRA function runs, and the loss scaling around it skips the
+    same step and ends with the same adapter and scale as the AMP recipe by hand."""
+    from lora.fused import LoRAProjections
+
+    calls, apply = [], LoRAProjections.apply
+    monkeypatch.setattr(LoRAProjections, "apply", lambda *a: calls.append(1) or apply(*a))
+    model = tiny_lora_model(base="fp16")
+    overflow_hook(model, OVERFLOW_AT)
+    result = train(model, CharTokenizer(), pricer_items(24), None, fp16_config())
+    assert calls  # the fused path ran under fp16 autocast
+    ref, ref_scale, ref_skipped = reference_run(OVERFLOW_AT, base="fp16")
+    assert ref_skipped == [OVERFLOW_AT] and result.skipped_steps == 1
+    ours = lora_state_dict(model)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
 
 
 def test_fp16_settings_are_checked():
