@@ -17,6 +17,7 @@ setup(
         "safetensors==0.8.0",
         "sentencepiece==0.2.3",
         "tokenizers==0.23.3",
+        "jinja2==3.1.6",          # chat templates, in its sandbox
         "gguf==0.19.0",
         "tensorboard==2.21.0",
         "tqdm==4.70.1",

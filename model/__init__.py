@@ -7,7 +7,9 @@ family is a set of LlamaConfig fields (model/families.py).
     model, tok = load_pretrained(path, dtype=torch.float32, device="cpu", quant=None)
     ids, mask = pad_batch([tok.encode(p) for p in prompts], tok.pad_id)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=8)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
 """
+from .chat_template import CHATML, ChatTemplateError, render_chat
 from .config import LlamaConfig
 from .generate import generate, pad_batch
 from .llama import KVCache, Llama
@@ -16,5 +18,5 @@ from .tokenizer import Tokenizer
 
 __all__ = [
     "Llama", "LlamaConfig", "KVCache", "Tokenizer", "load_pretrained", "read_config", "iter_tensors",
-    "load_tokenizer", "default_checkpoint", "pad_batch", "generate",
+    "load_tokenizer", "default_checkpoint", "pad_batch", "generate", "CHATML", "ChatTemplateError", "render_chat",
 ]

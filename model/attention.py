@@ -5,6 +5,23 @@
 
 Without a soft-cap, scaled_dot_product_attention runs the whole of it in one fused kernel; with
 one, the scores must be materialised to be capped, as transformers' eager path does.
+
+The mask says which keys each query may see: the causal triangle, cut by a sliding window, by
+padding, and by document boundaries. Packed rows (several examples laid end to end, see
+train/packing.py) follow transformers' padding-free convention: a position id of 0 starts a new
+document, and no token attends across that boundary, so the mask is block-diagonal:
+
+    position_ids 0 1 2 0 1 0 1 2   ->   documents 0 0 0 1 1 2 2 2
+
+             key  0 1 2 3 4 5 6 7
+        query 0   x
+              1   x x
+              2   x x x
+              3         x               each example sees only itself,
+              4         x x             as if it were alone in its row:
+              5             x           its logits are those it has alone
+              6             x x
+              7             x x x
 """
 from __future__ import annotations
 
@@ -71,15 +88,31 @@ def default_positions(attention_mask, B: int, T: int, start: int, device) -> tor
     return pos.clamp(min=0)[:, -T:]
 
 
-def attention_mask_4d(attention_mask, T: int, start: int, device, window: int | None = None) -> torch.Tensor | None:
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) position ids -> (B, T) the document of each token, or None when every row is one document.
+
+    A position id of 0 after the first column starts a new document: [0 1 2 0 1 0 1 2] -> [0 0 0 1 1 2 2 2].
+    None when no row restarts (a plain arange): the fused causal path stays. Deciding it reads one
+    boolean back from the device. Left padding's zeros make each pad a document of its own, which
+    changes nothing: the padding mask hides them already.
+    """
+    starts = position_ids[:, 1:] == 0                                        # (B, T-1)
+    if not bool(starts.any()):
+        return None
+    return F.pad(starts.long().cumsum(-1), (1, 0))                           # (B, T)
+
+
+def attention_mask_4d(attention_mask, T: int, start: int, device, window: int | None = None,
+                      documents: torch.Tensor | None = None) -> torch.Tensor | None:
     """(B, S) 1 = token, 0 = padding  ->  boolean (B, 1, T, S), True where a query may look.
 
     Each query sees the keys at or before its own position that are not padding, and with a sliding
-    `window` only the last `window` of those columns (itself included: q - window < k <= q). A padding
-    query would see nothing at all (and SDPA would return NaN), so it is allowed to see itself: its
-    output is never used, but it stays finite.
+    `window` only the last `window` of those columns (itself included: q - window < k <= q). With
+    `documents` (B, T) from `document_ids` (no cache: S = T), only the keys of its own document. A
+    padding query would see nothing at all (and SDPA would return NaN), so it is allowed to see
+    itself: its output is never used, but it stays finite.
     """
-    if attention_mask is None and start == 0 and window is None:
+    if attention_mask is None and start == 0 and window is None and documents is None:
         return None
     S = start + T
     q_pos = torch.arange(start, S, device=device)[:, None]
@@ -87,6 +120,10 @@ def attention_mask_4d(attention_mask, T: int, start: int, device, window: int | 
     allowed = (k_pos <= q_pos)[None, None]                                   # (1, 1, T, S)
     if window is not None:
         allowed = allowed & (k_pos > q_pos - window)[None, None]
+    if documents is not None:  # block-diagonal: a query and a key of one document
+        if documents.shape[-1] != S:
+            raise ValueError(f"documents {tuple(documents.shape)} must cover all {S} key positions: packed rows take no cache")
+        allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])   # (B, 1, T, S)
     if attention_mask is not None:
         keys = attention_mask.bool()[:, None, None, :S]                      # (B, 1, 1, S)
         allowed = (allowed & keys) | (k_pos == q_pos)[None, None]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import SoftCappedHead, attend, attention_mask_4d, default_positions
+from .attention import SoftCappedHead, attend, attention_mask_4d, default_positions, document_ids
 from .backward import apply_rope_qk, rms_norm, rotate_half, swiglu
 from .config import LlamaConfig
 from .offload import offload_layer_input
@@ -232,12 +232,16 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)                                     # (B, T, D)
         if c.embed_scale != 1.0:  # Gemma: × √D, rounded to the embedding's dtype first as HF does
             x = x * torch.tensor(c.embed_scale, dtype=x.dtype)
+        documents = None  # packed rows: a position id of 0 starts a document no later token attends across
         if position_ids is None:
             position_ids = default_positions(attention_mask, B, T, cache_start, x.device)
+        elif (documents := document_ids(position_ids)) is not None and cache is not None:
+            raise ValueError("position_ids restart at 0 inside a row (packed documents), which a KV cache does not "
+                             "follow: generate from one document per row")
         rope = self.rotary_emb(position_ids, x.dtype)                        # cos, sin: (B, 1, T, hs)
         local_rope = self.rotary_emb_local(position_ids, x.dtype) if self.rotary_emb_local is not None else rope
-        full_mask = attention_mask_4d(attention_mask, T, cache_start, x.device)
-        window_mask = attention_mask_4d(attention_mask, T, cache_start, x.device, c.sliding_window)
+        full_mask = attention_mask_4d(attention_mask, T, cache_start, x.device, documents=documents)
+        window_mask = attention_mask_4d(attention_mask, T, cache_start, x.device, c.sliding_window, documents)
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
             cos, sin = local_rope if c.uses_local_rope(i) else rope
@@ -251,7 +255,13 @@ class LlamaModel(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder plus the language-model head: (B, T) token ids -> (B, T, vocab) logits."""
+    """Decoder plus the language-model head: (B, T) token ids -> (B, T, vocab) logits.
+
+    position_ids (B, T), optional: RoPE's positions, and packed documents: a position id of 0 after
+    a row's first column starts a new document that no later token attends across (transformers'
+    padding-free convention; model/attention.py), so each example of a packed row gets the logits
+    it would get alone. None, or a plain arange: the fused causal path.
+    """
 
     def __init__(self, config: LlamaConfig):
         super().__init__()

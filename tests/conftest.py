@@ -25,6 +25,22 @@ def tiny_hf_config(**overrides) -> dict:
     return d
 
 
+def labelled_runs(tok, example) -> list[str]:
+    """The text of each run of consecutive labelled tokens of an Example, decoded in its context
+    (decode(ids[:end]) after decode(ids[:start])), so a leading space of the run is kept."""
+    ids, labels = example.input_ids, example.labels
+    runs, start = [], None
+    for i, y in enumerate(list(labels) + [-100]):
+        if y != -100 and start is None:
+            start = i
+        elif y == -100 and start is not None:
+            before, through = tok.decode(ids[:start]), tok.decode(ids[:i])
+            assert through.startswith(before)
+            runs.append(through[len(before):])
+            start = None
+    return runs
+
+
 @pytest.fixture
 def tiny_config():
     from model import LlamaConfig

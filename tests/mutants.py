@@ -45,6 +45,7 @@ FSDP, RELIABILITY, PRECISION, CLI = ("tests/test_fsdp.py", "tests/test_reliabili
                                      "tests/test_cli.py")
 BACKWARD, FUSED, FAMILIES, DORA = ("tests/test_backward.py", "tests/test_lora_fused.py", "tests/test_families.py",
                                    "tests/test_dora.py")
+CHAT, PACKING = "tests/test_chat.py", "tests/test_packing.py"
 
 MUTANTS = [
     # ---------------------------------------------------------------- optimizers (train/optim.py)
@@ -82,7 +83,7 @@ MUTANTS = [
     # ---------------------------------------------------------------- DDP and FSDP
     Mutant("torchrun ignored: each rank trains alone", "train/distributed.py",
            'if "RANK" not in os.environ or world_size <= 1:', "if True:", k(TRAIN, "gloo")),
-    Mutant("DDP loss not scaled by world_size", "train/distributed.py",
+    Mutant("DDP loss not scaled by world_size", "train/loop.py",
            "scale = ctx.world_size / n_answer_tokens", "scale = 1 / n_answer_tokens", k(TRAIN, "gloo")),
     Mutant("validation loss not summed over ranks", "train/distributed.py",
            "    if ctx.enabled:\n        t = t.clone()", "    if False:\n        t = t.clone()", k(TRAIN, "gloo")),
@@ -154,9 +155,9 @@ MUTANTS = [
            k(TRAIN, "head_runs")),
     Mutant("LinearCrossEntropy's gradient forgets the onehot", "train/loss.py",
            "] -= 1.0      # - onehot(y)", "] -= 0.0", k(TRAIN, "linear_cross_entropy")),
-    Mutant("each micro-batch divided by its own tokens", "train/distributed.py",
-           "        (summed_loss * scale).backward()",
-           "        (summed_loss * ctx.world_size / len(micro_batches)"
+    Mutant("each micro-batch divided by its own tokens", "train/loop.py",
+           "            (scaler.scale(loss) * scale).backward()",
+           "            (scaler.scale(loss) * ctx.world_size / len(micro_batches)"
            " / int((batch['labels'][:, 1:] != -100).sum())).backward()", k(TRAIN, "accumulate")),
     Mutant("no EOS after the answer", "train/data.py",
            "if add_eos and tokenizer.eos_id is not None:", "if False:", k(TRAIN, "labels_mask")),
@@ -167,6 +168,19 @@ MUTANTS = [
            k(TRAIN, "resumes")),
     Mutant("no warmup", "train/schedule.py",
            "        return base_lr * step / warmup_steps", "        return base_lr", k(TRAIN, "cosine")),
+    # ---------------------------------------------------------------- packing: rows of whole examples, documents apart
+    Mutant("the mask ignores the document boundaries", "model/attention.py",
+           "    if documents is not None:  # block-diagonal", "    if False:  # block-diagonal", k(PACKING, "alone")),
+    Mutant("the loss predicts across a document boundary", "train/loss.py",
+           "        keep = keep & (position_ids[:, 1:] != 0)", "        pass", k(PACKING, "padded_step")),
+    Mutant("position ids run on across a packed row", "train/packing.py",
+           "            position_ids[r, t:t + n] = torch.arange(n)", "            position_ids[r, t:t + n] = torch.arange(t, t + n)",
+           k(PACKING, "padded_step")),
+    Mutant("best fit opens a row for every example", "train/packing.py",
+           "        j = bisect.bisect_left(free, (n, -1))", "        j = len(free)", k(PACKING, "nearly_full")),
+    Mutant("train() ignores packing", "train/plan.py",
+           "        if c.packing:\n            rows = epoch_rows", "        if False:\n            rows = epoch_rows",
+           k(PACKING, "plan")),
     # ---------------------------------------------------------------- LoRA and NF4
     Mutant("no dropout on the LoRA path", "lora/layer.py",
            "nn.Dropout(dropout) if dropout > 0 else nn.Identity()", "nn.Identity()", k(LORA, "dropout")),
@@ -179,6 +193,30 @@ MUTANTS = [
            'permuted = arch in ("llama", "mistral")', "permuted = True", k(MODEL, "gguf_loads")),
     Mutant("head_dim read as hidden / heads", "model/config.py",
            'head_dim=d.get("head_dim"),', "head_dim=None,", k(MODEL, "padded_batches")),
+    # ---------------------------------------------------------------- chat templates and tokenizers
+    Mutant("chat template ignored: the contents joined plainly", "model/chat_template.py",
+           "        return compiled.render(", "        return ''.join(m['content'] for m in messages)\n"
+           "        return compiled.render(", k(CHAT, "template")),
+    Mutant("templates rendered without trim_blocks and lstrip_blocks", "model/chat_template.py",
+           "ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,", "ImmutableSandboxedEnvironment(",
+           k(CHAT, "whitespace_control")),
+    Mutant("sentencepiece cuts control tokens into pieces", "model/tokenizer.py",
+           'self._split = re.compile("|".join(map(re.escape, added))) if added else None', "self._split = None",
+           k(CHAT, "phi3")),
+    Mutant("Llama 3 merges whole-word tokens anew", "model/gguf_vocab.py",
+           "ignore_merges=pre in LLAMA3_PRES", "ignore_merges=False", k(CHAT, "llama_cpps_test_texts")),
+    Mutant("Qwen2's digits split as GPT-2's", "model/gguf_vocab.py",
+           '"qwen2": _QWEN2_SPLIT, ', "", k(CHAT, "llama_cpps_test_texts")),
+    Mutant("the assistant mask labels everything", "train/chat.py",
+           "    labels = [t if learnt(lo, hi) else IGNORE_INDEX for t, (lo, hi) in zip(ids, offsets)]",
+           "    labels = list(ids)", (CHAT, "tests/test_properties.py", "-k", "labels or chat_example")),
+    Mutant("no end-of-turn token learnt", "train/chat.py",
+           "            turn_end += len(token)\n", "            break\n",
+           (CHAT, "tests/test_properties.py", "-k", "labels or chat_example")),
+    Mutant("Alpaca's input dropped", "train/jsonl.py", "        if extra.strip():", "        if False:",
+           (CHAT, "tests/test_properties.py", "-k", "jsonl")),
+    Mutant("overlong conversations kept whole", "train/jsonl.py",
+           "        if max_len is not None and len(example.input_ids) > max_len:", "        if False:", k(CHAT, "overlong")),
     Mutant("sampling is greedy", "model/generate.py",
            "    probs = torch.softmax(logits.float() / temperature, dim=-1)",
            "    return logits.argmax(-1)", k(MODEL, "sampling")),
@@ -188,7 +226,8 @@ MUTANTS = [
 
 
 def scratch_copy() -> str:
-    """The tracked and untracked (not ignored) files of the repository, copied to a temporary folder."""
+    """The tracked and untracked (not ignored) files of the repository, copied to a temporary folder,
+    and a link to its `.venv` (the references the tests read, such as llama.cpp's models/ folder)."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.split("\0")
     dest = tempfile.mkdtemp(prefix="mutants-")
@@ -197,6 +236,8 @@ def scratch_copy() -> str:
         if os.path.isfile(src):
             os.makedirs(os.path.dirname(os.path.join(dest, f)), exist_ok=True)
             shutil.copy2(src, os.path.join(dest, f))
+    if os.path.isdir(os.path.join(ROOT, ".venv")):
+        os.symlink(os.path.realpath(os.path.join(ROOT, ".venv")), os.path.join(dest, ".venv"))
     return dest
 
 

@@ -13,7 +13,7 @@ import torch
 
 from lora import read_adapter
 from train import TrainConfig, train
-from train_script import CharTokenizer, nonzero_b, pricer_items, run_config, tiny_lora_model
+from train_script import CharTokenizer, nonzero_b, packed_config, pricer_items, run_config, tiny_lora_model
 
 PY = sys.executable
 SCRIPT = os.path.join(os.path.dirname(__file__), "train_script.py")
@@ -131,6 +131,23 @@ def test_a_sharded_run_killed_after_a_checkpoint_resumes_bit_identically_and_ont
     resumed = sharded_run(4, tmp_path / "b", "nf4", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert adapter_diff(read_adapter(str(tmp_path / "b" / "final"))[1], uninterrupted) <= 1e-5
+
+
+def test_packed_rows_under_ddp_and_under_fsdp_end_with_the_single_process_adapter(tmp_path):
+    done = torchrun(2, tmp_path, "packed")  # two gloo processes: a DDP run, then an FSDP run
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = tiny_lora_model(lora_seed=0)
+    result = train(model, CharTokenizer(), pricer_items(24), pricer_items(6, 100), packed_config(str(tmp_path / "one")))
+    ours = trainable(model)
+    assert adapter_diff(ours, trainable(tiny_lora_model(lora_seed=0))) > 1e-3  # training moved it
+    for parallel in ("ddp", "fsdp"):
+        diff = adapter_diff(read_adapter(str(tmp_path / parallel / "final"))[1], ours)
+        print(f"\npacked {parallel}: max |adapter - one process| = {diff:.1e}")
+        assert diff <= 1e-5, parallel
+        logged = json.load(open(tmp_path / parallel / "result.json"))
+        for kind, ref in (("train", result.train_losses), ("val", result.val_losses)):
+            assert [s for s, _ in logged[kind]] == [s for s, _ in ref] and ref
+            assert max(abs(a[1] - b[1]) for a, b in zip(logged[kind], ref)) <= 1e-5, (parallel, kind)
 
 
 def test_bad_sharded_set_ups_give_clear_errors(tmp_path, two_nf4):

@@ -14,7 +14,7 @@ import tempfile
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -316,3 +316,161 @@ def test_a_damaged_gguf_header_gives_a_value_error(good_gguf, tmp_path_factory, 
     except ValueError:
         return
     assert how == "flip" and config.hidden_size > 0  # a flipped byte in a value may still read as a model
+
+
+# ---------------------------------------------------------------------------------------- GGUF key-values
+_KV_TYPES = {  # GGUF value type -> values of it
+    "UINT8": st.integers(0, 255), "INT8": st.integers(-128, 127), "UINT16": st.integers(0, 2 ** 16 - 1),
+    "INT16": st.integers(-2 ** 15, 2 ** 15 - 1), "UINT32": st.integers(0, 2 ** 32 - 1),
+    "INT32": st.integers(-2 ** 31, 2 ** 31 - 1), "UINT64": st.integers(0, 2 ** 64 - 1),
+    "INT64": st.integers(-2 ** 63, 2 ** 63 - 1), "FLOAT32": st.floats(width=32, allow_nan=False),
+    "FLOAT64": st.floats(allow_nan=False), "BOOL": st.booleans(), "STRING": st.text(max_size=12),
+}
+_kv_scalar = st.sampled_from(sorted(_KV_TYPES)).flatmap(lambda t: st.tuples(st.just(t), _KV_TYPES[t]))
+_kv_array = st.sampled_from(["INT32", "UINT8", "FLOAT32", "STRING", "BOOL"]).flatmap(
+    lambda t: st.tuples(st.just("ARRAY"), st.just(t), st.lists(_KV_TYPES[t], min_size=1, max_size=20)))
+
+
+def _write_gguf_kv(path: str, fields: dict) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(path, "llama")
+    for key, spec in fields.items():
+        if spec[0] == "ARRAY":
+            w.add_key_value(key, spec[2], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType[spec[1]])
+        else:
+            w.add_key_value(key, spec[1], gguf.GGUFValueType[spec[0]])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@SOME
+@given(fields=st.dictionaries(st.text(min_size=1, max_size=10).map(lambda k: "k." + k), _kv_scalar | _kv_array,
+                              max_size=8))
+def test_gguf_key_values_read_as_the_gguf_package_reads_them(fields, tmp_path_factory):
+    import gguf
+
+    from model.gguf import read_gguf_kv
+
+    path = str(tmp_path_factory.mktemp("kv") / "m.gguf")
+    _write_gguf_kv(path, fields)
+    reference = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+    assert read_gguf_kv(path) == reference
+
+
+@SOME
+@given(how=st.sampled_from(["random", "truncate", "flip"]), data=st.data())
+def test_damaged_gguf_key_values_give_a_value_error(good_gguf, tmp_path_factory, how, data):
+    from model.gguf import read_gguf_kv
+
+    raw = good_gguf
+    if how == "random":
+        raw = b"GGUF" + data.draw(st.binary(max_size=120))
+    elif how == "truncate":
+        raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
+    else:
+        i = data.draw(st.integers(4, min(len(raw), 400) - 1))
+        raw = raw[:i] + bytes([raw[i] ^ data.draw(st.integers(1, 255))]) + raw[i + 1:]
+    path = tmp_path_factory.mktemp("g") / "m.gguf"
+    path.write_bytes(raw)
+    try:
+        kv = read_gguf_kv(str(path))
+    except ValueError:
+        return
+    assert isinstance(kv, dict)  # a flipped byte inside a value, or cut tensor data: still key-values
+
+
+# ---------------------------------------------------------------------------------------- chat data
+_texts = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)
+_messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "tool"]),
+                                            "content": _texts}), min_size=1, max_size=5)
+_records = st.one_of(
+    st.builds(lambda m, a: {"messages": m + [{"role": "assistant", "content": a}], "meta": 1}, _messages, _texts),
+    st.fixed_dictionaries({"prompt": _texts, "completion": _texts}),
+    st.fixed_dictionaries({"instruction": _texts, "output": _texts},
+                          optional={"input": _texts, "system": _texts}),
+)
+
+
+def _expected_conversation(record: dict) -> list[dict]:
+    """The conversation each shape stands for, as README's 'Your own data' states it."""
+    if "messages" in record:
+        return record["messages"]
+    if "prompt" in record:
+        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+    user = record["instruction"] + ("\n\n" + record["input"] if record.get("input", "").strip() else "")
+    system = [{"role": "system", "content": record["system"]}] if "system" in record else []
+    return system + [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+@SOME
+@given(records=st.lists(_records, min_size=1, max_size=5), blanks=st.lists(st.booleans(), min_size=5, max_size=5))
+def test_jsonl_records_of_each_shape_read_back_as_their_conversations(records, blanks, tmp_path_factory):
+    from train import read_jsonl_conversations
+
+    path = tmp_path_factory.mktemp("jsonl") / "d.jsonl"
+    lines, numbers = [], []
+    for record, blank in zip(records, blanks):
+        if blank:
+            lines.append("   ")
+        lines.append(json.dumps(record, ensure_ascii=bool(blank)))
+        numbers.append(len(lines))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    read = list(read_jsonl_conversations(str(path)))
+    assert read == [(n, _expected_conversation(r)) for n, r in zip(numbers, records)]
+
+
+@SOME
+@given(record=_records.flatmap(lambda r: _mutations(r)), line=st.sampled_from(["{", "[]", "3", '"text"', "null"]),
+       raw=st.booleans())
+def test_a_malformed_jsonl_line_gives_a_value_error_naming_path_and_line_or_a_conversation(record, line, raw,
+                                                                                          tmp_path_factory):
+    from train import check_conversation, read_jsonl_conversations
+
+    path = tmp_path_factory.mktemp("bad") / "d.jsonl"
+    good = json.dumps({"prompt": "p", "completion": "c"})
+    path.write_text("\n".join([good, line if raw else json.dumps(record), good]) + "\n", encoding="utf-8")
+    try:
+        read = list(read_jsonl_conversations(str(path)))
+    except ValueError as e:
+        assert str(e).startswith(f"{path}:2: ")
+        return
+    assert len(read) == 3 and not raw                                  # accepted: a valid conversation
+    check_conversation(read[1][1])
+
+
+_SMOL = []
+
+
+def _smollm2_tokenizer():
+    if not _SMOL:
+        from model import Tokenizer, default_checkpoint
+
+        _SMOL.append(Tokenizer.from_gguf(default_checkpoint()))
+    return _SMOL[0]
+
+
+@SOME
+@given(messages=_messages, answer=_texts, system=st.none() | _texts)
+def test_chat_example_labels_each_assistant_content_and_its_end_of_turn(messages, answer, system):
+    """SmolLM2's template (ChatML, a default system prompt when there is none): the labelled runs
+    are the assistant contents, each with its <|im_end|>. A content starting with white space may
+    share a token with the header's newline; that token counts as content. (Contents the vocabulary
+    cannot spell are left out: SmolLM2 has no token for the byte 0xF1, so "\U00040000" loses it.)"""
+    from conftest import labelled_runs
+    from train import chat_example
+
+    tok = _smollm2_tokenizer()
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + messages + [
+        {"role": "assistant", "content": answer}]
+    assume(all(tok.decode(tok.encode(m["content"])) == m["content"] for m in messages))
+    example = chat_example(tok, messages)
+    assert example.input_ids == tok.apply_chat_template(messages)
+    runs = labelled_runs(tok, example)
+    contents = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert len(runs) == len(contents)
+    for run, content in zip(runs, contents):
+        head = run[:len(run) - len(content + "<|im_end|>")]
+        assert run.endswith(content + "<|im_end|>") and (head == "" or (head == "\n" and content[:1].isspace()))

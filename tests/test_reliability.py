@@ -170,6 +170,19 @@ def _flip_byte(path):
         f.write(bytes([b[0] ^ 0x01]))
 
 
+def test_a_packed_run_preempted_mid_run_resumes_bit_identical(tmp_path):
+    packed = dict(SHORT, packing=True, max_len=128)  # 9 rows of 1 to 3 examples, 3 steps an epoch: step 4 in epoch 2
+    model = tiny_lora_model(dropout=0.1)
+    signal_at_forward(model, 3, signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted):
+        train(model, CharTokenizer(), pricer_items(24), None, _config(tmp_path / "cut", **packed))
+    resumed, result = _train(tmp_path / "cut", resume=True, **packed)
+    reference, full = _train(tmp_path / "full", **packed)
+    assert [s for s, _ in result.train_losses] == [1, 2, 3, 4] and result.train_losses == full.train_losses
+    ours, ref = lora_state_dict(resumed), lora_state_dict(reference)
+    assert ref and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
 @pytest.fixture(scope="module")
 def cut_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cut") / "run"

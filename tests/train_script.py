@@ -4,6 +4,7 @@
     torchrun --standalone --nproc_per_node 2 tests/train_script.py OUT ddp   # the two-process test
     torchrun ... tests/train_script.py OUT ddp --parallel fsdp --base nf4 --steps 8   # sharded (tests/test_fsdp.py)
     torchrun ... tests/train_script.py OUT ddp --parallel fsdp --base nf4 --steps 8 --kill|--resume  # sharded kill/resume
+    torchrun ... tests/train_script.py OUT packed    # packed rows under DDP, then FSDP (tests/test_fsdp.py)
 
 Each run writes OUT/final/ (the adapter, PEFT layout) and OUT/result.json (the losses).
 """
@@ -95,12 +96,19 @@ def run_config(out: str, **overrides):
     return TrainConfig(**kw)
 
 
+def packed_config(out: str, parallel: str = "ddp"):
+    """pricer_items(24) packed in 9 rows of up to 128 tokens (1 to 3 examples each), 3 rows a micro-batch,
+    2 micro-batches a step (the second step of an epoch has one), 2 epochs: 4 steps."""
+    return run_config(out, packing=True, max_len=128, batch_size=3, save_every=None, keep_last=None, eval_every=None,
+                      group_by_length=False, parallel=parallel)
+
+
 def main() -> None:
     from train import train
 
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("mode", choices=["full", "kill", "resume", "ddp", "load"])
+    ap.add_argument("mode", choices=["full", "kill", "resume", "ddp", "load", "packed"])
     ap.add_argument("--checkpoint", help="load mode: an HF folder read straight into FSDP shards")
     ap.add_argument("--kill-after", type=int, default=4)
     ap.add_argument("--targets", default="q_proj,v_proj,lm_head", help="LoRA targets of the ddp mode")
@@ -126,6 +134,24 @@ def main() -> None:
 
         loop.save_checkpoint = save_then_die
 
+    if args.mode == "packed":  # one group for both runs: train() leaves a group it did not create
+        import torch.distributed as dist
+        from train.checkpoint import latest_checkpoint
+
+        dist.init_process_group("gloo")
+        for parallel in ("ddp", "fsdp"):
+            model = tiny_lora_model(lora_seed=rank)  # rank 0's adapter wins
+            out = os.path.join(args.out, parallel)
+            result = train(model, CharTokenizer(), pricer_items(24), pricer_items(6, 100), packed_config(out, parallel))
+            if rank == 0:  # FSDP: the adapter gathered into the last checkpoint
+                if parallel == "fsdp":
+                    shutil.copytree(latest_checkpoint(out), os.path.join(out, "final"))
+                else:
+                    save_adapter(model, os.path.join(out, "final"))
+                with open(os.path.join(out, "result.json"), "w") as f:
+                    json.dump({"train": result.train_losses, "val": result.val_losses}, f)
+        dist.destroy_process_group()
+        return
     if fsdp:  # keep hold of the optimizer, to count what each process holds of its state
         import train.loop as loop
 

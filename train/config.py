@@ -17,7 +17,8 @@ class TrainConfig:
     """Hyperparameters of `train.train`.
 
     One optimizer step consumes `batch_size * grad_accum` examples (the global batch, whatever the
-    number of processes); the loss is normalised by the answer tokens of that whole step.
+    number of processes), or with `packing` as many rows of max_len tokens, each filled with whole
+    examples; the loss is normalised by the answer tokens of that whole step.
     """
 
     lr: float = 2e-4
@@ -46,6 +47,9 @@ class TrainConfig:
     fp16_growth_interval: int = 2000     # fp16 only: clean steps before S doubles
     max_len: int | None = None           # truncate prompt + answer: the prompt loses tokens on the left
     group_by_length: bool = False        # length-bucketed batches: less padding, same epoch coverage
+    packing: bool = False                # fill rows of max_len tokens with whole examples (train/packing.py);
+                                         # batch_size then counts rows; group_by_length has no effect;
+                                         # validation stays unpacked (sorted by length, no backward pass)
     run_name: str | None = None          # None: the start date and time
     progress: bool = True                # tqdm bar on stderr
     add_eos: bool = True                 # end each answer with EOS so the model learns to stop
@@ -79,6 +83,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainConfig.max_grad_norm must be positive (or None for no clipping), got {self.max_grad_norm!r}")
+        if self.packing and self.max_len is None:
+            raise ValueError("TrainConfig.packing fills rows of max_len tokens: set max_len (e.g. 512), the length of "
+                             "a packed row")
         if self.parallel == "fsdp" and self.out_dir is None:
             raise ValueError("TrainConfig.parallel='fsdp' needs out_dir: the sharded model's adapter is gathered into "
                              "its last checkpoint-<step>/")

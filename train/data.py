@@ -74,6 +74,29 @@ def build_examples(
     return examples, skipped
 
 
+def as_examples(tokenizer, items: Sequence, max_len: int | None = None, add_eos: bool = True) -> tuple[list[Example], int]:
+    """Training items as `Example`s; returns (examples, number skipped).
+
+    (prompt, answer) pairs go through `build_examples`; `Example`s (e.g. from `train.chat_example`)
+    are already tokenized and are kept as they are, cut to their first `max_len` tokens. An Example
+    left with no label to learn is skipped and counted, with a warning, as a pair would be.
+    """
+    items = list(items)
+    ready = [x for x in items if isinstance(x, Example)]
+    if not ready:
+        return build_examples(tokenizer, items, max_len, add_eos)
+    pairs = [x for x in items if not isinstance(x, Example)]
+    examples, skipped = build_examples(tokenizer, pairs, max_len, add_eos) if pairs else ([], 0)
+    if max_len is not None:
+        ready = [Example(e.input_ids[:max_len], e.labels[:max_len]) for e in ready]
+    kept = [e for e in ready if e.n_answer_tokens > 0]
+    if len(kept) < len(ready):
+        warnings.warn(f"{len(ready) - len(kept)} of {len(ready)} examples have no label to learn"
+                      + (f" within max_len={max_len}" if max_len is not None else "") + " and were skipped",
+                      stacklevel=2)
+    return examples + kept, skipped + len(ready) - len(kept)
+
+
 def collate(examples: Sequence[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Pad a list of examples on the right to the longest row of this batch.
 

@@ -8,9 +8,9 @@ gradients between GPUs, gloo between CPU processes. Only rank 0 logs and writes 
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -71,46 +71,23 @@ def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False, init_sync=False)
 
 
-def sync_gradients(module: nn.Module, now: bool):
-    """Let DDP all-reduce the gradients in this backward pass only when `now` (the last micro-batch)."""
-    from .fsdp import is_sharded, set_gradient_sync
+@contextmanager
+def sync_gradients(module: nn.Module, now: bool) -> Iterator[None]:
+    """Inside: a forward and backward pass that all-reduce the gradients only when `now` (the last
+    micro-batch of a step); before that each process accumulates its own in `.grad`.
 
-    if is_sharded(module):  # FSDP: reduce-scatter only in the last backward pass
-        set_gradient_sync(module, now)
-        return nullcontext()
-    if now or not isinstance(module, nn.parallel.DistributedDataParallel):
-        return nullcontext()
-    return module.no_sync()
-
-
-def accumulate(loss_module: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]], n_answer_tokens: int,
-               ctx: DistContext) -> Iterator[tuple[dict[str, torch.Tensor], Callable[[torch.Tensor], None]]]:
-    """Each micro-batch of one optimizer step with its `backward(summed_loss)`: the loss scaling
-    and the gradient synchronisation of gradient accumulation and DDP, kept out of the loop.
-
-    The loss of a step is the mean over the answer tokens of the whole step, so each micro-batch's
-    summed loss is divided by the answer tokens of all micro-batches (of all ranks), not by its own.
-    A worked example: two micro-batches of 3 and 5 answer tokens with token losses (2, 1, 3) and
-    (1, 1, 1, 1, 1) sum to 6 and 5; each divided by 8 gives 6/8 + 5/8 = 1.375, the mean of the 8
-    token losses, and since gradients add up in `.grad`, the gradient of that mean: one batch of 8
-    tokens. Dividing each by its own count instead, (6/3 + 5/5) / 2 = 1.5, would weigh each token of
-    the short micro-batch 5/3 times more than one of the long.
-
-    Under DDP each rank's backward pass gives the gradient of its own rows, and DDP averages them
-    over the ranks (divides their sum by world_size); multiplying the scale by world_size turns that
-    average back into the sum over all rows, so two ranks give exactly the single process's
-    gradient. DDP all-reduces only in the backward pass of the last micro-batch (`sync_gradients`);
-    the earlier ones accumulate locally. The forward pass must run inside that same context: DDP
-    decides at the forward whether the coming backward synchronises.
+    DDP decides at the forward pass whether the coming backward synchronises, so both run inside.
+    A module with FSDP's switch (`set_requires_gradient_sync`, train/fsdp.py) reduce-scatters only
+    when `now`; a single process has nothing to synchronise.
     """
-    scale = ctx.world_size / n_answer_tokens
-
-    def backward(summed_loss: torch.Tensor) -> None:
-        (summed_loss * scale).backward()
-
-    for i, batch in enumerate(micro_batches):
-        with sync_gradients(loss_module, now=i == len(micro_batches) - 1):
-            yield batch, backward
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP
+        module.set_requires_gradient_sync(now)
+        yield
+    elif isinstance(module, nn.parallel.DistributedDataParallel) and not now:
+        with module.no_sync():
+            yield
+    else:
+        yield
 
 
 def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:

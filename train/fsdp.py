@@ -37,7 +37,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from .distributed import DistContext, wrap_ddp
+from .distributed import DistContext, all_gather_object, wrap_ddp
 from .loss import AnswerLossModule, answer_loss
 
 SHARDED_QUANT_STATE = ("absmax", "nested_absmax", "decoded_absmax")  # per-block scales: they grow with the weight
@@ -101,10 +101,11 @@ def shard_model(model: nn.Module, mesh) -> nn.Module:
 class ShardedAnswerLoss(AnswerLossModule):
     """AnswerLossModule for a sharded model: the loss runs as a registered forward method of the root."""
 
-    def forward(self, input_ids, labels, attention_mask=None):
-        return self.model.fsdp_answer_loss(input_ids, labels, attention_mask)
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        return self.model.fsdp_answer_loss(input_ids, labels, attention_mask, position_ids=position_ids)
 
     def set_requires_gradient_sync(self, now: bool) -> None:
+        """FSDP's no_sync (`train.distributed.sync_gradients`): reduce-scatter only in the last backward pass."""
         self.model.set_requires_gradient_sync(now)
 
     def reshard(self) -> None:
@@ -128,15 +129,6 @@ def wrap_fsdp(loss_module: nn.Module, ctx: DistContext) -> nn.Module:
     model.fsdp_answer_loss = functools.partial(answer_loss, model, reduction="sum")
     register_fsdp_forward_method(model, "fsdp_answer_loss")
     return ShardedAnswerLoss(model)
-
-
-def is_sharded(module: nn.Module) -> bool:
-    return isinstance(module, (FSDPModule, ShardedAnswerLoss))
-
-
-def set_gradient_sync(module: nn.Module, now: bool) -> None:
-    """FSDP's no_sync: reduce-scatter the gradients only in the last micro-batch's backward pass."""
-    module.set_requires_gradient_sync(now)
 
 
 def local_nbytes(t: torch.Tensor) -> int:
@@ -215,8 +207,6 @@ def even_eval_batches(batches: list[dict], ctx: DistContext, example_batch: dict
     must run the same number. A padding batch has every label -100: it runs the model and adds
     nothing to the loss or the token count.
     """
-    from .distributed import all_gather_object
-
     most = max(all_gather_object(len(batches), ctx))
     if len(batches) == most:
         return batches

@@ -27,12 +27,14 @@ from torch import nn
 
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import IGNORE_INDEX, Example, build_examples, collate, epoch_batches
-from .distributed import DistContext, accumulate, all_gather_object, all_reduce_sum, setup_distributed, teardown_distributed
+from .data import Example, as_examples, collate
+from .distributed import (DistContext, all_gather_object, all_reduce_sum, setup_distributed, sync_gradients,
+                          teardown_distributed)
 from .fsdp import OPTIMIZER_DIR, even_eval_batches, gathered_trainable, load_optimizer, save_optimizer, wrap_model
 from .log import RunLogger, default_run_name
-from .loss import AnswerLossModule, answer_loss, unwrap
+from .loss import AnswerLossModule, answer_loss, answer_positions, unwrap
 from .optim import make_optimizer
+from .plan import DataPlan
 from .precision import NO_SCALING, LossScaler
 from .schedule import cosine_with_warmup
 from .signals import StopSignals, TrainingInterrupted
@@ -56,24 +58,32 @@ def training_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, torc
                   autocast, step: int, scaler: LossScaler = NO_SCALING) -> tuple[float, float, float]:
     """One optimizer step over the micro-batches of this rank; returns (loss, grad_norm, lr).
 
-    `accumulate` (train/distributed.py) divides each micro-batch's summed loss by the answer tokens
-    of the whole step and lets DDP synchronise the gradients on the last one: k accumulated
-    micro-batches, on any number of ranks, give the gradient of one batch k times larger.
-    fp16 (`scaler`) multiplies the loss by S and divides the gradients back (train/precision.py);
+    Each micro-batch holds input_ids and labels (B, T), and position_ids when packed. k accumulated
+    micro-batches, on any number of ranks, give the gradient of one batch k times larger. fp16
+    (`scaler`) multiplies the loss by S and divides the gradients back (train/precision.py);
     otherwise the scaler does nothing.
     """
     lr = optimizer.param_groups[0]["lr"]
+    # The step's loss is the mean over the answer tokens of the whole step (all micro-batches, all
+    # ranks), so each micro-batch's summed loss is divided by that count, not by its own. Two
+    # micro-batches of token losses (2, 1, 3) and (1, 1, 1, 1, 1) sum to 6 and 5: 6/8 + 5/8 = 1.375,
+    # the mean of the 8 token losses (and, as gradients add up in .grad, its gradient); (6/3 + 5/5) / 2
+    # = 1.5 would weigh each token of the short micro-batch 5/3 times more. DDP and FSDP average the
+    # ranks' gradients (a sum / world_size): × world_size makes that the sum over all rows.
+    scale = ctx.world_size / n_answer_tokens
     loss_sum = torch.zeros((), device=ctx.device)
-    for batch, backward in accumulate(loss_module, micro_batches, n_answer_tokens, ctx):
-        with autocast():
-            # 1. forward pass and 2. loss, in one call so DDP sees its own forward: the decoder
-            #    turns the tokens into hidden states, the head runs at answer positions only, and
-            #    the cross-entropy against each next token is summed (right padding: no mask needed)
-            loss = loss_module(batch["input_ids"], batch["labels"])
-        # 3. backward pass: the gradients accumulate in each LoRA parameter's .grad. For a plain
-        #    (un-adapted) head, LinearCrossEntropy already made the head's gradient, softmax − onehot,
-        #    during step 2; here autograd only scales it and carries it back through the layers
-        backward(scaler.scale(loss))  # fp16: times the loss scale S, else unchanged
+    for i, batch in enumerate(micro_batches):
+        with sync_gradients(loss_module, now=i == len(micro_batches) - 1):  # all-reduce on the last one only
+            with autocast():
+                # 1. forward pass and 2. loss, in one call so DDP sees its own forward: the decoder
+                #    turns the tokens into hidden states, the head runs at answer positions only, and
+                #    the cross-entropy against each next token is summed (right padding needs no mask;
+                #    packed rows' position ids mark where each example starts)
+                loss = loss_module(batch["input_ids"], batch["labels"], position_ids=batch.get("position_ids"))
+            # 3. backward pass: the gradients accumulate in each LoRA parameter's .grad. For a plain
+            #    (un-adapted) head, LinearCrossEntropy already made the head's gradient, softmax − onehot,
+            #    during step 2; here autograd only scales it and carries it back through the layers
+            (scaler.scale(loss) * scale).backward()  # fp16: times the loss scale S as well
         loss_sum += loss.detach()
     mean_loss = all_reduce_sum(loss_sum, ctx).item() / n_answer_tokens
     if not math.isfinite(mean_loss):
@@ -92,16 +102,18 @@ def training_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, torc
 def _loss_totals(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device, autocast) -> tuple[float, int]:
     """(summed answer-token loss, number of answer tokens) over the batches, the model in eval mode."""
     model = unwrap(model)  # the model, or the AnswerLossModule around it (FSDP runs the pair as one)
-    loss_sum = model if isinstance(model, AnswerLossModule) else (lambda i, l: answer_loss(model, i, l, reduction="sum"))
+    loss_sum = model if isinstance(model, AnswerLossModule) else (
+        lambda i, l, position_ids: answer_loss(model, i, l, reduction="sum", position_ids=position_ids))
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         for batch in batches:
             input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            position_ids = batch["position_ids"].to(device) if "position_ids" in batch else None
             with autocast():
-                total += loss_sum(input_ids, labels).item()
-            count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+                total += loss_sum(input_ids, labels, position_ids=position_ids).item()
+            count += int(answer_positions(labels, position_ids).sum())
     finally:
         model.train(was_training)
     return total, count
@@ -112,8 +124,9 @@ def evaluate(model: nn.Module, batches_or_items, tokenizer=None, batch_size: int
              add_eos: bool = True) -> float:
     """Mean cross-entropy per answer token over a validation set.
 
-    `batches_or_items`: (prompt, answer) string pairs (then `tokenizer` is required), or batch
-    dicts with input_ids and labels (B, T) as `collate` makes them.
+    `batches_or_items`: (prompt, answer) string pairs (then `tokenizer` is required) or `Example`s
+    (e.g. `chat_example`'s), or batch dicts with input_ids and labels (B, T) as `collate` makes them
+    (and position_ids, packed rows as `collate_packed` makes them).
     """
     data = list(batches_or_items)
     if not data:
@@ -122,9 +135,9 @@ def evaluate(model: nn.Module, batches_or_items, tokenizer=None, batch_size: int
     if isinstance(data[0], dict):
         batches = data
     else:
-        if tokenizer is None:
+        if tokenizer is None and not all(isinstance(x, Example) for x in data):
             raise ValueError("evaluate needs a tokenizer to turn (prompt, answer) pairs into token ids")
-        examples, _ = build_examples(tokenizer, data, max_len, add_eos)
+        examples, _ = as_examples(tokenizer, data, max_len, add_eos)
         batches = _eval_batches(examples, batch_size, _pad_id(tokenizer))
     total, count = _loss_totals(model, batches, device, _autocast(device, autocast_dtype))
     if count == 0:
@@ -157,35 +170,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class _DataPlan:
-    """Which examples each optimizer step uses: a function of (seed, step) alone, so resuming is exact."""
-
-    def __init__(self, examples: list[Example], config: TrainConfig, ctx: DistContext):
-        self.examples, self.config, self.ctx = examples, config, ctx
-        self.lengths = [len(e.input_ids) for e in examples]
-        n, bs, w = len(examples), config.batch_size, ctx.world_size
-        n_micro = n // bs + (1 if n % bs >= max(1, w) else 0)  # under DDP every rank needs a row
-        if n % bs and n % bs < w:
-            warnings.warn(f"{n % bs} examples of each epoch are left out: a micro-batch needs at least one row per rank ({w})")
-        if n_micro == 0:
-            raise ValueError(f"{n} training examples cannot fill one micro-batch with a row for each of {w} processes")
-        self.steps_per_epoch = -(-n_micro // config.grad_accum)
-        self._epoch, self._batches = None, None
-
-    def step_batches(self, step: int) -> list[list[int]]:
-        """The micro-batches (lists of example indices) of 0-based optimizer step `step`."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            batches = epoch_batches(self.lengths, self.config.batch_size, self.config.seed, epoch, self.config.group_by_length)
-            self._batches = [b for b in batches if len(b) >= self.ctx.world_size]
-            self._epoch = epoch
-        ga = self.config.grad_accum
-        return self._batches[k * ga:(k + 1) * ga]
-
-
 def train(model: nn.Module, tokenizer, train_items: Sequence[tuple[str, str]], val_items: Sequence[tuple[str, str]] | None,
           config: TrainConfig, resume: bool = False) -> TrainResult:
-    """Fine-tune the trainable (LoRA) parameters of `model` on (prompt, answer) pairs.
+    """Fine-tune the trainable (LoRA) parameters of `model` on (prompt, answer) pairs, or on `Example`s
+    already tokenized (`train.chat_example`: labels on the assistant turns).
 
     The model arrives with LoRA applied (only its parameters require grad). Under torchrun the same
     call trains with DistributedDataParallel, or with `parallel="fsdp"` sharded by FSDP2 (train/fsdp.py;
@@ -205,16 +193,16 @@ def train(model: nn.Module, tokenizer, train_items: Sequence[tuple[str, str]], v
 def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume: bool, ctx: DistContext) -> TrainResult:
     train_items = list(train_items)
     if not train_items:
-        raise ValueError("train_items is empty: pass a list of (prompt, answer) string pairs")
+        raise ValueError("train_items is empty: pass a list of (prompt, answer) string pairs or Examples")
     if resume and config.out_dir is None:
         raise ValueError("resume=True needs config.out_dir, the folder holding checkpoint-<step>/")
     _seed_everything(config.seed)
-    examples, skipped = build_examples(tokenizer, train_items, config.max_len, config.add_eos)
+    examples, skipped = as_examples(tokenizer, train_items, config.max_len, config.add_eos)
     if not examples:
         raise ValueError(f"none of the {len(train_items)} training items has an answer token to train on")
-    val_examples = build_examples(tokenizer, val_items, config.max_len, config.add_eos)[0] if val_items else []
+    val_examples = as_examples(tokenizer, val_items, config.max_len, config.add_eos)[0] if val_items else []
     pad_id = _pad_id(tokenizer)
-    plan = _DataPlan(examples, config, ctx)
+    plan = DataPlan(examples, config, ctx.world_size, pad_id)
     total_steps = config.max_steps or config.epochs * plan.steps_per_epoch
     warmup = config.warmup_for(total_steps)
 
@@ -298,14 +286,12 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
     stop, stopped, checkpoint = StopSignals().install(), 0, None  # SIGTERM/SIGINT: finish the step, save, stop
     try:
         while step < total_steps:
-            micro_indices = plan.step_batches(step)
-            n_answer_tokens = sum(examples[i].n_answer_tokens for mb in micro_indices for i in mb)
-            n_tokens = sum(len(examples[i].input_ids) for mb in micro_indices for i in mb)
-            # right padding: the loss needs no attention mask, so only ids and labels go to the device
-            micro_batches = [{k: v.to(ctx.device, non_blocking=True)
-                              for k, v in collate([examples[i] for i in mb[ctx.rank::ctx.world_size]], pad_id).items()
-                              if k != "attention_mask"}
-                             for mb in micro_indices]
+            micro_rows = plan.step_batches(step)  # micro-batches -> rows -> example indices
+            step_examples = [examples[i] for mb in micro_rows for row in mb for i in row]
+            n_answer_tokens = sum(e.n_answer_tokens for e in step_examples)
+            n_tokens = sum(len(e.input_ids) for e in step_examples)
+            micro_batches = [{k: v.to(ctx.device, non_blocking=True) for k, v in plan.collate(mb[ctx.rank::ctx.world_size]).items()}
+                             for mb in micro_rows]  # each rank its share of the rows
             t0 = time.perf_counter()
             loss, grad_norm, lr = training_step(loss_module, micro_batches, optimizer, scheduler, params,
                                                 n_answer_tokens, ctx, config.max_grad_norm, autocast, step + 1, scaler)

@@ -3,6 +3,10 @@
 Positions whose label is -100 (the prompt, the padding) need no logits at all, so the head runs
 only where a label is kept: for a short answer after a long prompt this skips most of the
 (positions x vocabulary) matrix product, the largest free speed-up of fine-tuning.
+
+Packed rows (train/packing.py) hold several examples end to end; their position ids restart at 0
+at each one. A target whose position id is 0 is the first token of the next example: it is never
+predicted from the last token of the one before (`answer_positions`).
 """
 from __future__ import annotations
 
@@ -38,8 +42,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         [0, 0, 0,  0]   →   [0.250, 0.250, 0.250, 0.250]   [0, 0, 1, 0]   [0.250, 0.250, -0.750, 0.250]   1.386
         [1, 3, 0,  1]   →   [0.102, 0.757, 0.038, 0.102]   [0, 1, 0, 0]   [0.102, -0.243, 0.038, 0.102]   0.278
 
-    loss_i = −log softmax(z_i)[y_i], summed: 2.105. Each row of the gradient sums to 0: the target's
-    logit is pushed up by 1 − p, every other one down by its own probability. Then
+    loss_i = −log softmax(z_i)[y_i], summed: 2.104 (0.44019 + 1.38629 + 0.27798 = 2.10446). Each row
+    of the gradient sums to 0: the target's logit is pushed up by 1 − p, every other one down by its
+    own probability. Then
     d loss / d h = (d loss / d z) W, d loss / d W = (d loss / d z)ᵀ h, d loss / d b = Σ_rows d loss / d z,
     all made here, in the forward pass: the training loop's step 3 (backward) finds the head's
     gradient already there and only multiplies it by the incoming scale.
@@ -79,6 +84,18 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None)
 
 
+def answer_positions(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) labels [and position ids] -> (B, T-1) bool: position t predicts labels[t + 1] there.
+
+    A label of -100 is never predicted; nor, in a packed row, a label whose position id is 0: it
+    starts another document, which the token before it cannot see.
+    """
+    keep = labels[:, 1:] != IGNORE_INDEX                       # (B, T-1)
+    if position_ids is not None:
+        keep = keep & (position_ids[:, 1:] != 0)
+    return keep
+
+
 def answer_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -86,12 +103,15 @@ def answer_loss(
     attention_mask: torch.Tensor | None = None,
     reduction: str = "mean",
     chunk_size: int = 1024,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the next token over the positions whose shifted label is not -100.
 
     input_ids, labels: (B, T), labels aligned with input_ids (the HF convention): position t's
     hidden state predicts labels[t + 1]. `reduction="sum"` returns the summed loss so a caller can
     divide by the answer tokens of a whole optimizer step; "mean" divides by this batch's.
+    position_ids (B, T): packed rows, each example's positions from 0; the model attends within an
+    example only, and no example's first token is a target (`answer_positions`).
 
     The head and the fp32 softmax run in chunks of `chunk_size` positions, so the full
     (positions x vocabulary) fp32 logits are never held at once. A plain `nn.Linear` head goes
@@ -103,10 +123,12 @@ def answer_loss(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if input_ids.shape != labels.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} must have the same shape (B, T)")
+    if position_ids is not None and position_ids.shape != input_ids.shape:
+        raise ValueError(f"position_ids {tuple(position_ids.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
     model = unwrap(model)
-    hidden = model.model(input_ids, attention_mask)            # (B, T, D)
+    hidden = model.model(input_ids, attention_mask, position_ids)   # (B, T, D)
     targets = labels[:, 1:]                                    # (B, T-1): the next token of each position
-    keep = targets != IGNORE_INDEX                             # (B, T-1)
+    keep = answer_positions(labels, position_ids)              # (B, T-1)
     h = hidden[:, :-1][keep]                                   # (N, D): only the positions with a label
     y = targets[keep]                                          # (N,)
     n = y.numel()
@@ -140,5 +162,5 @@ class AnswerLossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, labels, attention_mask=None):
-        return answer_loss(self.model, input_ids, labels, attention_mask, reduction="sum")
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        return answer_loss(self.model, input_ids, labels, attention_mask, reduction="sum", position_ids=position_ids)
