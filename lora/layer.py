@@ -42,8 +42,9 @@ class LoRALinear(nn.Module):
     `forward` below is the readable formula and the plain autograd path, the reference the tests
     hold the fused one to. Training (a gradient wanted, `handwritten_backward` on, the default) runs
     `lora/fused.py`'s `LoRAProjections` instead, whose backward pass is written by hand: o_proj and
-    down_proj from this forward (`can_fuse`, then `lora_projections`), while q, k, v (and gate, up)
-    never reach it: `apply_lora` points their module's `project_qkv` / `project_gate_up` at a
+    down_proj (and a q, k, v, gate or up whose siblings are not all adapted) from this forward
+    (`can_fuse`, then `lora_projections`), while q, k, v (gate, up) adapted together never reach it:
+    `apply_lora` points their module's `project_qkv` (`project_gate_up`) method at a
     `FusedProjection`, which projects all of them from their one input in a single function.
     """
 

@@ -30,10 +30,10 @@ from .rope import RotaryEmbedding
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x²) + eps) · (offset + weight), in the dtypes transformers uses for each family.
 
-    offset is 0 (Llama) or 1 (Gemma, whose stored weights are centred on 0). Always in fp32: x is
-    cast up, squared, averaged and multiplied by r = (mean(x²) + eps)^(-1/2). Then Llama rounds
-    x · r back to x's dtype and multiplies by the weight in the dtypes of the two (bf16 · bf16 in
-    bf16 for a bf16 model); Gemma adds 1 to the weight and multiplies in fp32, then rounds.
+    offset is 0 (Llama) or 1 (Gemma, whose stored weights are centred on 0). In fp32 always: x cast
+    up, squared and averaged, r = (mean(x²) + eps)^(-1/2), and x · r. Then Llama rounds x · r back
+    to x's dtype and multiplies it by the weight in the dtypes of the two (bf16 · bf16 in bf16 for a
+    bf16 model, not fp32); Gemma adds 1 to the weight and multiplies in fp32, then rounds.
     Llama's form runs through `model.backward.RMSNormFunction` (its backward pass by hand, the same
     forward ops); Gemma's takes the plain autograd line below.
     """
