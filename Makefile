@@ -59,6 +59,8 @@ bench: $(STAMP)
 	$(PY) bench/train_step.py --all --threads 1 --compile
 	$(PY) bench/generate.py --threads 1
 	$(PY) bench/load_memory.py
+	$(PY) bench/lean.py
+	$(PY) bench/lean.py --preset
 
 clean:
 	rm -rf .venv build *.egg-info
