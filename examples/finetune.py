@@ -151,7 +151,7 @@ def user_data(args: argparse.Namespace, tokenizer) -> ChatData:
             print(f"{path}: {len(d.examples):,} conversations, {d.truncated:,} cut to --max-len {args.max_len}, "
                   f"{d.skipped:,} left out")
     shown = args.val or args.data
-    samples = [c for _, c in zip(range(args.samples), read_jsonl_conversations(shown))] if args.samples else []
+    samples = [c for _, (_, c) in zip(range(args.samples), read_jsonl_conversations(shown))]
     return ChatData(data["data"].examples, data["val"].examples if "val" in data else [], samples)
 
 
@@ -202,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     check_lora_flags(args)
+    config = train_config(args, device, args.out, args.seed, progress=not args.no_progress, compile=args.compile,
+                          parallel=args.parallel, packing=args.packing)
     for path in (args.data, args.val):  # before the slow load
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such data file (expected JSON Lines, one conversation a line)")
@@ -215,8 +217,6 @@ def run(args: argparse.Namespace) -> int:
     show_replies("before training", model, tokenizer, data.samples, args)
     before = score_diamonds("before training", model, tokenizer, data, args)
 
-    config = train_config(args, device, args.out, args.seed, progress=not args.no_progress, compile=args.compile,
-                          parallel=args.parallel, packing=args.packing)
     result = train(model, tokenizer, data.train, data.val or None, config, resume=args.resume)
     losses = [loss for _, loss in result.train_losses]
     k = max(1, min(50, len(losses) // 4))
