@@ -21,7 +21,9 @@ import sys
 from typing import Any, Callable, Mapping
 
 from lora import LoRAConfig, load_adapter
-from pricer import load_model
+import torch
+
+from pricer import load_model, resolve_device
 from train import OPTIMIZERS, TrainingInterrupted, latest_checkpoint
 
 # a flag set to 0 means "none" (no step limit, no length limit, ...)
@@ -119,10 +121,13 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
         return 2
 
 
-def check_lora_flags(args: argparse.Namespace) -> None:
-    """r, alpha, dropout and the target names, checked before the slow load ('all' is known only once the model is)."""
+def start_run(args: argparse.Namespace) -> str:
+    """What a run does before its slow load: seed torch, check the LoRA flags (r, alpha, dropout, the target
+    names; 'all' is known only once the model is), and choose the device (`resolve_device`), returned."""
+    torch.manual_seed(args.seed)
     LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout,
                target_modules=("q_proj",) if args.target == "all" else tuple(args.target.split(",")))
+    return resolve_device(args.device)
 
 
 def is_main_process() -> bool:
@@ -130,9 +135,12 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def reload_trained(args: argparse.Namespace, device: str):
+def reload_trained(args: argparse.Namespace, device: str, chat_template: str | None = None):
     """(model, tokenizer) after an FSDP run, whose processes hold only their shards: the base model read
-    again (--model, --quant) and the adapter of the last checkpoint under --out loaded into it."""
+    again (--model, --quant), the adapter of the last checkpoint under --out loaded into it, and
+    `chat_template` given to the tokenizer when the run replaced the model's own."""
     model, tokenizer, _ = load_model(args.model, args.quant, device)
     load_adapter(model, latest_checkpoint(args.out))
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     return model, tokenizer

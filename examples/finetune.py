@@ -37,15 +37,13 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora, train) and the examples' packages
 
-import torch  # noqa: E402
-
-from cli import (add_recipe_flags, add_run_flags, check_lora_flags, fill_from_preset, is_main_process,  # noqa: E402
+from cli import (add_recipe_flags, add_run_flags, fill_from_preset, is_main_process, start_run,  # noqa: E402
                  reload_trained, run_command)
 from lora import apply_lora, save_adapter, trainable_parameters  # noqa: E402
 from model import CHATML  # noqa: E402
 from pricer import (  # noqa: E402
     CHAT_DEMO, DiamondChat, answer_budget, chat_replies, compute_dtype, constant_baseline, evaluate_chat_prices,
-    load_diamond_chats, load_model, log_to_tensorboard, lora_config, resolve_device, results_table, split_items,
+    load_diamond_chats, load_model, log_to_tensorboard, lora_config, results_table, split_items,
     train_config, write_chats_jsonl,
 )
 from train import Example, chat_example, load_chat_jsonl, read_jsonl_conversations, train  # noqa: E402
@@ -199,9 +197,7 @@ def score_diamonds(title: str, model, tokenizer, data: ChatData, args: argparse.
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
-    check_lora_flags(args)
+    device = start_run(args)
     config = train_config(args, device, args.out, args.seed, progress=not args.no_progress, compile=args.compile,
                           parallel=args.parallel, packing=args.packing)
     for path in (args.data, args.val):  # before the slow load
@@ -226,8 +222,7 @@ def run(args: argparse.Namespace) -> int:
     if args.parallel == "fsdp":  # each process now holds only its shards: rank 0 reloads the base and the adapter
         if not is_main_process():
             return 0
-        model, tokenizer = reload_trained(args, device)
-        use_template(tokenizer, template)
+        model, tokenizer = reload_trained(args, device, template)
 
     show_replies("after training", model, tokenizer, data.samples, args)
     after = score_diamonds("after training", model, tokenizer, data, args)
@@ -240,8 +235,8 @@ def run(args: argparse.Namespace) -> int:
     adapter_dir = os.path.join(args.out, "adapter")
     if is_main_process():
         save_adapter(model, adapter_dir, base_model_name_or_path=model_path)
-    print(f"adapter: {adapter_dir}\nTensorBoard: {result.run_dir}\n"
-          f"total {(time.perf_counter() - start) / 60:.1f} minutes")
+    print(f"adapter: {adapter_dir}\nTensorBoard: {result.run_dir}")
+    print(f"total {(time.perf_counter() - start) / 60:.1f} minutes")
     return 0
 
 

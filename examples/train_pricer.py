@@ -26,14 +26,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora, train) and the pricer package
 
-import torch  # noqa: E402
-
-from cli import (add_recipe_flags, add_run_flags, check_lora_flags, fill_from_preset, is_main_process,  # noqa: E402
+from cli import (add_recipe_flags, add_run_flags, fill_from_preset, is_main_process, start_run,  # noqa: E402
                  reload_trained, run_command)
 from lora import apply_lora, save_adapter, trainable_parameters  # noqa: E402
 from pricer import (  # noqa: E402
     DESCRIPTIONS, PRESETS, answer_tokens, constant_baseline, evaluate_prices, load_model, load_source,
-    log_to_tensorboard, lora_config, parse_layers, print_report, resolve_device, results_table, save_scatter,
+    log_to_tensorboard, lora_config, parse_layers, print_report, results_table, save_scatter,
     split_items, compute_dtype, train_config,
 )
 from train import train  # noqa: E402
@@ -68,11 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
     if args.preset == "llama31-8b" and args.model is None:
         raise ValueError("--preset llama31-8b needs --model, a local Llama-3.1-8B folder (config.json + safetensors)")
-    check_lora_flags(args)
+    device = start_run(args)
     model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=compute_dtype(device))
     loaded = load_source(args.data, tokenizer, args.description)
     print(loaded.summary())
