@@ -111,6 +111,7 @@ class ChatData:
     train: list[Example]
     val: list[Example]
     samples: list[list[dict]]                     # conversations whose last assistant turn is asked for
+    samples_from: str                             # where they come from, as the printout says
     held_out: list[DiamondChat] = field(default_factory=list)   # the embedded default's scored diamonds
     baseline_prices: list[float] = field(default_factory=list)  # its training prices (the constant baseline)
 
@@ -150,7 +151,8 @@ def user_data(args: argparse.Namespace, tokenizer) -> ChatData:
                   f"{d.skipped:,} left out")
     shown = args.val or args.data
     samples = [c for _, (_, c) in zip(range(args.samples), read_jsonl_conversations(shown))]
-    return ChatData(data["data"].examples, data["val"].examples if "val" in data else [], samples)
+    return ChatData(data["data"].examples, data["val"].examples if "val" in data else [], samples,
+                    f"the first {len(samples)} conversations of {shown}")
 
 
 def diamond_data(args: argparse.Namespace, tokenizer) -> ChatData:
@@ -162,7 +164,8 @@ def diamond_data(args: argparse.Namespace, tokenizer) -> ChatData:
         for name, chats in (("train", split.train), ("val", split.val)):
             print(f"wrote {write_chats_jsonl(chats, os.path.join(args.out, 'data', f'{name}.jsonl'))}")
     examples = [[chat_example(tokenizer, c.messages) for c in chats] for chats in (split.train, split.val)]
-    return ChatData(*examples, [c.messages for c in split.test[:args.samples]], split.test,
+    samples = [c.messages for c in split.test[:args.samples]]
+    return ChatData(*examples, samples, f"the first {len(samples)} held-out diamonds", split.test,
                     [c.price for c in split.train])
 
 
@@ -172,13 +175,13 @@ def ask(conversation: list[dict]) -> tuple[list[dict], str]:
     return conversation[:last], conversation[last].get("content") or ""
 
 
-def show_replies(title: str, model, tokenizer, samples: list[list[dict]], args: argparse.Namespace) -> None:
+def show_replies(when: str, model, tokenizer, data: ChatData, args: argparse.Namespace) -> None:
     """The model's replies to the sample prompts, through its chat template, beside the data's answers."""
-    if not samples:
+    if not data.samples:
         return
-    prompts, answers = zip(*(ask(c) for c in samples))
+    prompts, answers = zip(*(ask(c) for c in data.samples))
     replies = chat_replies(model, tokenizer, prompts, args.sample_tokens, args.eval_batch_size)
-    print(f"{title}:")
+    print(f"replies {when} ({data.samples_from}):")
     for prompt, answer, reply in zip(prompts, answers, replies):
         print(f"  user:   {prompt[-1]['content'][:300]!r}\n  reply:  {reply[:300]!r}\n  data:   {answer[:300]!r}")
 
@@ -210,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
 
     apply_lora(model, lora_config(args, model, args.seed))
     print(trainable_parameters(model))
-    show_replies("before training", model, tokenizer, data.samples, args)
+    show_replies("before training", model, tokenizer, data, args)
     before = score_diamonds("before training", model, tokenizer, data, args)
 
     result = train(model, tokenizer, data.train, data.val or None, config, resume=args.resume)
@@ -224,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         model, tokenizer = reload_trained(args, device, template)
 
-    show_replies("after training", model, tokenizer, data.samples, args)
+    show_replies("after training", model, tokenizer, data, args)
     after = score_diamonds("after training", model, tokenizer, data, args)
     if after is not None:
         baseline = constant_baseline(data.baseline_prices, after.truths)

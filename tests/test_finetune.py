@@ -141,7 +141,7 @@ def test_a_model_without_a_template_is_the_librarys_error_until_one_is_given(fil
     template.write_text(smol_tok.chat_template)
     for flag in ("chatml", str(template)):  # ChatML writes no system prompt; SmolLM2's template adds its own
         log = run(*base, "--chat-template", flag, "--out", str(tmp_path / f"run-{os.path.basename(flag)}"), capsys=capsys)
-        assert "before training:" in log and "after training:" in log
+        assert "replies before training (the first 2 conversations of" in log and "replies after training" in log
     assert os.path.isfile(tmp_path / "run-chatml" / "adapter" / "adapter_model.safetensors")
 
 
