@@ -45,7 +45,7 @@ FSDP, RELIABILITY, PRECISION, CLI = ("tests/test_fsdp.py", "tests/test_reliabili
                                      "tests/test_cli.py")
 BACKWARD, FUSED, FAMILIES, DORA = ("tests/test_backward.py", "tests/test_lora_fused.py", "tests/test_families.py",
                                    "tests/test_dora.py")
-CHAT, PACKING = "tests/test_chat.py", "tests/test_packing.py"
+CHAT, PACKING, FINETUNE = "tests/test_chat.py", "tests/test_packing.py", "tests/test_finetune.py"
 EXPORT = "tests/test_export_gguf.py"
 
 
@@ -106,9 +106,9 @@ MUTANTS = [
            "        reason = verify_checkpoint(path)\n", "        reason = None\n", k(RELIABILITY, "falls_back")),
     Mutant("an overflowed fp16 step is taken", "train/precision.py",
            "        self.scaler.step(optimizer)\n", "        optimizer.step()\n", k(PRECISION, "overflow")),
-    Mutant("a user error exits 1", "examples/train_pricer.py",
+    Mutant("a user error exits 1", "examples/cli.py",
            'print(f"error: {e}", file=sys.stderr)\n        return 2', 'print(f"error: {e}", file=sys.stderr)\n        return 1',
-           k(CLI, "train_pricer_user_errors")),
+           (CLI, FINETUNE, "-k", "user_errors")),
     Mutant("eval_pricer ignores --description", "examples/eval_pricer.py",
            "load_source(args.data, tokenizer, args.description)", "load_source(args.data, tokenizer)",
            k(CLI, "describes_the_diamonds")),
@@ -224,6 +224,20 @@ MUTANTS = [
            (CHAT, "tests/test_properties.py", "-k", "jsonl")),
     Mutant("overlong conversations kept whole", "train/jsonl.py",
            "        if max_len is not None and len(example.input_ids) > max_len:", "        if False:", k(CHAT, "overlong")),
+    # ---------------------------------------------------------------- examples/finetune.py: one command, any chat data
+    Mutant("finetune ignores --packing", "examples/finetune.py",
+           "parallel=args.parallel, packing=args.packing)", "parallel=args.parallel, packing=False)", k(FINETUNE, "packing")),
+    Mutant("finetune ignores --resume", "examples/finetune.py",
+           "config, resume=args.resume)", "config, resume=False)", k(FINETUNE, "resumes")),
+    Mutant("replies not through the chat template", "examples/pricer/predict.py",
+           "ids = [tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations]",
+           "ids = [tokenizer.encode(c[-1]['content'], bos=True) for c in conversations]", k(FINETUNE, "replies")),
+    Mutant("replies without the assistant's header", "examples/pricer/predict.py",
+           "add_generation_prompt=True) for c in conversations]", "add_generation_prompt=False) for c in conversations]",
+           k(FINETUNE, "replies")),
+    Mutant("a reply runs past its end of turn", "examples/pricer/predict.py",
+           "texts += [tokenizer.decode(row[:next((i for i, t in enumerate(row) if t in stop), len(row))]) for row in new]",
+           "texts += [tokenizer.decode(row) for row in new]", k(FINETUNE, "replies")),
     Mutant("sampling is greedy", "model/generate.py",
            "    probs = torch.softmax(logits.float() / temperature, dim=-1)",
            "    return logits.argmax(-1)", k(MODEL, "sampling")),

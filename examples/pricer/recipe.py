@@ -40,6 +40,12 @@ DEMO_FULL: dict[str, Any] = dict(
 # see 2,200 of the 4,000 training diamonds.
 DEMO: dict[str, Any] = dict(DEMO_FULL, description="four-cs", layers="20-", batch_size=2, max_steps=1100)
 
+# The diamonds as a chat (examples/pricer/chat.py), the embedded default of examples/finetune.py: the
+# demo's model, adapter and learning rate on the same training diamonds, each now a conversation
+# written by SmolLM2's chat template (its default system prompt, the question, the answer: about 70
+# tokens against the demo's 46), the loss on the answer and its <|im_end|> only.
+CHAT_DEMO: dict[str, Any] = dict(DEMO, packing=False, overlong="truncate")
+
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": DEMO,
     "demo-full": DEMO_FULL,
