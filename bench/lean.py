@@ -39,7 +39,7 @@ import collections
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
