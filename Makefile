@@ -7,6 +7,15 @@ STAMP   := .venv/.installed
 LLAMA_CPP    := llama-cpp-python==0.3.36
 SDIST        := .venv/sdist/llama_cpp_python-0.3.36.tar.gz
 LLAMA_MODELS := .venv/llama.cpp/models
+# llama.cpp itself, built from that source distribution into the venv for the GGUF export tests:
+# CPU only, and only the shared libraries the Python binding loads (no tests, examples, tools, server
+# or multimodal library). It is pinned here, in LLAMA_CPP, and not in setup.py's `test` extra: there
+# every `pip install -e .[test]` (make demo's install too) would compile llama.cpp again from the
+# registry's copy. pip keeps the wheel it builds, so a second clone on this machine does not rebuild.
+LLAMA_CPP_BUILT := .venv/.llama_cpp_built
+LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+                   -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF \
+                   -DGGML_BLAS=OFF
 
 .PHONY: demo test mutants bench install clean
 
@@ -28,16 +37,20 @@ $(LLAMA_MODELS)/.unpacked: $(SDIST)
 	tar xzf $(SDIST) -C $(LLAMA_MODELS) --strip-components=4 llama_cpp_python-0.3.36/vendor/llama.cpp/models
 	touch $@
 
+$(LLAMA_CPP_BUILT): $(SDIST) | $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q $(SDIST)
+	touch $@
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/train_pricer.py
 
-test: $(STAMP) $(LLAMA_MODELS)/.unpacked
+test: $(STAMP) $(LLAMA_MODELS)/.unpacked $(LLAMA_CPP_BUILT)
 	$(PY) -m pytest -q --durations=15 tests
 
 # switch each feature the README claims off, one at a time, and check a test fails (about 20 minutes)
-mutants: $(STAMP)
+mutants: $(STAMP) $(LLAMA_MODELS)/.unpacked $(LLAMA_CPP_BUILT)
 	$(PY) tests/mutants.py
 
 # ours against transformers + PEFT, one thread so a busy neighbour core cannot stall a step (about 25 minutes)
@@ -46,6 +59,8 @@ bench: $(STAMP)
 	$(PY) bench/train_step.py --all --threads 1 --compile
 	$(PY) bench/generate.py --threads 1
 	$(PY) bench/load_memory.py
+	$(PY) bench/lean.py
+	$(PY) bench/lean.py --preset
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -24,7 +24,10 @@ setup(
         "numpy>=1.26,<3",
     ],
     extras_require={
-        # References the tests compare against; never imported by library code.
+        # References the tests compare against; never imported by library code. One more, llama.cpp itself
+        # (llama-cpp-python==0.3.36, the GGUF export's reference), is pinned in the Makefile instead, which
+        # builds it once from its source distribution for `make test`: listed here, every install of this
+        # extra (make demo's too) would compile llama.cpp again.
         "test": [
             "pytest==9.2.0",
             "transformers==5.23.0",

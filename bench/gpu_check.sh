@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# The GPU checks of the lean training step, as one run of about 7 minutes on one H100 or H200:
-#   1. the CUDA tests: hand-written backward passes on CUDA, offloaded checkpointing keeps no activation
-#      of a layer on the device, NF4 and the fused head on CUDA (every test whose name says cuda)
+# The GPU checks of the lean training step, in the course preset's precision (bf16 frozen weights, the NF4
+# base computing in bf16, LoRA weights and AdamW's moments in fp32, the forward pass under bf16 autocast on
+# both sides), as one run of about 8 minutes on one H100 or H200:
+#   1. the CUDA tests: hand-written backward passes on CUDA, the fused LoRA path under CUDA's bf16 autocast,
+#      offloaded checkpointing keeps no activation of a layer on the device, NF4 and the fused head on CUDA
+#      (every test whose name says cuda)
 #   2. the course's shape: bench/train_step.py --device cuda --shape llama31-8b (4 x 182, r=32 on q, k, v, o)
 #   3. 2 x 2048 tokens, r=16 on all seven projections, without and with offloaded checkpointing
+#   4. ops and bytes saved for backward of the Llama-3.1-8B-shaped layer (bench/lean.py --preset) on CUDA
 # Each part's output goes to $OUT/<part>.log ($OUT: the device tool's folder; ./gpu-out when unset).
+#
+#   bash bench/gpu_check.sh         # on the GPU machine
+#   bash bench/gpu_check.sh --cpu   # the same parts on the CPU, the models cut to one layer at 1/8 width
+#                                   # (--layers 1 --shrink 8), to check the script itself without a GPU
 #
 # The lent machine lacks bitsandbytes and gguf: carry them as wheels, made here with
 #   echo /.whl/ >> .git/info/exclude
@@ -15,14 +23,25 @@
 set -u -o pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+DEVICE=cuda
+SIZE=()          # the full Llama-3.1-8B shape on a GPU
+TESTS="cuda"     # pytest -k: the tests that need a GPU
+K=1              # the time limits below are for a GPU; on the CPU each is K times longer
+LEAN=60          # seconds for part 4 (two full-width layers; about 2 minutes on two CPU cores)
+if [ "${1:-}" = "--cpu" ]; then
+  DEVICE=cpu SIZE=(--layers 1 --shrink 8) TESTS="preset_precision" K=4 LEAN=400
+elif [ -n "${1:-}" ]; then
+  echo "error: unknown argument $1 (expected nothing or --cpu)" >&2; exit 2
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, bitsandbytes, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+{ if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
+  $PY -c "import torch, bitsandbytes, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 '| bitsandbytes', bitsandbytes.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
 } 2>&1 | tee "$OUT/env.log" || exit 1
 
@@ -34,11 +53,14 @@ part() {  # part NAME SECONDS COMMAND...: run it with a time limit, keep its out
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" || failed="$failed $name"
 }
 
-part tests 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/
-part course 130 python3 bench/train_step.py --device cuda --shape llama31-8b
-part long 100 python3 bench/train_step.py --device cuda --shape llama31-8b-2k --rounds 2 --steps 3 --memory-steps 1
-part long-offload 100 python3 bench/train_step.py --device cuda --shape llama31-8b-2k --offload --rounds 2 --steps 3 \
-  --memory-steps 1
+# --dtype bfloat16 (the default on cuda) is the preset's precision on both sides of bench/train_step.py
+part tests $((120 * K)) $PY -m pytest -q -p no:cacheprovider -k "$TESTS" tests/
+part course $((130 * K)) $PY bench/train_step.py --device $DEVICE --dtype bfloat16 --shape llama31-8b "${SIZE[@]}"
+part long $((100 * K)) $PY bench/train_step.py --device $DEVICE --dtype bfloat16 --shape llama31-8b-2k "${SIZE[@]}" \
+  --rounds 2 --steps 3 --memory-steps 1
+part long-offload $((100 * K)) $PY bench/train_step.py --device $DEVICE --dtype bfloat16 --shape llama31-8b-2k "${SIZE[@]}" \
+  --offload --rounds 2 --steps 3 --memory-steps 1
+part lean $LEAN $PY bench/lean.py --preset --device $DEVICE --shapes llama31-8b
 
 if [ -n "$failed" ]; then echo "failed or timed out:$failed"; exit 1; fi
 echo "all parts done"

@@ -16,6 +16,12 @@ the same weights and the same batch (no optimizer step):
     `torch.autograd.graph.saved_tensors_hooks`; each storage is counted once. Of these, the model's
     own weights (parameters and buffers, in memory anyway) are also shown apart.
 
+fp32 by default. `--preset` counts both sides in the precision of the course preset
+(`examples/pricer/recipe.py`, PRESETS["llama31-8b"] on a GPU): frozen weights in bf16, the NF4 base
+computing in bf16, LoRA weights in fp32, the forward pass under bf16 autocast (ours as `train()` runs
+it with `TrainConfig.autocast_dtype`, theirs with `BitsAndBytesConfig(bnb_4bit_compute_dtype=bf16)` as
+`SFTTrainer(bf16=True)` runs it); here on the CPU, whose autocast casts to bf16 as CUDA's does.
+
 Ops and bytes are also shown for one decoder layer (the last: unlike the first, its input needs a
 gradient, as in every other layer), per token, and outside the decoder layers (embedding, final
 norm, head, loss).
@@ -23,6 +29,7 @@ norm, head, loss).
     python bench/lean.py                          # SmolLM2 NF4 at shapes (a) and (b); Llama-3.1-8B-shaped layers
     python bench/lean.py --shapes smollm2-b       # one of them
     python bench/lean.py --plain                  # ours on the plain autograd path (the reference)
+    python bench/lean.py --preset                 # both sides in the course preset's precision (below)
     python bench/lean.py --top 15                 # also each side's most frequent ops
 """
 from __future__ import annotations
@@ -32,7 +39,7 @@ import collections
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
@@ -237,7 +244,9 @@ def measure(args, shape_name: str, device: str, dtype: torch.dtype) -> str:
     what = ("SmolLM2-135M, NF4 (double quant)" if shape.model == "smollm2" else
             f"Llama-3.1-8B-shaped, {layers} decoder layers (the second is the one shown), random weights, "
             f"NF4 (double quant), vocabulary cut to {vocab:,}")
-    lines = [f"### {shape_name}: {what}, {str(dtype).replace('torch.', '')}",
+    precision = ("the course preset's precision (bf16 frozen weights, NF4 computing in bf16, fp32 LoRA, "
+                 "bf16 autocast on both sides)" if dtype == torch.bfloat16 else "float32")
+    lines = [f"### {shape_name}: {what}, {precision}",
              f"batch {B} x {T} tokens ({answer} labelled), LoRA r={shape.r} alpha={shape.alpha} on "
              f"{', '.join(shape.targets)}; ours on the {'plain autograd' if args.plain else 'default (hand-written)'} path; "
              "one forward + loss + backward pass, no checkpointing", "",
@@ -248,12 +257,17 @@ def measure(args, shape_name: str, device: str, dtype: torch.dtype) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="smollm2-a,smollm2-b,llama31-8b", help="comma-separated (default: all three)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default float32)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (default float32); bfloat16 is the course preset's precision, as --preset")
+    p.add_argument("--preset", action="store_true",
+                   help="the course preset's precision: bf16 frozen weights and NF4 compute, fp32 LoRA, bf16 autocast")
     p.add_argument("--sides", default="ours,theirs", help="which sides to count (default ours,theirs)")
     p.add_argument("--plain", action="store_true", help="ours on the plain autograd path (set_handwritten_backward(False))")
     p.add_argument("--top", type=int, default=0, help="also list each side's N most frequent ops")
     p.add_argument("--vocab", type=int, default=8192,
                    help="llama31-8b: vocabulary of the random model (default 8192; the head is not a decoder layer)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu): the same code, though SDPA and "
+                   "dropout dispatch other kernels on a GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
@@ -264,6 +278,10 @@ def parse_args(argv=None):
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if not args.sides or any(s not in ("ours", "theirs") for s in args.sides):
         p.error(f"--sides {args.sides}: expected ours, theirs or both")
+    if args.preset:
+        args.dtype = "bfloat16"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no GPU here")
     # what train_step's model builders read: NF4 bases; full-width Llama-3.1-8B layers, two of them
     # so that the one shown has an input that needs a gradient, as in layers 1 to 31 of the real model
     args.quant, args.layers, args.shrink, args.compile, args.offload = "nf4", 2, 1, False, False
@@ -274,10 +292,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    print(header("Lean step: ops and saved bytes, ours vs transformers + PEFT", "cpu",
+    print(header("Lean step: ops and saved bytes, ours vs transformers + PEFT", args.device,
                  [os.path.abspath(__file__)] + sys.argv[1:]), flush=True)
     for name in args.shapes:
-        print("\n" + measure(args, name, "cpu", dtype), flush=True)
+        print("\n" + measure(args, name, args.device, dtype), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Training tokens per second with packing against padded batches, on a mixed-length chat-like set.
+"""Training tokens per second with packing against padded batches, on chat conversations of mixed lengths.
 
 The same examples train on three sides, in one process, alternating in rounds: padded batches in
 random order (the default), padded batches grouped by length (`group_by_length`), and packed rows
@@ -13,7 +13,8 @@ The model and adapter are the demo's (examples/pricer/recipe.py PRESETS["demo"])
 from the embedded GGUF, NF4 base, LoRA r 8 on all seven projections of layers 20 to 29.
 
 The data: a customer asks the price of 1 to 12 diamonds at once (log-uniform: mostly one or two, some
-long lists), and the answer prices each: mixed lengths, labels on the answer.
+long lists), and the answer prices each: mixed lengths, each a conversation through SmolLM2's own chat
+template, labels on the assistant's answer.
 
     python bench/packing.py --threads 1         # 48 conversations, max_len 512, 2 rounds
     python bench/packing.py --n 32 --rounds 1   # a quick look
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 from lora import apply_lora  # noqa: E402
 from model import load_pretrained  # noqa: E402
 from pricer import PRESETS, describe_four_cs, diamonds_csv, lora_config  # noqa: E402
-from train import TrainConfig, build_examples, training_step  # noqa: E402
+from train import TrainConfig, chat_example, training_step  # noqa: E402
 from train.distributed import DistContext  # noqa: E402
 from train.loss import AnswerLossModule  # noqa: E402
 from train.packing import epoch_rows, fill  # noqa: E402
@@ -64,9 +65,10 @@ def conversations(n: int, seed: int) -> list[tuple[str, str]]:
 
 
 def to_examples(tok, pairs: list[tuple[str, str]], max_len: int):
-    """Token ids and answer-only labels. With the model's chat template (`train.chat_example`), this one line becomes
-    [chat_example(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], max_len) for q, a in pairs]"""
-    return build_examples(tok, pairs, max_len)[0]
+    """Each (question, answer) as a conversation written by the model's chat template (`train.chat_example`:
+    SmolLM2's system prompt, the question, the answer), labels on the answer and its <|im_end|> only."""
+    return [chat_example(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], max_len)
+            for q, a in pairs]
 
 
 def padded_tokens(plan: DataPlan) -> int:

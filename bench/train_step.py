@@ -115,7 +115,16 @@ def ours_loss(args, shape: Shape, device: str, dtype: torch.dtype, base: nn.Modu
     if getattr(args, "compile", False):
         model.compile_layers()  # torch.compile each decoder layer; the first steps pay for compiling
     model.train()
-    return model, lambda input_ids, labels: answer_loss(model, input_ids, labels)
+    # In bf16 the course preset's precision, as train() runs it (TrainConfig.autocast_dtype): a bf16 model,
+    # the NF4 base computing in bf16, LoRA weights in fp32, the forward pass under bf16 autocast
+    autocast = (torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+
+    def loss(input_ids, labels):
+        with autocast:
+            return answer_loss(model, input_ids, labels)
+
+    return model, loss
 
 
 def theirs_loss(args, shape: Shape, device: str, dtype: torch.dtype, base: nn.Module | None,
@@ -247,7 +256,8 @@ def measure(args, shape: Shape, device: str, dtype: torch.dtype) -> str:
              f"batch {B} x {T} tokens ({tokens} positions, {answer_tokens} labelled), LoRA r={shape.r} alpha={shape.alpha} "
              f"dropout 0 on {', '.join(shape.targets)}, AdamW lr {args.lr}; warm-up {args.warmup}, then "
              f"{args.rounds} rounds x {args.steps} steps per side, alternating"
-             + ("; theirs under torch.autocast (as SFTTrainer(bf16=True) runs it)" if dtype != torch.float32 else ""),
+             + ("; the course preset's precision: both sides under torch.autocast (ours as train() runs the preset, "
+                "theirs as SFTTrainer(bf16=True) runs it), LoRA weights in fp32" if dtype != torch.float32 else ""),
              "", table(rows), ""]
     if N:
         lines.insert(2, f"N = {N:,} parameters; MFU = tokens/s x 4N / {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s")

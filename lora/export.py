@@ -42,7 +42,7 @@ def parse_size(size: int | str) -> int:
     return n
 
 
-def _deltas(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float, dict]:
+def adapter_deltas(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float, dict]:
     """{weight name: A}, {weight name: B}, the scaling and {weight name: DoRA magnitude} of an adapter."""
     config, sd = read_adapter(adapter_dir)
     A, B, M = {}, {}, {}
@@ -85,7 +85,7 @@ def export_merged(
     limit = parse_size(max_shard_size)
     config = model_load.read_config(checkpoint)
     hf_config = config.to_hf()  # before any work: a config that config.json cannot state fails here
-    A, B, scaling, M = _deltas(adapter_dir)
+    A, B, scaling, M = adapter_deltas(adapter_dir)
     if config.tie_word_embeddings and "lm_head.weight" in A:
         raise ValueError(f"{adapter_dir}: the adapter changes lm_head, which this model ties to the embedding; "
                          "a merged head would no longer be tied")
@@ -113,6 +113,18 @@ def export_merged(
     return out_dir
 
 
+def merged_weight(name: str, W: torch.Tensor, A: dict, B: dict, scaling: float, M: dict, checkpoint: str) -> torch.Tensor:
+    """W0 + scaling · B A in fp32 where the adapter adapts `name` (DoRA: m/‖W0 + s·BA‖ ⊙ (W0 + s·BA));
+    any other tensor as it was read."""
+    if name not in A:
+        return W
+    delta = scaling * (B[name] @ A[name])                                   # (out, in)
+    if tuple(W.shape) != tuple(delta.shape):
+        raise ValueError(f"{checkpoint}: tensor {name!r} has shape {tuple(W.shape)} but the adapter's "
+                         f"B @ A has shape {tuple(delta.shape)}")
+    return merge_into(W, A[name], B[name], scaling, M[name])[0] if M else W.float() + delta
+
+
 def _write_shards(tensors, A, B, scaling, M, dtype, limit, folder, checkpoint) -> list[dict[str, int]]:
     """Write merged tensors into shards of at most `limit` bytes; returns [{name: nbytes}] per shard.
     M: DoRA's magnitudes, {} for plain LoRA: the merged weight is then m/‖W0 + s·BA‖ ⊙ (W0 + s·BA)."""
@@ -129,13 +141,7 @@ def _write_shards(tensors, A, B, scaling, M, dtype, limit, folder, checkpoint) -
 
     for name, W in tensors:
         out_dtype = dtype or W.dtype
-        if name in A:
-            delta = scaling * (B[name] @ A[name])                           # (out, in)
-            if tuple(W.shape) != tuple(delta.shape):
-                raise ValueError(f"{checkpoint}: tensor {name!r} has shape {tuple(W.shape)} but the adapter's "
-                                 f"B @ A has shape {tuple(delta.shape)}")
-            W = merge_into(W, A[name], B[name], scaling, M[name])[0] if M else W.float() + delta
-        W = W.to(out_dtype).contiguous()
+        W = merged_weight(name, W, A, B, scaling, M, checkpoint).to(out_dtype).contiguous()
         nbytes = W.numel() * W.element_size()
         if current and size + nbytes > limit:
             flush()

@@ -39,9 +39,13 @@ class LoRALinear(nn.Module):
     A and B are kept in fp32 (the optimizer's master copy); the LoRA path runs in the base's compute
     dtype, so a bf16 base does its low-rank matmuls in bf16 like the rest of the layer.
 
-    With `handwritten_backward` on (the default) a training forward runs through
-    `lora.fused.LoRAProjections`, whose backward pass is written by hand; off, the plain autograd
-    path below, the reference it is tested against.
+    `forward` below is the readable formula and the plain autograd path, the reference the tests
+    hold the fused one to. Training (a gradient wanted, `handwritten_backward` on, the default) runs
+    `lora/fused.py`'s `LoRAProjections` instead, whose backward pass is written by hand: o_proj and
+    down_proj (and a q, k, v, gate or up whose siblings are not all adapted) from this forward
+    (`can_fuse`, then `lora_projections`), while q, k, v (gate, up) adapted together never reach it:
+    `apply_lora` points their module's `project_qkv` (`project_gate_up`) method at a
+    `FusedProjection`, which projects all of them from their one input in a single function.
     """
 
     handwritten_backward = True
@@ -95,6 +99,8 @@ class LoRALinear(nn.Module):
             dora.init_magnitude(self)  # m = ‖W0‖: the fresh layer is the base exactly
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = base(x) + scaling · (dropout(x) Aᵀ) Bᵀ, (..., in) -> (..., out). The plain path, written
+        as the formula; in training this layer's product goes through `lora/fused.py` (see the class)."""
         if can_fuse((self,), x):
             return lora_projections(x, (self,))[0]
         y = self.base_layer(x)

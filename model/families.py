@@ -193,8 +193,10 @@ def gguf_family_fields(fields: dict[str, Any], arch: str, head_dim: int, source:
     model_type = GGUF_ARCHITECTURES[arch]
     get = lambda key, default=None: fields.get(f"{arch}.{key}", default)  # noqa: E731
     n_layers, hidden, n_heads = int(get("block_count")), int(get("embedding_length")), int(get("attention.head_count"))
-    out: dict[str, Any] = dict(qkv_bias=arch == "qwen2", qk_norm=arch in ("qwen3", "gemma3"),
-                               fused_projections=arch == "phi3")
+    biases = set(fields.get("_bias_tensors", ()))
+    out: dict[str, Any] = dict(qkv_bias=arch == "qwen2" or bool(biases & {"attn_q", "attn_qkv"}),
+                               o_bias="attn_output" in biases, mlp_bias=bool(biases & {"ffn_up", "ffn_down"}),
+                               qk_norm=arch in ("qwen3", "gemma3"), fused_projections=arch == "phi3")
     window = get("attention.sliding_window") or None  # 0: none
     if arch == "phi3":
         rot = get("rope.dimension_count", head_dim)
@@ -223,9 +225,9 @@ def gguf_family_fields(fields: dict[str, Any], arch: str, head_dim: int, source:
         )
     if arch == "gemma3":
         out["rope_local_theta"] = float(get("rope.freq_base_swa", 10000.0))
-        kind = get("rope.scaling.type")
-        if kind not in (None, "none", "linear"):
-            raise ValueError(f"{source}: GGUF RoPE scaling {kind!r} on Gemma 3 is not supported; expected 'linear'")
-        if kind == "linear":
-            out["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    kind = get("rope.scaling.type")  # Phi-3's longrope and Llama 3.1's scaling come as tensors instead
+    if kind not in (None, "none", "linear") and not (arch == "phi3" and kind == "longrope"):
+        raise ValueError(f"{source}: GGUF RoPE scaling {kind!r} is not supported; expected 'linear'")
+    if kind == "linear" and get("rope.scaling.factor", 1.0) != 1.0:
+        out["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
     return out

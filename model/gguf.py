@@ -78,7 +78,8 @@ def gguf_metadata(path: str, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
     """The metadata as plain Python values; the big tokenizer arrays only when named in `arrays`.
 
     Also sets `_has_output_tensor`, which `LlamaConfig.from_gguf` reads to tell a tied head from an
-    untied one (a tied model has no `output.weight` tensor), and `_rope_freqs` when the file has one.
+    untied one (a tied model has no `output.weight` tensor), `_bias_tensors` (the block tensors with a
+    bias, e.g. ["attn_k", "attn_q", "attn_v"]), and `_rope_freqs` when the file has one.
     """
     reader = open_gguf(path)
     fields: dict[str, Any] = {}
@@ -98,7 +99,10 @@ def gguf_metadata(path: str, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
     arch = fields.get("general.architecture")
     if fields.get(f"{arch}.vocab_size") is None and "_n_tokens" in fields:
         fields[f"{arch}.vocab_size"] = fields["_n_tokens"]
-    fields["_has_output_tensor"] = any(t.name == "output.weight" for t in reader.tensors)
+    names = {t.name for t in reader.tensors}
+    fields["_has_output_tensor"] = "output.weight" in names
+    # which projections carry a bias, as the tensors of the first block say (a llama with attention_bias)
+    fields["_bias_tensors"] = sorted(n.split(".")[2] for n in names if n.startswith("blk.0.") and n.endswith(".bias"))
     return fields
 
 
@@ -106,7 +110,8 @@ def _to_torch(t) -> torch.Tensor:
     """A GGUF tensor's values as a flat fp32 torch tensor (dequantized; copied off the read-only map)."""
     from gguf.quants import dequantize
 
-    a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    # a plain ndarray over the map: the quantizers slice it row by row, and numpy.memmap's slices are slow
+    a = np.asarray(dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32)
     return torch.from_numpy(a if a.flags.writeable else a.copy()).reshape(-1)
 
 

@@ -27,9 +27,14 @@ from .rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) · (offset + weight), computed in fp32 as the reference does.
+    """x / sqrt(mean(x²) + eps) · (offset + weight), in the dtypes transformers uses for each family.
 
-    offset is 0 (Llama) or 1 (Gemma, whose stored weights are centred on 0).
+    offset is 0 (Llama) or 1 (Gemma, whose stored weights are centred on 0). In fp32 always: x cast
+    up, squared and averaged, r = (mean(x²) + eps)^(-1/2), and x · r. Then Llama rounds x · r back
+    to x's dtype and multiplies it by the weight in the dtypes of the two (bf16 · bf16 in bf16 for a
+    bf16 model, not fp32); Gemma adds 1 to the weight and multiplies in fp32, then rounds.
+    Llama's form runs through `model.backward.RMSNormFunction` (its backward pass by hand, the same
+    forward ops); Gemma's takes the plain autograd line below.
     """
 
     handwritten_backward = True  # the backward pass of `model.backward.RMSNormFunction`; False: autograd's

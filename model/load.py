@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import LlamaConfig
-from .gguf import gguf_metadata, is_gguf, iter_gguf_tensors
+from .gguf import gguf_metadata, hf_name, is_gguf, iter_gguf_tensors, open_gguf
 from .llama import Llama
 from .tokenizer import Tokenizer
 
@@ -123,6 +123,25 @@ def iter_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """
     for name, t, _ in _iter_with_source(path):
         yield name, t
+
+
+def tensor_shapes(path: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of each tensor `iter_tensors` yields, in the same order, read from the headers
+    alone: a writer can lay out a file before the first tensor is read."""
+    if _check_path(path) == "gguf":
+        arch = gguf_metadata(path)["general.architecture"]
+        named = ((hf_name(t.name, arch), t.shape) for t in open_gguf(path).tensors)
+        return [(n, tuple(int(d) for d in reversed(shape))) for n, shape in named if n is not None]
+    from safetensors import safe_open
+
+    out = []
+    for file in _safetensors_files(path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                out += [(n, tuple(f.get_slice(n).get_shape())) for n in f.keys() if not n.endswith("rotary_emb.inv_freq")]
+        except Exception as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+    return out
 
 
 def load_tokenizer(path: str) -> Tokenizer:

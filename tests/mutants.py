@@ -46,7 +46,14 @@ FSDP, RELIABILITY, PRECISION, CLI = ("tests/test_fsdp.py", "tests/test_reliabili
 LAB = "tests/test_lab.py"
 BACKWARD, FUSED, FAMILIES, DORA = ("tests/test_backward.py", "tests/test_lora_fused.py", "tests/test_families.py",
                                    "tests/test_dora.py")
-CHAT, PACKING = "tests/test_chat.py", "tests/test_packing.py"
+CHAT, PACKING, FINETUNE = "tests/test_chat.py", "tests/test_packing.py", "tests/test_finetune.py"
+EXPORT = "tests/test_export_gguf.py"
+
+
+def case(test: str, param: str = "") -> str:
+    """One test of the GGUF export file, by node id: `-k llama` would match every llama_cpp test."""
+    return f"{EXPORT}::{test}" + (f"[{param}]" if param else "")
+
 
 MUTANTS = [
     # ---------------------------------------------------------------- optimizers (train/optim.py)
@@ -100,16 +107,24 @@ MUTANTS = [
            "        reason = verify_checkpoint(path)\n", "        reason = None\n", k(RELIABILITY, "falls_back")),
     Mutant("an overflowed fp16 step is taken", "train/precision.py",
            "        self.scaler.step(optimizer)\n", "        optimizer.step()\n", k(PRECISION, "overflow")),
-    Mutant("a user error exits 1", "examples/train_pricer.py",
+    Mutant("a user error exits 1", "examples/cli.py",
            'print(f"error: {e}", file=sys.stderr)\n        return 2', 'print(f"error: {e}", file=sys.stderr)\n        return 1',
-           k(CLI, "train_pricer_user_errors")),
+           (CLI, FINETUNE, "-k", "user_errors")),
     Mutant("eval_pricer ignores --description", "examples/eval_pricer.py",
            "load_source(args.data, tokenizer, args.description)", "load_source(args.data, tokenizer)",
            k(CLI, "describes_the_diamonds")),
     # ---------------------------------------------------------------- hand-written backward passes
     Mutant("RMSNorm's backward forgets the mean term", "model/backward.py",
-           "dx = torch.addcmul(gw * r, xf, c, value=-1).to(x.dtype)", "dx = (gw * r).to(x.dtype)",
+           "dx = torch.addcmul(gw * r, xh, c, value=-1).to(x_hat.dtype)", "dx = (gw * r).to(x_hat.dtype)",
            k(BACKWARD, "rmsnorm_function")),
+    Mutant("RMSNorm keeps an fp32 copy of x̂", "model/backward.py",
+           "ctx.save_for_backward(x_hat, r, weight)", "ctx.save_for_backward(xf * r, r, weight)",
+           k(BACKWARD, "normalised_input")),
+    Mutant("RMSNorm's output carries no recipe", "model/backward.py",
+           "return leave_recipe(y, torch.mul, weight, x_hat)", "return y", k(FUSED, "remade_not_kept")),
+    Mutant("SwiGLU's output carries no recipe", "model/backward.py",
+           "return leave_recipe(SwiGLUFunction.apply(g, u), silu_times, g, u)", "return SwiGLUFunction.apply(g, u)",
+           k(FUSED, "remade_not_kept")),
     Mutant("RoPE's backward rotates by +sin", "model/backward.py",
            "dx = dy * cos - rotate_half(dy) * sin", "dx = dy * cos + rotate_half(dy) * sin",
            k(BACKWARD, "rope_function")),
@@ -122,6 +137,11 @@ MUTANTS = [
     Mutant("fused LoRA dropout's backward forgets the mask", "lora/fused.py",
            "dX.add_(redo_dropout(torch.mm(g.t(), A), keep.reshape(X.shape), p), alpha=s)", "dX.addmm_(g.t(), A, alpha=s)",
            k(FUSED, "equal_autograd")),
+    Mutant("fused LoRA keeps its own copy of an input it could remake", "lora/fused.py",
+           "remake, inputs = recipe(x)", "remake, inputs = None, (x,)", k(FUSED, "remade_not_kept")),
+    Mutant("fused LoRA steps aside under the preset's autocast", "lora/fused.py",
+           "if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:",
+           "if torch.is_autocast_enabled(device):", k(FUSED, "preset_precision")),
     Mutant("decoded NF4 scales forget the mean", "quant/linear4bit.py",
            "        absmax += self.offset\n", "", k(QUANT, "decoded_scales")),
     # ---------------------------------------------------------------- families and DoRA
@@ -205,6 +225,20 @@ MUTANTS = [
            (CHAT, "tests/test_properties.py", "-k", "jsonl")),
     Mutant("overlong conversations kept whole", "train/jsonl.py",
            "        if max_len is not None and len(example.input_ids) > max_len:", "        if False:", k(CHAT, "overlong")),
+    # ---------------------------------------------------------------- examples/finetune.py: one command, any chat data
+    Mutant("finetune ignores --packing", "examples/finetune.py",
+           "parallel=args.parallel, packing=args.packing)", "parallel=args.parallel, packing=False)", k(FINETUNE, "packing")),
+    Mutant("finetune ignores --resume", "examples/finetune.py",
+           "config, resume=args.resume)", "config, resume=False)", k(FINETUNE, "resumes")),
+    Mutant("replies not through the chat template", "examples/pricer/predict.py",
+           "ids = [tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations]",
+           "ids = [tokenizer.encode(c[-1]['content'], bos=True) for c in conversations]", k(FINETUNE, "replies")),
+    Mutant("replies without the assistant's header", "examples/pricer/predict.py",
+           "add_generation_prompt=True) for c in conversations]", "add_generation_prompt=False) for c in conversations]",
+           k(FINETUNE, "replies")),
+    Mutant("a reply runs past its end of turn", "examples/pricer/predict.py",
+           "texts += [tokenizer.decode(row[:next((i for i, t in enumerate(row) if t in stop), len(row))]) for row in new]",
+           "texts += [tokenizer.decode(row) for row in new]", k(FINETUNE, "replies")),
     Mutant("sampling is greedy", "model/generate.py",
            "    probs = torch.softmax(logits.float() / temperature, dim=-1)",
            "    return logits.argmax(-1)", k(MODEL, "sampling")),
@@ -222,6 +256,31 @@ MUTANTS = [
     Mutant("the nf4 experiment leaves the decoded scales out of the bits held", "examples/nf4lab.py",
            "n_bytes += layer.quantized_nbytes() + (0 if decoded is None else decoded.numel() * decoded.element_size())",
            "n_bytes += layer.quantized_nbytes()", k(LAB, "nf4")),
+    # ---------------------------------------------------------------- GGUF export
+    Mutant("GGUF export keeps HF's q/k row order", "model/gguf_write.py",
+           'PERMUTED = ("llama",)', "PERMUTED = ()",
+           (case("test_llama_cpp_computes_the_merged_models_logits", "llama"),)),
+    Mutant("GGUF export writes no tokenizer", "lora/gguf_export.py",
+           "metadata += gguf_write_vocab.tokenizer_metadata(checkpoint, tok, config.vocab_size)", "metadata += []",
+           (case("test_llama_cpp_splits_text_as_we_do_and_keeps_the_chat_template", "qwen2"),)),
+    Mutant("GGUF export names no pre-tokenizer", "model/gguf_write_vocab.py",
+           '("tokenizer.ggml.pre", pre, "STRING"),', "",
+           (case("test_llama_cpp_splits_text_as_we_do_and_keeps_the_chat_template", "qwen2"),)),
+    Mutant("GGUF export drops the chat template", "model/gguf_write_vocab.py",
+           'entries.append(("tokenizer.chat_template", tok.chat_template, "STRING"))', "pass",
+           (case("test_llama_cpp_splits_text_as_we_do_and_keeps_the_chat_template", "qwen2"),)),
+    Mutant("GGUF export stores Gemma's norms as w, not 1 + w", "model/gguf_write.py",
+           'NORM_PLUS_ONE = ("gemma2", "gemma3")', "NORM_PLUS_ONE = ()",
+           (case("test_llama_cpp_computes_the_merged_models_logits", "gemma3"),)),
+    Mutant("GGUF LoRA keeps B's rows in HF order", "lora/gguf_export.py",
+           "pairs += [A[name], gguf_write.to_gguf_layout(name, B[name], config)]", "pairs += [A[name], B[name]]",
+           (case("test_llama_cpp_lora_moves_the_base_as_our_adapter_does"),)),
+    Mutant("GGUF LoRA alpha ignores rsLoRA", "lora/gguf_export.py",
+           '("adapter.lora.alpha", scaling * r, "FLOAT32")', '("adapter.lora.alpha", float(r), "FLOAT32")',
+           (case("test_llama_cpp_lora_moves_the_base_as_our_adapter_does"),)),
+    Mutant("a failed GGUF write leaves its temporary file", "lora/gguf_export.py",
+           "        if os.path.exists(tmp):\n            os.remove(tmp)", "        pass",
+           (case("test_a_write_that_fails_midway_leaves_nothing_behind"),)),
 ]
 
 

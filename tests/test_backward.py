@@ -15,7 +15,7 @@ import transformers
 
 from conftest import tiny_hf_config
 from model import Llama, LlamaConfig
-from model.backward import RMSNormFunction, RoPEFunction, SwiGLUFunction
+from model.backward import RoPEFunction, SwiGLUFunction, rms_norm, swiglu
 from model.llama import MLP, Attention, RMSNorm, RotaryEmbedding, apply_rope
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -70,11 +70,11 @@ def test_rmsnorm_function_equals_autograd(dtype, weight_trains, device):
         assert_grads_close(a, b, dtype, f"RMSNorm {name}")
 
 
-def test_rmsnorm_takes_an_effective_weight_with_a_gradient_to_its_source():
-    # a family whose norm scales by (1 + w) passes 1 + w: the gradient reaches w through the add
+def test_rmsnorm_function_takes_any_weight_tensor_with_a_gradient_to_its_source():
+    # `weight` is any (D,) tensor: here 1 + w, whose gradient reaches w through the add
     g = torch.Generator().manual_seed(0)
     x, w = leaf(torch.randn(3, 5, 32, generator=g), torch.float32), leaf(0.1 * torch.randn(32, generator=g), torch.float32)
-    (y,), grads = grads_of(lambda x, w: RMSNormFunction.apply(x, 1 + w, 1e-6), [x, w])
+    (y,), grads = grads_of(lambda x, w: rms_norm(x, 1 + w, 1e-6), [x, w])
 
     def plain(x, w):
         return (1 + w) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
@@ -99,13 +99,31 @@ def saved_bytes(fn, *inputs) -> int:
     return sum(seen.values())
 
 
-def test_rmsnorm_keeps_its_input_and_one_number_per_position():
+def test_rmsnorm_keeps_its_normalised_input_and_one_number_per_position():
     x = leaf(torch.randn(4, 16, 64), torch.bfloat16)
     norm = RMSNorm(64).to(torch.bfloat16).requires_grad_(False)
     r_bytes = 4 * 16 * 4                                   # one fp32 number per position
-    assert saved_bytes(norm, x) - norm.weight.nbytes == x.nbytes + r_bytes           # x as it came, in bf16
+    assert saved_bytes(norm, x) - norm.weight.nbytes == x.nbytes + r_bytes           # x̂ = x · r, in bf16
     norm.handwritten_backward = False                      # autograd keeps x's fp32 copy instead
     assert saved_bytes(norm, x) - norm.weight.nbytes == 2 * x.nbytes + r_bytes
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_and_swiglu_outputs_carry_recipes_that_remake_them_bit_for_bit(dtype):
+    """y.remake = (fn, inputs, version): fn(*inputs) is y again, from tensors the function keeps."""
+    g = torch.Generator().manual_seed(0)
+    x = leaf(3 * torch.randn(4, 7, 96, generator=g), dtype)
+    norm = RMSNorm(96, eps=1e-5).to(dtype).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(96, generator=g))
+    gate, up = (leaf(torch.randn(4, 7, 48, generator=g), dtype) for _ in range(2))
+    for y in (norm(x), swiglu(gate, up)):
+        fn, inputs, version = y.remake
+        assert torch.equal(fn(*inputs), y) and version == y._version
+        kept = {t.untyped_storage().data_ptr() for t in y.grad_fn.saved_tensors}
+        assert all(t.untyped_storage().data_ptr() in kept for t in inputs)   # nothing new to keep
+    with torch.no_grad():                                  # no graph: nothing kept, so no recipe
+        assert not hasattr(norm(x), "remake")
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
@@ -227,11 +245,12 @@ def test_checkpointed_layers_give_the_gradients_of_no_checkpointing_and_keep_onl
     assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[mode]))
     assert alive[False][1] > 0                    # without checkpointing, the layers' tensors wait for backward
     inputs_kept, inside_kept = alive[mode]
-    # of the tensors made inside the layers, only the outputs stay: the last one is the final norm's input
+    # of the tensors made inside the layers, only the outputs that are the next layers' inputs stay (the
+    # last layer's output is freed too: the final norm keeps its normalised x̂, made outside the layers)
     if mode is True:                              # and each layer's input waits where it is
-        assert inputs_kept == [True] * 3 and inside_kept == 3
+        assert inputs_kept == [True] * 3 and inside_kept == 2
     else:                                         # each input waits as a host copy, the original is freed
-        assert inputs_kept == [False] * 3 and inside_kept == 1
+        assert inputs_kept == [False] * 3 and inside_kept == 0
 
 
 def test_gradient_checkpointing_values_are_checked():

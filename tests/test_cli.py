@@ -152,3 +152,22 @@ def test_eval_pricer_describes_the_diamonds_as_the_demo_trained_on_them(scripts,
         assert eval_pricer.main(["--model", files["model"], "--quant", "none", "--device", "cpu",
                                  "--description", description, "--out", files["out"]]) == 2
     assert asked == ["four-cs", "full"]
+
+
+def test_export_gguf_answers_mistakes_with_one_line_and_writes_the_adapter_alone(files, capsys, tmp_path):
+    from lora import LoRAConfig, apply_lora, save_adapter
+    from model import load_pretrained
+
+    export_gguf = load_script("export_gguf.py")
+    model, _ = load_pretrained(files["model"])
+    apply_lora(model, LoRAConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj")))
+    save_adapter(model, str(tmp_path / "adapter"))
+    out = str(tmp_path / "tiny.gguf")
+    args = ["--adapter", str(tmp_path / "adapter"), "--model", files["model"], "--out", out]
+    # the tiny checkpoint's word-level tokenizer is nothing llama.cpp reads
+    one_error_line(capsys, export_gguf.main(args), "has no GGUF form llama.cpp reads")
+    one_error_line(capsys, export_gguf.main(["--adapter", str(tmp_path / "no_such_adapter"), "--out", out]),
+                   "no_such_adapter")
+    assert not os.path.exists(out)
+    assert export_gguf.main(args + ["--adapter-only"]) == 0
+    assert f"--lora {out}" in capsys.readouterr().out and os.path.getsize(out) > 0

@@ -2,10 +2,13 @@
 
 The reference is the same LoRALinears with `handwritten_backward = False`: today's autograd path.
 Same seed, same dropout masks, the random stream left where the plain path leaves it; outputs equal
-to the bit where the fused forward makes the plain path's calls (dropout on, or k = 1), within
+to the bit where the fused forward makes the plain path's ops (dropout on, or k = 1), within
 1e-6 (fp32) where it stacks the k adapters into one product; gradients within 1e-6 (fp32) or bf16
-rounding.
+rounding. In the course preset's precision (a bf16 model under bf16 autocast, fp32 LoRA weights)
+the fused function runs too, against the plain path under the same autocast.
 """
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -19,6 +22,8 @@ from quant import Linear4bit, quantize_model
 ALL_SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # fp32: 1e-6 relative to the gradient's size; bf16: a few units of its rounding (2^-8 relative)
 TOL = {torch.float32: 1e-6, torch.bfloat16: 2 ** -6}
+# a whole model's LoRA gradients, two layers deep: 16 units of rounding (2^-9 in bf16, 2^-11 in fp16) of the largest
+MODEL_TOL = {torch.bfloat16: 2 ** -5, torch.float16: 2 ** -7}
 
 
 def set_handwritten(model: nn.Module, enabled: bool) -> None:
@@ -112,10 +117,15 @@ def tiny(nf4: bool, dropout: float, dtype=torch.float32, **overrides) -> Llama:
     return model.train()
 
 
-def logits_and_grads(model: Llama, handwritten: bool):
+def logits_and_grads(model: Llama, handwritten: bool, autocast: torch.dtype | None = None):
+    """Logits, every LoRA gradient and the graph's node names; the forward pass under `autocast` if
+    given, the backward pass outside it, as train() runs them."""
     set_handwritten(model, handwritten)
     torch.manual_seed(3)
-    logits = model(torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0)))
+    device = model.lm_head.weight.device
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+        logits = model(ids)
     params = [p for p in model.parameters() if p.requires_grad]
     loss = logits.float().logsumexp(-1).mean()
     seen, stack = set(), [loss.grad_fn]
@@ -165,7 +175,8 @@ def test_bf16_tiny_llama_fused_equals_plain_within_rounding():
     assert torch.equal(logits, logits_ref)  # with dropout: the plain path's calls
     for g, g_ref in zip(grads, grads_ref):
         assert g.dtype == torch.float32  # the fp32 master copies receive fp32 gradients
-        assert_close(g, g_ref, torch.bfloat16, "a LoRA gradient")
+        err = (g - g_ref).abs().max().item() / g_ref.abs().max().item()
+        assert err <= MODEL_TOL[torch.bfloat16], f"a LoRA gradient: max error {err:.2e} of the largest"
 
 
 def test_without_gradients_or_merged_the_plain_path_runs(monkeypatch):
@@ -199,3 +210,92 @@ def test_checkpointed_layers_redraw_the_same_dropout_and_give_the_same_gradients
     assert "LoRAProjectionsBackward" in nodes
     for g, g_ref in zip(grads_ckpt, grads):
         assert torch.equal(g, g_ref)
+
+
+# ------------------------------------------------------------------------ the course preset's precision
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_preset_precision_takes_the_fused_path_with_the_plain_paths_gradients(dtype, dropout, device):
+    """The preset: a bf16 model, NF4 computing in bf16, fp32 LoRA, the forward pass under bf16 autocast
+    (fp16 alike, for GPUs without bf16). Autocast's dtype is x's, so the fused function runs; every
+    LoRA gradient equals the plain path's under the same autocast within rounding (`MODEL_TOL`)."""
+    model = tiny(True, dropout, dtype=dtype).to(device)
+    logits, grads, nodes = logits_and_grads(model, True, autocast=dtype)
+    logits_ref, grads_ref, nodes_ref = logits_and_grads(model, False, autocast=dtype)
+    assert "LoRAProjectionsBackward" in nodes and "AddmmBackward0" not in nodes
+    assert "LoRAProjectionsBackward" not in nodes_ref
+    assert logits.dtype == dtype
+    if dropout:  # the plain path's ops on the same inputs: the same logits
+        assert torch.equal(logits, logits_ref)
+    worst = 0.0
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.dtype == torch.float32  # the fp32 master weights receive fp32 gradients
+        worst = max(worst, (g - g_ref).abs().max().item() / g_ref.abs().max().item())
+    assert worst <= MODEL_TOL[dtype], f"LoRA gradients: max error {worst:.2e} of the largest, allowed {MODEL_TOL[dtype]:.0e}"
+    print(f"\n{device} {dtype}, dropout {dropout}: LoRA gradients, fused vs plain under autocast: {worst:.2e} of the largest")
+
+
+def test_an_fp32_model_under_bf16_autocast_takes_the_plain_path():
+    """Autocast casting to another dtype than x's would cast x and the bases op by op: the plain path."""
+    model = tiny(True, 0.0)
+    _, grads, nodes = logits_and_grads(model, True, autocast=torch.bfloat16)
+    assert "LoRAProjectionsBackward" not in nodes and "AddmmBackward0" in nodes
+
+
+# ------------------------------------------------------------------- an input remade, not kept twice
+def activation_bytes(fn, params) -> int:
+    """Bytes of the distinct storages autograd keeps for fn()'s backward pass, parameters left out."""
+    weights, seen = {p.untyped_storage().data_ptr() for p in params}, {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            seen.setdefault(ptr, t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("maker", ["rmsnorm", "swiglu"])
+def test_an_input_made_by_rmsnorm_or_swiglu_is_remade_not_kept(maker, dtype):
+    """After a hand-written RMSNorm (q, k, v; gate, up) or SwiGLU (down), the fused function keeps
+    what remakes its input X (x̂ and w; g and u), which that function keeps anyway, instead of X
+    itself: beyond the maker's own, it keeps only XA and the compute-dtype copies of A and B
+    (closed form below), one (N, in) tensor less than when X cannot be remade, and its gradients
+    are those of keeping X, bit for bit (X is remade exactly)."""
+    from model.backward import swiglu
+    from model.llama import RMSNorm
+
+    k = 3 if maker == "rmsnorm" else 1
+    layers = projections("nf4", k, 0.0, False, dtype)
+    norm = RMSNorm(64).to(dtype).requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(3, 5, 64, generator=g).to(dtype).requires_grad_() for _ in range(1 if k == 3 else 2)]
+    dys = [torch.randn(3, 5, layer.out_features, generator=g).to(dtype) for layer in layers]
+    params = [p for m in [norm, *layers] for p in m.parameters()]
+    make = (lambda: norm(inputs[0])) if maker == "rmsnorm" else (lambda: swiglu(*inputs))
+
+    def step(remade: bool):
+        def fn():
+            x = make()
+            if not remade:
+                del x.remake  # as for an input no hand-written function made
+            return lora_projections(x, layers)
+        kept, ys = activation_bytes(fn, params)
+        return kept, torch.autograd.grad(ys, inputs + [w for m in layers for w in (m.lora_A.weight, m.lora_B.weight)], dys)
+
+    maker_alone, _ = activation_bytes(make, params)
+    (kept, grads), (kept_copy, grads_copy) = step(True), step(False)
+    N, e, ranks = 15, torch.finfo(dtype).bits // 8, [m.r for m in layers]
+    copies = sum(m.r * 64 for m in layers) * e * (dtype != torch.float32 or k > 1)   # A (stacked: a copy in fp32 too)
+    copies += sum(m.r * m.out_features for m in layers) * e * (dtype != torch.float32)  # B
+    assert kept - maker_alone == N * sum(ranks) * e + copies                 # XA and the weight copies, no X
+    assert kept_copy - kept == N * 64 * e                                    # X, when it cannot be remade
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_copy))

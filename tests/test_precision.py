@@ -45,9 +45,9 @@ def overflow_hook(model, at: int):
     p.register_hook(hook)
 
 
-def reference_run(overflow_at: int):
+def reference_run(overflow_at: int, base: str = "fp32"):
     """The AMP recipe by hand, step by step as train() orders the data; returns (adapter, S, skipped)."""
-    model = tiny_lora_model()
+    model = tiny_lora_model(base=base)
     overflow_hook(model, overflow_at)
     torch.manual_seed(42)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -134,8 +134,103 @@ def test_a_nan_loss_under_fp16_still_stops_the_run():
         train(model, CharTokenizer(), pricer_items(24), None, fp16_config())
 
 
+def test_an_fp16_model_takes_the_fused_path_and_still_skips_the_overflow_step(monkeypatch):
+    """fp16 weights under fp16 autocast (the preset on a GPU without bf16): autocast's dtype is the
+    activations', so the hand-written LoRA function runs, and the loss scaling around it skips the
+    same step and ends with the same adapter and scale as the AMP recipe by hand."""
+    from lora.fused import LoRAProjections
+
+    calls, apply = [], LoRAProjections.apply
+    monkeypatch.setattr(LoRAProjections, "apply", lambda *a: calls.append(1) or apply(*a))
+    model = tiny_lora_model(base="fp16")
+    overflow_hook(model, OVERFLOW_AT)
+    result = train(model, CharTokenizer(), pricer_items(24), None, fp16_config())
+    assert calls  # the fused path ran under fp16 autocast
+    ref, ref_scale, ref_skipped = reference_run(OVERFLOW_AT, base="fp16")
+    assert ref_skipped == [OVERFLOW_AT] and result.skipped_steps == 1
+    ours = lora_state_dict(model)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
 def test_fp16_settings_are_checked():
     with pytest.raises(ValueError, match="fp16_growth_interval"):
         fp16_config(fp16_growth_interval=0)
     with pytest.raises(ValueError, match="autocast_dtype"):
         fp16_config(autocast_dtype=torch.int8)
+
+
+# ------------------------------------------------------------------------ the course preset's precision
+def graph_nodes(t: torch.Tensor) -> set[str]:
+    """The names of every node of t's autograd graph."""
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.add(node.name())
+            stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def test_preset_precision_step_matches_transformers_and_peft():
+    """The course preset's precision on both sides: bf16 frozen weights, NF4 computing in bf16 (ours:
+    quantize_model; theirs: bitsandbytes' Linear4bit, as BitsAndBytesConfig(bnb_4bit_compute_dtype=bf16)
+    builds it), LoRA weights in fp32, the forward pass under bf16 autocast, the backward pass outside.
+    Ours runs the hand-written functions (asserted); the loss agrees within 2^-9 relative (one bf16
+    rounding) and every LoRA gradient within 2^-5 of the largest (16 units of bf16 rounding), what
+    bf16 allows two layers deep: theirs adds the low-rank product after rounding and scaling it, ours
+    scales and adds it in one addmm, and the products are summed in other orders."""
+    import bitsandbytes as bnb
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from conftest import tiny_hf_config
+    from lora import LoRAConfig, apply_lora
+    from model import Llama, LlamaConfig
+    from quant import quantize_model
+
+    targets, bf16 = ("q_proj", "k_proj", "v_proj", "o_proj"), torch.bfloat16
+    torch.manual_seed(0)
+    ours = Llama(LlamaConfig.from_hf(tiny_hf_config())).to(bf16)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny_hf_config())).to(bf16)
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    assert not [k for k in missing if "rotary" not in k] and not unexpected
+    for name, m in list(hf.named_modules()):  # every linear but the head in NF4, from the same bf16 weights
+        if isinstance(m, nn.Linear) and name != "lm_head":
+            q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False, compute_dtype=bf16, quant_type="nf4",
+                                  compress_statistics=True)
+            q.weight = bnb.nn.Params4bit(m.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True, module=q).to("cpu")
+            parent, _, child = name.rpartition(".")
+            setattr(hf.get_submodule(parent), child, q)
+    hf.is_loaded_in_4bit = True  # as from_pretrained marks it: PEFT then wraps with its bitsandbytes LoRA layer
+    quantize_model(ours, "nf4", double_quant=True, compute_dtype=bf16)
+    apply_lora(ours, LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=targets, seed=1))
+    theirs = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets)))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # the same A, and a B that is not zero, on both sides
+        for name, p in ours.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g) if "lora_B" in name else p)
+                peft_name = "base_model.model." + name.replace(".weight", ".default.weight")
+                theirs.get_parameter(peft_name).copy_(p)
+    ours.train(), theirs.train()
+    ids = torch.randint(3, 128, (2, 12), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, -4:] = ids[:, -4:]
+    with torch.autocast("cpu", dtype=bf16):
+        loss = answer_loss(ours, ids, labels)
+        loss_ref = theirs(input_ids=ids, labels=labels).loss
+    assert "LoRAProjectionsBackward" in graph_nodes(loss) and "LoRAProjectionsBackward" not in graph_nodes(loss_ref)
+    loss.backward()
+    loss_ref.backward()
+    rel_loss = abs(loss.item() - loss_ref.item()) / abs(loss_ref.item())
+    worst = 0.0
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            ref = theirs.get_parameter("base_model.model." + name.replace(".weight", ".default.weight")).grad
+            assert p.grad.dtype == ref.dtype == torch.float32
+            worst = max(worst, (p.grad - ref).abs().max().item() / ref.abs().max().item())
+    print(f"\npreset precision vs transformers + PEFT: loss {rel_loss:.2e} relative, LoRA gradients {worst:.2e} of the largest")
+    assert rel_loss <= 2 ** -9 and worst <= 2 ** -5

@@ -41,12 +41,13 @@ def tiny_lora_model(dropout: float = 0.0, lora_seed: int = 0, targets=("q_proj",
                     base: str = "fp32", r: int = 4) -> Llama:
     """The same random base every time (as if loaded from one checkpoint); A and B drawn from `lora_seed`.
 
-    base: "fp32", "bf16" (the base cast to bfloat16) or "nf4" (every linear layer but the head in NF4).
+    base: "fp32", "bf16" or "fp16" (the base cast to that dtype) or "nf4" (every linear layer but the
+    head in NF4).
     """
     torch.manual_seed(0)
     model = Llama(LlamaConfig.from_hf(tiny_hf_config()))
-    if base == "bf16":
-        model.to(torch.bfloat16)
+    if base in ("bf16", "fp16"):
+        model.to(torch.bfloat16 if base == "bf16" else torch.float16)
     elif base == "nf4":
         from quant import quantize_model
 

@@ -19,9 +19,16 @@ head_dim, key/value width K = kv_heads x head_dim; P = L (2HQ + 2HK + 3HI) weigh
                   + the root's                    of the world's shards), and the root (embeddings, head,
                                                   final norm) for the whole step
     activations   rows b = B / N per process, T tokens, e bytes per value (2 for bf16):
-                  no checkpointing  L b T (6H + 2K + 2I) e      what autograd keeps per layer (measured
-                  checkpointing     L b T H e + one layer's      on our layers with saved_tensors_hooks:
-                  offload           one layer's + b T H e        tests/test_fsdp.py checks it)
+                  no checkpointing  L b T a                      a: what autograd keeps per layer and token
+                  checkpointing     L b T H e + one layer's      (measured on our layers with saved_tensors_
+                  offload           one layer's + b T H e        hooks: tests/test_fsdp.py checks it)
+                  a = (3H + Q + 2K + 2I) e + 4 (2 + heads) + r t e: each norm's x̂, q, k, v and the
+                  attention output (also o's input), SwiGLU's gate and up; each norm's r and attention's
+                  log-sum-exp per head in fp32; XA of each of the t adapters. No projection keeps a copy of
+                  its input (a norm's or SwiGLU's output is remade, model/backward.py), nor the frozen base.
+                  + per layer the compute-dtype copies of A and B that the fused function keeps: the stacked
+                  A of q, k, v (and of gate, up), and in bf16 every A and B (r (in + out) values an adapter).
+                  Not counted: the dropout masks when LoRA dropout is on (one per adapted input).
                   + the final norm b T H e, + 8 b A V for the fp32 logits of A answer tokens a row and their
                   gradient (the head runs at answer positions only)
 """
@@ -51,12 +58,14 @@ class Shape:
     q: int        # heads x head_dim
     kv: int       # kv_heads x head_dim
     tied: bool = False
+    heads: int = 32
 
     @classmethod
     def of(cls, config: LlamaConfig) -> "Shape":
         hd = config.head_dim
         return cls(config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size,
-                   config.num_attention_heads * hd, config.num_key_value_heads * hd, config.tie_word_embeddings)
+                   config.num_attention_heads * hd, config.num_key_value_heads * hd, config.tie_word_embeddings,
+                   config.num_attention_heads)
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer of one decoder layer."""
@@ -97,9 +106,16 @@ def per_process_bytes(shape: Shape, procs: int = 1, r: int = 32, targets=("q_pro
         out["gathered"] = 0.0
     rows = max(1, -(-batch // procs))
     tokens = rows * seq
-    # the lean step's layer: two norm inputs, the shared input of q, k, v, q k v and the attention
-    # output for SDPA, o's input, the SwiGLU's gate and up (its product is recomputed, model/backward.py)
-    layer_acts = tokens * (6 * shape.hidden + 2 * shape.kv + 2 * shape.inter) * act_bytes
+    # the lean step's layer (the module docstring's a): each norm's x̂, q k v and the attention output for
+    # SDPA (also o's input), SwiGLU's gate and up; fp32 r of each norm and log-sum-exp of each head; each XA
+    adapted = sum(t in per_layer for t in targets)
+    per_token = ((3 * shape.hidden + shape.q + 2 * shape.kv + 2 * shape.inter) * act_bytes
+                 + 4 * (2 + shape.heads) + r * adapted * act_bytes)
+    stacked = {t for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+               if all(g in targets for g in group) for t in group}
+    low = act_bytes != 4  # fp32 A and B cast to the compute dtype: copies
+    copies = act_bytes * sum(r * (i * (t in stacked or low) + o * low) for t, (i, o) in per_layer.items() if t in targets)
+    layer_acts = tokens * per_token + copies
     inputs = tokens * shape.hidden * act_bytes
     if checkpointing == "offload":
         acts = layer_acts + inputs           # the layer inputs wait in host memory

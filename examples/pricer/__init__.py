@@ -7,6 +7,8 @@
     report = score(guesses, [item.price for item in split.test])
     print(report.title())                            # Error=$… RMSLE=… Hits=…%
 """
+from .chat import (DiamondChat, answer_budget, evaluate_chat_prices, load_diamond_chats, price_answer,
+                   write_chats_jsonl)
 from .chart import log_to_tensorboard, save_scatter, scatter_figure
 from .evaluate import answer_tokens, evaluate_prices, load_model, print_report, resolve_device, results_table
 from .data import (
@@ -16,6 +18,7 @@ from .data import (
     Split,
     describe_diamond,
     describe_four_cs,
+    diamond_rows,
     diamonds_csv,
     load_amazon_meta,
     load_diamonds,
@@ -26,19 +29,20 @@ from .data import (
     split_items,
 )
 from .metrics import GREEN, ORANGE, RED, PriceReport, color_for, constant_baseline, parse_price, score
-from .predict import greedy_prices, top_k_average_prices
-from .recipe import (ALL_PROJECTIONS, ATTENTION, MLP, PRESETS, all_projections, base_dtype, compute_dtype,
+from .predict import chat_replies, end_of_turn_ids, greedy_prices, top_k_average_prices
+from .recipe import (ALL_PROJECTIONS, ATTENTION, CHAT_DEMO, MLP, PRESETS, all_projections, base_dtype, compute_dtype,
                      lora_config, parse_layers, train_config)
 from .prompt import PREFIX, QUESTION, make_answer, make_prompt
 
 __all__ = [
     "DESCRIPTIONS",
-    "Item", "Loaded", "Split", "describe_diamond", "describe_four_cs", "diamonds_csv", "load_amazon_meta", "load_diamonds",
+    "Item", "Loaded", "Split", "describe_diamond", "describe_four_cs", "diamond_rows", "diamonds_csv", "load_amazon_meta", "load_diamonds",
     "load_source", "load_text_price", "scrub", "shuffled", "split_items",
     "GREEN", "ORANGE", "RED", "PriceReport", "color_for", "constant_baseline", "parse_price", "score",
-    "greedy_prices", "top_k_average_prices", "PREFIX", "QUESTION", "make_answer", "make_prompt",
+    "greedy_prices", "top_k_average_prices", "chat_replies", "end_of_turn_ids",
+    "DiamondChat", "answer_budget", "evaluate_chat_prices", "load_diamond_chats", "price_answer", "write_chats_jsonl", "PREFIX", "QUESTION", "make_answer", "make_prompt",
     "save_scatter", "scatter_figure", "log_to_tensorboard",
-    "ALL_PROJECTIONS", "ATTENTION", "MLP", "PRESETS", "all_projections", "base_dtype", "compute_dtype", "lora_config",
+    "ALL_PROJECTIONS", "ATTENTION", "CHAT_DEMO", "MLP", "PRESETS", "all_projections", "base_dtype", "compute_dtype", "lora_config",
     "parse_layers", "train_config",
     "answer_tokens", "evaluate_prices", "load_model", "print_report", "resolve_device", "results_table",
 ]

@@ -131,8 +131,16 @@ def load_diamonds(path: str | None = None, description: str = "full") -> Loaded:
     if description not in DESCRIPTIONS:
         raise ValueError(f"description {description!r}: expected one of {sorted(DESCRIPTIONS)}")
     describe = DESCRIPTIONS[description]
+    loaded = Loaded(path or diamonds_csv())
+    loaded.items = [Item(make_prompt(describe(row)), price) for row, price in diamond_rows(loaded.source, loaded.skipped)]
+    return loaded
+
+
+def diamond_rows(path: str | None = None, skipped: Counter | None = None) -> Iterator[tuple[dict[str, str], float]]:
+    """(row, price) for each usable row of the diamonds CSV, in file order; the rows with a bad price
+    or a blank field are counted in `skipped` by reason. Every reader of the diamonds starts here."""
     path = path or diamonds_csv()
-    loaded = Loaded(path)
+    skipped = skipped if skipped is not None else Counter()
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = [k for k in (*DIAMOND_FIELDS, "price") if k not in (reader.fieldnames or [])]
@@ -143,10 +151,9 @@ def load_diamonds(path: str | None = None, description: str = "full") -> Loaded:
             if reason is None and any(not (row[k] or "").strip() for k in DIAMOND_FIELDS):
                 reason = "empty text"
             if reason:
-                loaded.skipped[reason] += 1
+                skipped[reason] += 1
                 continue
-            loaded.items.append(Item(make_prompt(describe(row)), price))
-    return loaded
+            yield row, price
 
 
 # ----------------------------------------------------------------------------- Amazon metadata

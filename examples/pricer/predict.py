@@ -1,4 +1,5 @@
-"""Asking the model for prices: batched greedy generation, and the course's top-k average.
+"""Asking the model for prices: batched greedy generation, and the course's top-k average; a chat
+model's replies through its own chat template.
 
 Greedy: the prompts go through the model in left-padded batches; with the KV cache each new
 token costs one position, and a price needs only a handful of tokens (`max_new_tokens`).
@@ -15,6 +16,7 @@ from typing import Sequence
 import torch
 
 from model import pad_batch
+from train import assistant_spans
 
 from .metrics import parse_price
 
@@ -30,17 +32,41 @@ def _prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def continue_prompts(model, tokenizer, ids: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations (text of the new tokens only) of tokenized prompts."""
+def continue_prompts(model, tokenizer, ids: list[list[int]], max_new_tokens: int, batch_size: int,
+                     stop_ids: Sequence[int] | None = None) -> list[str]:
+    """Greedy continuations (text of the new tokens only, up to the first stop token) of tokenized
+    prompts; `stop_ids` defaults to EOS."""
+    stop = list(stop_ids) if stop_ids is not None else [t for t in (tokenizer.eos_id,) if t is not None]
     device = next(model.parameters()).device
     texts: list[str] = []
     for rows in _batches(len(ids), batch_size):
         input_ids, mask = pad_batch(ids[rows], tokenizer.pad_id, side="left")   # (B, T)
         out = model.generate(input_ids.to(device), max_new_tokens=max_new_tokens,
-                             attention_mask=mask.to(device), temperature=0.0, eos_id=tokenizer.eos_id)
+                             attention_mask=mask.to(device), temperature=0.0, eos_id=stop or None)
         new = out[:, input_ids.shape[1]:].tolist()                                # (B, n <= max_new_tokens)
-        texts += [tokenizer.decode([t for t in row if t != tokenizer.eos_id]) for row in new]
+        texts += [tokenizer.decode(row[:next((i for i, t in enumerate(row) if t in stop), len(row))]) for row in new]
     return texts
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokens that close an assistant's turn, where a reply stops: those the chat template writes
+    right after an assistant's content (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|end|>`, found
+    by `train.assistant_spans` as the labels find them), and EOS."""
+    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
+    text = tokenizer.render_chat(probe)
+    (_, content_end, turn_end), = assistant_spans(tokenizer, probe, text)
+    ids = tokenizer.encode(text[content_end:turn_end]) if turn_end > content_end else []
+    return list(dict.fromkeys(ids + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])))
+
+
+def chat_replies(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int,
+                 batch_size: int = 64) -> list[str]:
+    """The model's reply to each conversation, as a chat user gets it: the conversation written by the
+    model's chat template with the assistant's header after it (`add_generation_prompt=True`),
+    continued greedily up to the end of the assistant's turn (`end_of_turn_ids`)."""
+    model.eval()
+    ids = [tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations]
+    return continue_prompts(model, tokenizer, ids, max_new_tokens, batch_size, end_of_turn_ids(tokenizer))
 
 
 def greedy_prices(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 6,

@@ -44,6 +44,12 @@ LAB: dict[str, Any] = dict(DEMO_FULL, description="four-cs", layers="20-", batch
 # The demo (`make demo`): the lab's base, chosen again from the lab's converged results.
 DEMO: dict[str, Any] = dict(LAB)
 
+# The diamonds as a chat (examples/pricer/chat.py), the embedded default of examples/finetune.py: the
+# demo's model, adapter and learning rate on the same training diamonds, each now a conversation
+# written by SmolLM2's chat template (its default system prompt, the question, the answer: about 70
+# tokens against the demo's 46), the loss on the answer and its <|im_end|> only.
+CHAT_DEMO: dict[str, Any] = dict(DEMO, packing=False, overlong="truncate")
+
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": DEMO,
     "demo-full": DEMO_FULL,

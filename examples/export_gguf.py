@@ -1,0 +1,123 @@
+"""Export a fine-tuned model as one GGUF file, to run in llama.cpp, Ollama or LM Studio.
+
+    python examples/export_gguf.py --adapter runs/pricer/adapter --out pricer.gguf --type q8_0
+    python examples/export_gguf.py --adapter runs/pricer/adapter --out pricer-lora.gguf --adapter-only
+
+The adapter is merged into the base model's original weights (not the NF4 copy it trained against)
+and written with the architecture's metadata, the tokenizer and its chat template; beside it an
+Ollama Modelfile that points at the file. --adapter-only writes the adapter alone, llama.cpp's LoRA
+GGUF, to run over the unchanged base GGUF with `--lora`. Prints the commands that run the result.
+A mistake in the flags or files prints `error: <message>` and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora) and the pricer package
+
+from lora import GGUF_TYPES, export_gguf, export_gguf_adapter, read_adapter_config  # noqa: E402
+from model import default_checkpoint, load_tokenizer  # noqa: E402
+from pricer import describe_four_cs, make_prompt  # noqa: E402
+
+EXAMPLE = make_prompt(describe_four_cs({"carat": "1.01", "cut": "Ideal", "color": "G", "clarity": "VS1"}))
+# the ChatML turns of SmolLM2 (and Qwen) in Ollama's template language, which is Go's, not Jinja
+CHATML = ('{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+          '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n')
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--adapter", required=True, help="a PEFT-layout adapter folder, e.g. runs/pricer/adapter")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--model", help="the base model: HF checkpoint folder or .gguf file [the adapter's "
+                                   "base_model_name_or_path when it exists here, else the embedded SmolLM2-135M-Instruct]")
+    p.add_argument("--type", choices=GGUF_TYPES, default="f16",
+                   help="of the weights: f32, f16, bf16 (2 bytes), q8_0 (8.5 bits), q4_0 (4.5 bits) [f16]")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="write the adapter alone as llama.cpp's LoRA GGUF (f32), not the merged model")
+    return p.parse_args(argv)
+
+
+def base_model(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    base = read_adapter_config(args.adapter).get("base_model_name_or_path")
+    return base if isinstance(base, str) and os.path.exists(base) else default_checkpoint()
+
+
+def ollama_modelfile(gguf_path: str) -> str:
+    """An Ollama Modelfile beside the GGUF: FROM the file, and the chat template in Ollama's syntax
+    where it is ChatML (otherwise Ollama reads `tokenizer.chat_template` from the GGUF itself)."""
+    template = load_tokenizer(gguf_path).chat_template or ""
+    lines = [f"FROM ./{os.path.basename(gguf_path)}"]
+    if "<|im_start|>" in template:
+        lines += [f'TEMPLATE """{CHATML}"""', 'PARAMETER stop "<|im_end|>"']
+    return "\n".join(lines + ["PARAMETER temperature 0", ""])
+
+
+def pricer_prompt(tok) -> str:
+    """A pricer prompt for llama.cpp's -p: BOS first as the pricer trained (llama.cpp reads special tokens
+    in a prompt), each newline written \\n (llama.cpp turns it back), quoted for the shell."""
+    bos = "" if tok.bos_id is None else tok.decode([tok.bos_id])
+    return bos + EXAMPLE
+
+
+def how_to_run(gguf: str, modelfile: str, tok) -> str:
+    """The commands that run a merged export: llama.cpp on a pricer prompt and in a chat, and Ollama."""
+    name = os.path.splitext(os.path.basename(gguf))[0]
+    raw = json.dumps({"model": name, "prompt": pricer_prompt(tok), "raw": True, "stream": False,
+                      "options": {"temperature": 0, "num_predict": 8}})
+    return (f"  llama-completion -m {shlex.quote(gguf)} {completion_flags(tok)}\n"
+            f"  llama-cli -m {shlex.quote(gguf)}     # a chat, in the model's own chat template\n"
+            f"  ollama create {name} -f {shlex.quote(modelfile)} && ollama run {name}\n"
+            f"  curl http://localhost:11434/api/generate -d {shlex.quote(raw)}   # the pricer's prompt, raw")
+
+
+def completion_flags(tok) -> str:
+    """llama-completion's flags for one greedy pricer answer (llama.cpp turns \\n in -p into newlines)."""
+    return f"-no-cnv --temp 0 -n 8 -p {shlex.quote(pricer_prompt(tok).replace(chr(10), chr(92) + 'n'))}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the script; user errors (bad flags, missing or broken files) become one line and status 2."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    model = base_model(args)
+    tok = load_tokenizer(model)
+    out = args.out
+    if args.adapter_only:
+        export_gguf_adapter(model, args.adapter, args.out)
+        print(f"wrote {out}: the adapter {args.adapter} alone, llama.cpp's LoRA GGUF "
+              f"({os.path.getsize(args.out) / 1e6:.1f} MB, {time.perf_counter() - t0:.0f}s)")
+        base = model if model.endswith(".gguf") else "<the base model>.gguf"
+        print(f"\nRun it over the base model in llama.cpp:\n"
+              f"  llama-completion -m {shlex.quote(base)} --lora {shlex.quote(out)} {completion_flags(tok)}")
+        return 0
+    export_gguf(model, args.adapter, args.out, args.type)
+    modelfile = os.path.splitext(out)[0] + ".Modelfile"
+    with open(modelfile + ".tmp", "w") as f:
+        f.write(ollama_modelfile(args.out))
+    os.replace(modelfile + ".tmp", modelfile)
+    print(f"wrote {out}: {os.path.basename(os.path.normpath(model))} + {args.adapter}, merged, {args.type} "
+          f"({os.path.getsize(args.out) / 1e6:.1f} MB, {time.perf_counter() - t0:.0f}s), and {modelfile}")
+    print("\nRun it in llama.cpp (a prompt as the pricer writes it, greedy) or Ollama:\n"
+          + how_to_run(out, modelfile, tok))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
