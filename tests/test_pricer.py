@@ -391,9 +391,10 @@ def test_presets_fill_unset_flags_and_explicit_flags_win():
     assert (lab.description, lab.layers, lab.batch_size, lab.max_steps, lab.r, lab.alpha) == ("four-cs", "20-", 2, 1100, 8, 16)
     assert (lab.double_quant, lab.dtype, demo.double_quant, demo.dtype) == (False, "bfloat16", True, None)
     assert mod.base_dtype(lab, "cpu") == torch.bfloat16 and mod.base_dtype(demo, "cpu") is None
-    assert mod.parse_layers("15-", 30) == tuple(range(15, 30)) and mod.parse_layers("all", 30) is None
+    from pricer import parse_layers
+    assert parse_layers("15-", 30) == tuple(range(15, 30)) and parse_layers("all", 30) is None
     with pytest.raises(ValueError, match="layers 0 to 29"):
-        mod.parse_layers("28-31", 30)
+        parse_layers("28-31", 30)
 
 
 def test_two_training_steps_write_an_adapter_that_eval_loads(tiny_checkpoint, tmp_path):
