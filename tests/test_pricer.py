@@ -386,9 +386,10 @@ def test_presets_fill_unset_flags_and_explicit_flags_win():
     full = mod.parse_args(["--preset", "demo-full"])   # the demo before it was made faster; the lab's base
     assert (full.description, full.layers, full.batch_size, full.max_steps) == ("full", "15-", 8, 500)
     assert mod.parse_args(["--description", "full"]).description == "full"
-    assert mod.parse_layers("15-", 30) == tuple(range(15, 30)) and mod.parse_layers("all", 30) is None
+    from pricer import parse_layers
+    assert parse_layers("15-", 30) == tuple(range(15, 30)) and parse_layers("all", 30) is None
     with pytest.raises(ValueError, match="layers 0 to 29"):
-        mod.parse_layers("28-31", 30)
+        parse_layers("28-31", 30)
 
 
 def test_two_training_steps_write_an_adapter_that_eval_loads(tiny_checkpoint, tmp_path):
