@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 from lora import LoRAConfig, load_adapter
 import torch
 
-from pricer import load_model, resolve_device
+from pricer import base_dtype, load_model, resolve_device
 from train import OPTIMIZERS, TrainingInterrupted, latest_checkpoint
 
 # a flag set to 0 means "none" (no step limit, no length limit, ...)
@@ -48,6 +48,9 @@ def add_recipe_flags(p: argparse.ArgumentParser, presets: Mapping[str, Mapping[s
     length, validation and checkpoint intervals). Returns `tuned`, for the script's own such flags."""
     tuned = preset_flag(p, presets)
     tuned("--quant", "4-bit type of the frozen base weights", choices=("nf4", "fp4", "none"))
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None,
+                   help="keep each 4-bit block's scale in fp32 instead of 8 bits (4.5 bits a weight, not 4.127)")
+    tuned("--dtype", "dtype of the frozen base (None: fp32 on the CPU, bf16 on a GPU)", choices=("float32", "bfloat16"))
     tuned("--r", "LoRA rank: the inner dimension of A (r x in) and B (out x r)", type=int)
     tuned("--alpha", "LoRA scaling: the update is (alpha / r) B A x", type=float)
     tuned("--dropout", "dropout on the LoRA path's input", type=float)
@@ -139,7 +142,8 @@ def reload_trained(args: argparse.Namespace, device: str, chat_template: str | N
     """(model, tokenizer) after an FSDP run, whose processes hold only their shards: the base model read
     again (--model, --quant), the adapter of the last checkpoint under --out loaded into it, and
     `chat_template` given to the tokenizer when the run replaced the model's own."""
-    model, tokenizer, _ = load_model(args.model, args.quant, device)
+    model, tokenizer, _ = load_model(args.model, args.quant, device, dtype=base_dtype(args, device),
+                                     double_quant=args.double_quant)
     load_adapter(model, latest_checkpoint(args.out))
     if chat_template is not None:
         tokenizer.chat_template = chat_template

@@ -42,7 +42,7 @@ from cli import (add_recipe_flags, add_run_flags, fill_from_preset, is_main_proc
 from lora import apply_lora, save_adapter, trainable_parameters  # noqa: E402
 from model import CHATML  # noqa: E402
 from pricer import (  # noqa: E402
-    CHAT_DEMO, DiamondChat, answer_budget, chat_replies, compute_dtype, constant_baseline, evaluate_chat_prices,
+    CHAT_DEMO, DiamondChat, answer_budget, base_dtype, chat_replies, constant_baseline, evaluate_chat_prices,
     load_diamond_chats, load_model, log_to_tensorboard, lora_config, results_table, split_items,
     train_config, write_chats_jsonl,
 )
@@ -50,7 +50,7 @@ from train import Example, chat_example, load_chat_jsonl, read_jsonl_conversatio
 
 # Any model on your data: the course's QLoRA settings, every projection of every layer.
 GENERAL = dict(
-    quant="nf4", r=16, alpha=32, dropout=0.05, dora=False, target="all", layers="all", epochs=1, max_steps=None,
+    quant="nf4", double_quant=True, dtype=None, r=16, alpha=32, dropout=0.05, dora=False, target="all", layers="all", epochs=1, max_steps=None,
     batch_size=4, grad_accum=4, lr=2e-4, warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0, optimizer="adamw",
     max_len=1024, group_by_length=False, eval_every=None, save_every=500, keep_last=2, packing=False,
     overlong="truncate",
@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such data file (expected JSON Lines, one conversation a line)")
     template = read_template(args.chat_template)
-    model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=compute_dtype(device))
+    model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=base_dtype(args, device),
+                                              double_quant=args.double_quant)
     use_template(tokenizer, template)
     data = diamond_data(args, tokenizer) if args.data is None else user_data(args, tokenizer)
 

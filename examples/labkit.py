@@ -1,143 +1,141 @@
-"""The lab's bench: one fine-tuning run of the pricer recipe, timed and scored, and each experiment's
-written record (a Markdown fragment with its command, machine, date, time taken, table and figure).
+"""The lab's bench: the base recipe and budget every experiment starts from, the statistics of a row
+of seeds, and each experiment's written record (a Markdown fragment with its command, machine, commit,
+time taken, table and figure).
 
-`examples/lab.py` holds the experiments; everything they share lives here.
+`examples/lab.py` holds the experiments; `examples/labruns.py` runs and stores the training runs.
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
-from lora import apply_lora, lora_state_dict, trainable_parameters
-from pricer import PRESETS, Split, evaluate_prices, load_model, load_source, lora_config, split_items, train_config
-from pricer import answer_tokens
-from train import TrainResult, answer_loss, build_examples, collate, train
+from labruns import RunSpec, commit, load_result, run_all
+from pricer import PRESETS
 
-# Every run of the lab starts from this preset (every attribute of each diamond, the upper half of the
-# layers) and changes one or two values; LAB.md's recorded results were run from it. The faster demo
-# ("demo") takes what the lab showed.
-BASE = "demo-full"
+# Every training run of the lab is this recipe (examples/pricer/recipe.py) with one or two values changed:
+# SmolLM2-135M with an NF4 base, the four Cs, r 8 / alpha 16 on all seven projections of layers 20 to 29,
+# 1,100 steps of 2, lr 2e-3; each run goes to its last step and is scored on the 200 held-out diamonds.
+BASE = "lab"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Budget:
     """How much each experiment trains and scores: the real lab, or `--tiny` (seconds, plumbing only)."""
 
-    steps: int = 80            # optimizer steps of each rank / alpha / targets run
-    test_size: int = 100       # held-out diamonds scored after each run (the first 100 of the demo's 200)
-    val_size: int = 64
-    seed_steps: int = 20       # steps of each of the three seed runs
-    epoch_items: int = 160     # the epochs experiment's small training set (20 steps of 8 per epoch)
-    eval_every: int = 4        # its validation interval, in steps
-    batch_size: int = 8
+    steps: int | None = None       # optimizer steps of a run; None: the recipe's (1,100)
+    train_size: int | None = None  # None: the recipe's 4,000 training diamonds
+    test_size: int | None = None   # None: the recipe's 200 held-out diamonds
+    val_size: int | None = None    # None: the recipe's 64
+    top_k: int | None = 3          # the top-k average scored beside greedy (None: greedy only)
+    curve_every: int = 10          # training losses stored as means of this many steps
+    small_set: int = 20            # epochs: a training set small enough to be memorised
+    large_set: int = 160           # epochs: the contrast (the lab's set before), too large to memorise as fast
+    n_epochs: int = 8
+    seed_steps: int = 20           # steps of each of the seed experiment's three runs
     nf4_matrices: int | None = None   # None: every weight matrix of the model
-    upper_half: str = PRESETS[BASE]["layers"]  # the upper half of the layers ('15-' of 30)
-    # Stated, not measured: loading the NF4 model and scoring 100 diamonds took about 30 s on
-    # this project's 2-core machine; the estimate adds it to each run.
-    overhead_s: float = 30.0
+    overhead_s: float = 60.0       # stated: loading and scoring a run (a stored run's measured one replaces it)
+
+    def recipe(self) -> dict[str, Any]:
+        """The base recipe at this budget: no checkpoints, no validation but the final one."""
+        s = dict(PRESETS[BASE], save_every=None, eval_every=None)
+        for key in ("train_size", "test_size", "val_size"):
+            if getattr(self, key) is not None:
+                s[key] = getattr(self, key)
+        if self.steps is not None:
+            s["max_steps"] = self.steps
+        return s
 
 
-TINY = Budget(steps=3, test_size=4, val_size=4, seed_steps=3, epoch_items=8, eval_every=1, batch_size=4,
-              nf4_matrices=4, upper_half="1-", overhead_s=1.0)
-
-
-@dataclass
-class Run:
-    """What one run of the recipe gave: the scores, sizes and speed, and its loss curves."""
-
-    settings: dict[str, Any]
-    result: TrainResult
-    hit_rate: float = float("nan")
-    mean_error: float = float("nan")
-    rmsle: float = float("nan")
-    trainable: int = 0
-    adapter_bytes: int = 0
-    cpu_s_per_step: float = 0.0     # process CPU time (all threads) per optimizer step
-    wall_s_per_step: float = 0.0
+TINY = Budget(steps=3, train_size=8, test_size=4, val_size=4, top_k=2, curve_every=1, small_set=4, large_set=8,
+              n_epochs=3, seed_steps=3, nf4_matrices=4, overhead_s=1.0)
 
 
 @dataclass
 class Lab:
-    """The base model, the data and the budget shared by every run of one `lab.py` command."""
+    """The base recipe, budget, seeds and output folder shared by every experiment of one command."""
 
     model_path: str | None
     budget: Budget
     out: str
-    description: str = PRESETS[BASE]["description"]
-    flags: str = ""            # the command's flags, for the record
-    cpu_started: float = 0.0   # process CPU time when the current experiment started
-    seed: int = 42
-    _split: Split | None = None
-    _cache: dict[str, Run] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    jobs: int = 1
+    flags: str = ""                 # the command's flags, for the record
+    stored_only: bool = False       # `report`: tables from the runs stored so far, nothing run
+    n_layers: int = 30
+    _results: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from model import read_config
+        from model.load import default_checkpoint
+
+        self.n_layers = read_config(self.model_path or default_checkpoint()).num_hidden_layers
+
+    @property
+    def thirds(self) -> tuple[str, str]:
+        """The upper and lower third of the layers as `--layers` specs ('20-' and '0-9' of 30)."""
+        third = max(1, self.n_layers // 3)
+        return f"{self.n_layers - third}-", f"0-{third - 1}"
 
     def settings(self, **changes: Any) -> dict[str, Any]:
-        """The lab's base preset with `changes`, at the lab's budget: fresh runs, no checkpoints."""
-        s = dict(PRESETS[BASE], max_steps=self.budget.steps, batch_size=self.budget.batch_size,
-                 save_every=None, eval_every=None, layers=self.budget.upper_half)
-        s.update(changes)
-        return s
+        """The base recipe at the lab's budget, its layers the upper third, with `changes`."""
+        return dict(self.budget.recipe(), layers=self.thirds[0]) | changes
 
-    def split(self, train_size: int) -> Split:
-        if self._split is None:
-            loaded = load_source(None, None, self.description)
-            self._split = split_items(loaded.items, self.seed, self.budget.test_size, self.budget.val_size)
-        return Split(self._split.train[:train_size], self._split.val, self._split.test)
+    def spec(self, name: str, settings: dict[str, Any], seed: int, **kw: Any) -> RunSpec:
+        kw = dict(top_k=self.budget.top_k, curve_every=self.budget.curve_every) | kw
+        return RunSpec(settings=settings, seed=seed, model=self.model_path, name=name, **kw)
 
-    def load(self, settings: dict[str, Any], seed: int):
-        """A fresh base model with the recipe's LoRA applied (each run starts from the same base)."""
-        model, tokenizer, _ = load_model(self.model_path, settings["quant"], "cpu")
-        apply_lora(model, lora_config(settings, model, seed))
-        return model, tokenizer
+    def specs(self, name: str, settings: dict[str, Any], **kw: Any) -> list[RunSpec]:
+        """One spec per seed of the lab."""
+        return [self.spec(name, settings, seed, **kw) for seed in self.seeds]
 
-    def run(self, settings: dict[str, Any], seed: int | None = None, score: bool = True,
-            train_size: int | None = None) -> Run:
-        """Train the recipe once (and score it on the held-out diamonds); the same settings run once."""
-        seed = self.seed if seed is None else seed
-        key = json.dumps([settings, seed, score, train_size], sort_keys=True, default=str)
-        if key in self._cache:
-            return self._cache[key]
-        steps = settings["max_steps"] or settings["epochs"]
-        split = self.split(train_size or steps * settings["batch_size"])
-        model, tokenizer = self.load(settings, seed)
-        config = train_config(settings, "cpu", out_dir=None, seed=seed, progress=True)
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        result = train(model, tokenizer, pairs(split.train), pairs(split.val), config)
-        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        run = Run(settings, result, trainable=trainable_parameters(model).trainable,
-                  adapter_bytes=sum(t.numel() * t.element_size() for t in lora_state_dict(model).values()),
-                  cpu_s_per_step=cpu / result.step, wall_s_per_step=wall / result.step)
-        if score:
-            max_new = answer_tokens(tokenizer, [item.price for item in split.train])
-            report = evaluate_prices(model, tokenizer, split.test, max_new, batch_size=50)
-            run.hit_rate, run.mean_error, run.rmsle = report.hit_rate, report.mean_error, report.rmsle
-        self._cache[key] = run
-        return run
+    def run(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
+        """The results of `specs` in order: stored ones read, the rest run (`jobs` at a time); with
+        `stored_only`, the stored ones alone (a row still running has fewer than its seeds)."""
+        if self.stored_only:
+            return [r for s in specs if (r := self._results.get(s.key) or load_result(s, self.out)) is not None]
+        self._results |= run_all(specs, self.out, self.jobs)
+        return [self._results[s.key] for s in specs]
 
-    def estimate(self, name: str, n_runs: int, steps: int, settings: dict[str, Any] | None = None) -> None:
-        """Print the expected time before starting: one measured training step times the steps."""
-        settings = settings or self.settings()
-        model, tokenizer = self.load(settings, self.seed)
-        examples, _ = build_examples(tokenizer, pairs(self.split(settings["batch_size"]).train), None, True)
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else tokenizer.eos_id
-        batch = collate(examples[:settings["batch_size"]], pad)
-        answer_loss(model, batch["input_ids"], batch["labels"]).backward()  # the first step pays for warm-up
-        t0 = time.perf_counter()
-        answer_loss(model, batch["input_ids"], batch["labels"]).backward()
-        step_s = time.perf_counter() - t0
-        total = n_runs * (steps * step_s + self.budget.overhead_s)
-        print(f"{name}: {n_runs} run(s) x {steps} steps; one training step measured at {step_s:.2f} s, "
-              f"plus about {self.budget.overhead_s:.0f} s a run to load and score (stated): "
-              f"about {total / 60:.1f} minutes", flush=True)
+    def seeds_cell(self, results: list[dict[str, Any]]) -> str:
+        """'3' for a finished row; '1 of 3, running' while its other seeds are not stored yet."""
+        n = len(self.seeds)
+        return f"{len(results)}" if len(results) >= n else f"{len(results)} of {n}, running"
 
 
-def pairs(items) -> list[tuple[str, str]]:
-    return [(item.prompt, item.answer) for item in items]
+def stats(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value), min and max (NaN for no value)."""
+    if not values:
+        return {"mean": math.nan, "sd": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def spread(values: Sequence[float], fmt: str = "{:.1f}", unit: str = "") -> str:
+    """'61.3% (58.5–64.0)': the mean of the seeds and their range."""
+    if not values or any(math.isnan(v) for v in values):
+        return "-"
+    s = stats(values)
+    pre, post = ("$", "") if unit == "$" else ("", unit)
+    body = f"{pre}{fmt.format(s['mean'])}{post}"
+    return body if len(values) == 1 else f"{body} ({pre}{fmt.format(s['min'])}–{pre}{fmt.format(s['max'])}{post})"
+
+
+def field_of(results: list[dict[str, Any]], path: str) -> list[float]:
+    """The values of 'greedy.hit_rate'-style paths across runs (NaN where a run lacks it)."""
+    out = []
+    for r in results:
+        value: Any = r
+        for part in path.split("."):
+            value = value.get(part, math.nan) if isinstance(value, dict) else math.nan
+        out.append(float(value))
+    return out
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -147,17 +145,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    """CPU model, cores, torch threads and version, and the load average when the command started."""
+def machine(load: bool = True) -> str:
+    """CPU model, cores, torch version and (with `load`) the load average now."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} "
-            f"thread(s); load average {load:.1f} at the start")
+    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if load and hasattr(os, "getloadavg"):
+        text += f"; load average {os.getloadavg()[0]:.1f}"
+    return text
 
 
 def new_figure(ncols: int = 1, width: float = 7.0):
@@ -171,25 +170,41 @@ def new_figure(ncols: int = 1, width: float = 7.0):
     return fig, fig.subplots(1, ncols) if ncols > 1 else fig.subplots()
 
 
-def record(lab: Lab, name: str, title: str, table: str, fig, started: float, started_at: str,
-           notes: Sequence[str] = (), data: dict | None = None) -> str:
-    """Write `<name>.png`, `<name>.json` (the raw numbers) and the `<name>.md` fragment; return its path."""
-    out = lab.out
-    os.makedirs(out, exist_ok=True)
+def runs_cost(results: list[dict[str, Any]]) -> str:
+    """What the runs behind a table cost: their count, CPU seconds and the commit they ran on."""
+    unique = {r["key"]: r for r in results}.values()
+    if not unique:
+        return "no run finished yet"
+    commits = sorted({r["commit"] for r in unique})
+    dates = sorted(r["started"][:10] for r in unique)
+    return (f"{len(unique)} runs, one torch thread each, {sum(r['cpu_s'] for r in unique):,.0f} CPU seconds in all "
+            f"(load, training and scoring), run {dates[0]} to {dates[-1]} on commit {', '.join(commits)}")
+
+
+def record(lab: Lab, name: str, title: str, table: str, fig, started: float, notes: Sequence[str] = (),
+           data: dict | None = None, cost: str | None = None) -> str:
+    """Write `<name>.png`, `<name>.json` (the numbers behind the table) and the `<name>.md` fragment."""
+    import json
+
+    os.makedirs(lab.out, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, f"{name}.png"))
+    fig.savefig(os.path.join(lab.out, f"{name}.png"))
     if data is not None:
-        with open(os.path.join(out, f"{name}.json"), "w") as f:
+        if cost is None:   # an experiment that stores no runs: the time this command took, for the lab's total
+            data = dict(data, took_s=time.perf_counter() - started)
+        with open(os.path.join(lab.out, f"{name}.json"), "w") as f:
             json.dump(data, f, indent=1)
-    command = f"python examples/lab.py {name}{lab.flags}"
-    minutes, cpu = (time.perf_counter() - started) / 60, time.process_time() - lab.cpu_started
+    seeds = f" --seeds {len(lab.seeds)}" if name not in ("nf4", "seed") else ""
+    command = f"python examples/lab.py {name}{seeds}{lab.flags}"
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     text = [f"### {title}", "", f"Command: `{command}`", "",
-            f"Ran {started_at} UTC on {machine()}; took {minutes:.1f} minutes ({cpu:.0f} CPU seconds).", "",
-            table, ""]
+            (f"Table written {when} UTC from the stored runs on {machine(load=False)}. Behind it: {cost}."
+             if cost else f"Written {when} UTC on {machine()}; commit {commit()}. "
+             f"Took {(time.perf_counter() - started) / 60:.1f} minutes."), "", table, ""]
     for note in notes:
         text += [note, ""]
     text += [f"![{name}](lab/{name}.png)", ""]
-    path = os.path.join(out, f"{name}.md")
+    path = os.path.join(lab.out, f"{name}.md")
     with open(path, "w") as f:
         f.write("\n".join(text))
     return path
@@ -198,10 +213,12 @@ def record(lab: Lab, name: str, title: str, table: str, fig, started: float, sta
 def timed(fn: Callable[..., Any]):
     """Run an experiment with its start time (for the record) and print where it wrote."""
     def wrapper(lab: Lab) -> str:
-        started, started_at = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M", time.gmtime())
-        lab.cpu_started = time.process_time()
-        path = fn(lab, started, started_at)
+        path = fn(lab, time.perf_counter())
         print(f"wrote {path} and its figure", flush=True)
         return path
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper
+
+
+__all__ = ["BASE", "Budget", "TINY", "Lab", "stats", "spread", "field_of", "markdown_table", "machine",
+           "new_figure", "runs_cost", "record", "timed"]

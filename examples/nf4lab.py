@@ -3,8 +3,15 @@
 NF4's 16 levels are quantiles of N(0, 1) scaled to [-1, 1]: if the weights of a block, divided by
 the block's absmax, are spread like a normal distribution, each level is used about equally often
 and the rounding error is small where most weights lie (near 0). FP4 (a tiny float: sign, 2 exponent
-bits, 1 mantissa bit) and plain absmax int4 (15 evenly spaced levels, round(7 w / absmax) / 7) spend
-their levels differently. All three use blocks of 64 weights sharing one absmax here.
+bits, 1 mantissa bit) and plain symmetric absmax int4 spend their levels differently; the int4 here
+has 15 evenly spaced levels, -7/7 .. 7/7 of the absmax (round(7 w / absmax) / 7), not 16: a symmetric
+grid with an exact 0 leaves one of the 16 codes unused. All three use blocks of 64 weights sharing
+one absmax here.
+
+Bits a weight: on disk (the packed codes and the stored quant state) 4.5 without double quantization
+and about 4.127 with it; held in memory while training, `quant.Linear4bit` adds the fp32 scales it
+decodes once from the 8-bit codes (0.5 bit a weight, quant/linear4bit.py), about 4.627: double
+quantization saves disk and download here, not training memory.
 """
 from __future__ import annotations
 
@@ -12,16 +19,19 @@ from collections import defaultdict
 
 import torch
 
-from labkit import Lab, markdown_table, new_figure, record
+from labkit import Lab, markdown_table, new_figure, record, timed
 from pricer import load_model
-from quant import NF4_CODE, dequantize_fp4, dequantize_nf4, quantize_fp4, quantize_nf4
+from quant import NF4_CODE, Linear4bit, dequantize_fp4, dequantize_nf4, quantize_fp4, quantize_nf4
 
 BLOCK = 64
 BINS = 200
+INT4 = "int4 (absmax, 15 levels)"
 
 
 def int4_absmax(w: torch.Tensor, blocksize: int = BLOCK) -> torch.Tensor:
-    """Plain symmetric int4 round trip: w_hat = round(7 w / absmax) / 7 * absmax per block of `blocksize`."""
+    """Plain symmetric int4 round trip: w_hat = round(7 w / absmax) / 7 * absmax per block of `blocksize`.
+
+    15 levels (-7 .. 7), evenly spaced, one an exact 0: the 16th code of 4 bits is left unused."""
     blocks = w.reshape(-1, blocksize).float()
     absmax = blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-38)
     return (torch.round(blocks / absmax * 7).clamp(-7, 7) / 7 * absmax).reshape(w.shape)
@@ -30,7 +40,7 @@ def int4_absmax(w: torch.Tensor, blocksize: int = BLOCK) -> torch.Tensor:
 ROUND_TRIPS = {
     "NF4": lambda w: dequantize_nf4(*quantize_nf4(w, BLOCK, double_quant=False)),
     "FP4": lambda w: dequantize_fp4(*quantize_fp4(w, BLOCK, double_quant=False)),
-    "int4 (absmax)": int4_absmax,
+    INT4: int4_absmax,
 }
 
 
@@ -48,7 +58,8 @@ def weight_matrices(model, limit: int | None):
 
 
 def bits_per_parameter(weights: list[torch.Tensor], double_quant: bool) -> float:
-    """Measured: (packed bytes + quant-state bytes) * 8 / weights, summed over the matrices, from quant's NF4."""
+    """Bits on disk, measured: (packed bytes + quant-state bytes) * 8 / weights, over the matrices, from
+    quant's NF4."""
     n_bytes = n = 0
     for w in weights:
         packed, state = quantize_nf4(w, BLOCK, double_quant=double_quant)
@@ -57,7 +68,22 @@ def bits_per_parameter(weights: list[torch.Tensor], double_quant: bool) -> float
     return 8 * n_bytes / n
 
 
-def nf4_experiment(lab: Lab, started: float, started_at: str) -> str:
+def bits_held(weights: list[torch.Tensor], double_quant: bool) -> float:
+    """Bits in memory while training, measured on the layer training uses (`quant.Linear4bit`): its
+    stored bytes plus the fp32 scales it decodes once for the kernels (none without double quant)."""
+    n_bytes = n = 0
+    for w in weights:
+        layer = Linear4bit.from_weight(w, quant_type="nf4", double_quant=double_quant, blocksize=BLOCK)
+        decoded = layer.decoded_absmax
+        n_bytes += layer.quantized_nbytes() + (0 if decoded is None else decoded.numel() * decoded.element_size())
+        n += w.numel()
+    return 8 * n_bytes / n
+
+
+@timed
+def nf4(lab: Lab, started: float) -> str:
+    """NF4 against FP4 and plain absmax int4 (blocks of 64) on every weight matrix of the real model;
+    NF4's bits a weight on disk and held in memory while training."""
     model, _, path = load_model(lab.model_path, "none", "cpu")
     control = torch.randn(576, 1536, generator=torch.Generator().manual_seed(0))  # N(0, 1) weights
     sq_err, sq_w, wins, hist = defaultdict(float), defaultdict(float), defaultdict(int), torch.zeros(BINS)
@@ -76,7 +102,7 @@ def nf4_experiment(lab: Lab, started: float, started_at: str) -> str:
         n_matrices += 1
         weights.append(w)
         wins["FP4"] += errors["NF4"] < errors["FP4"]
-        wins["int4 (absmax)"] += errors["NF4"] < errors["int4 (absmax)"]
+        wins[INT4] += errors["NF4"] < errors[INT4]
         blocks = w.reshape(-1, BLOCK)
         hist += torch.histc(blocks / blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-38), BINS, -1, 1)
 
@@ -86,14 +112,26 @@ def nf4_experiment(lab: Lab, started: float, started_at: str) -> str:
     rows = [(k, *(f"{rel[k, m]:.4f}" for m in ROUND_TRIPS)) for k in kinds]
     table = markdown_table(("weights", *(f"{m}: RMSE / RMS" for m in ROUND_TRIPS)), rows)
     bits = {dq: bits_per_parameter(weights, dq) for dq in (False, True)}
+    held = {dq: bits_held(weights, dq) for dq in (False, True)}
+    table += "\n\n" + markdown_table(
+        ("NF4, blocks of 64", "bits a weight on disk", "bits a weight held in memory while training"),
+        [("with double quantization (QLoRA)", f"{bits[True]:.3f}", f"{held[True]:.3f}"),
+         ("without double quantization", f"{bits[False]:.3f}", f"{held[False]:.3f}")])
     gguf_q4_1 = "Q4_1" in path
     notes = [
         f"Every 2-D weight of `{path.split('/')[-1]}` ({n_matrices} matrices, {sum(w.numel() for w in weights):,} "
         f"weights; the tied head counts once), blocks of {BLOCK}, no double quantization in the error columns. "
         f"NF4's error is lower than FP4's on {wins['FP4']} of {n_matrices} matrices and lower than int4's on "
-        f"{wins['int4 (absmax)']} of {n_matrices}.",
-        f"Bits per parameter of NF4, measured from `quant.quantize_nf4`'s packed bytes and quant state: "
-        f"{bits[False]:.3f} without double quantization, {bits[True]:.3f} with it.",
+        f"{wins[INT4]} of {n_matrices}. The int4 baseline is symmetric absmax rounding, round(7 w / absmax) / 7: "
+        f"15 levels from -7 to 7, not 16 (an exact 0 and a symmetric grid leave one 4-bit code unused).",
+        f"Bits on disk: the packed codes and the quant state `quant.quantize_nf4` stores ({bits[False]:.3f} without "
+        f"double quantization, {bits[True]:.3f} with it). Held in memory while training: `quant.Linear4bit` "
+        f"also keeps the fp32 scales it decodes once from the 8-bit codes, so that each use of a weight is one "
+        f"dequantization ({held[True]:.3f} bits with double quantization, {held[False]:.3f} without). Double "
+        f"quantization saves {bits[False] - bits[True]:.3f} bits a weight on disk; in memory during training it "
+        + (f"saves {held[False] - held[True]:.3f}." if held[True] < held[False] else
+           f"saves nothing here: it holds {held[True] - held[False]:.3f} bits a weight more than the plain fp32 "
+           f"scales, the 8-bit codes kept beside the scales decoded from them."),
         ("The embedded SmolLM2 is a GGUF stored in Q4_1 (blocks of 32, 16 even levels from a minimum and a "
          "scale): the 'real' weights here are those dequantized values, already on a 4-bit grid, not the "
          "original bf16 weights. " if gguf_q4_1 else "")
@@ -115,7 +153,8 @@ def nf4_experiment(lab: Lab, started: float, started_at: str) -> str:
     right.set(ylabel="RMSE / RMS of the weights", title=f"4-bit round trip, blocks of {BLOCK}")
     right.legend(fontsize=8)
     data = {"relative_rmse": {f"{k} / {m}": v for (k, m), v in rel.items()}, "bits_per_parameter": {
-        "without double quantization": bits[False], "with double quantization": bits[True]},
+        "without double quantization": bits[False], "with double quantization": bits[True]}, "bits_held": {
+        "without double quantization": held[False], "with double quantization": held[True]},
         "nf4_beats": dict(wins), "matrices": n_matrices, "histogram": hist.tolist()}
     return record(lab, "nf4", "nf4: the 16 NF4 levels over real weights; NF4 against FP4 and int4", table, fig,
-                  started, started_at, notes=notes, data=data)
+                  started, notes=notes, data=data)

@@ -32,7 +32,7 @@ from lora import apply_lora, save_adapter, trainable_parameters  # noqa: E402
 from pricer import (  # noqa: E402
     DESCRIPTIONS, PRESETS, answer_tokens, constant_baseline, evaluate_prices, load_model, load_source,
     log_to_tensorboard, lora_config, print_report, results_table, save_scatter,
-    split_items, compute_dtype, train_config,
+    split_items, base_dtype, train_config,
 )
 from train import train  # noqa: E402
 from export_gguf import how_to_run  # noqa: E402
@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     if args.preset == "llama31-8b" and args.model is None:
         raise ValueError("--preset llama31-8b needs --model, a local Llama-3.1-8B folder (config.json + safetensors)")
     device = start_run(args)
-    model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=compute_dtype(device))
+    model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=base_dtype(args, device),
+                                              double_quant=args.double_quant)
     loaded = load_source(args.data, tokenizer, args.description)
     print(loaded.summary())
     split = split_items(loaded.items, args.seed, args.test_size, args.val_size, args.train_size)

@@ -11,8 +11,8 @@ family is a set of LlamaConfig fields (model/families.py).
 """
 from .chat_template import CHATML, ChatTemplateError, render_chat
 from .config import LlamaConfig
-from .generate import generate, pad_batch
-from .llama import KVCache, Llama
+from .generate import KVCache, generate, pad_batch
+from .llama import Llama
 from .load import default_checkpoint, iter_tensors, load_pretrained, load_tokenizer, read_config
 from .tokenizer import Tokenizer
 

@@ -5,12 +5,40 @@ token: its keys and values join those cached for the positions before it. Withou
 step reruns the whole sequence; both give the same tokens, the cache just skips the repeated work.
 
 Batched prompts are left-padded (see `pad_batch`), so every row's next token lands in the same column.
+
+Imports run one way: `model/llama.py` uses this file (the `KVCache` its attention fills, and
+`Llama.generate`); this file needs only what a Llama has (`.model`, `.lm_head`, `.config`).
 """
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from .llama import KVCache, Llama
+import torch
+from torch import nn
+
+from .config import LlamaConfig
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated to `max_len` positions.
+
+    k, v: (B, nkv, max_len, hs). `update` writes the new positions and returns the filled prefix.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, config: LlamaConfig, max_len: int, dtype: torch.dtype, device) -> "KVCache":
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +81,7 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _eos_ids(eos_id, model: Llama) -> list[int]:
+def _eos_ids(eos_id, model: nn.Module) -> list[int]:
     eos = eos_id if eos_id is not None else model.config.eos_token_id
     if eos is None:
         return []
@@ -62,7 +90,7 @@ def _eos_ids(eos_id, model: Llama) -> list[int]:
 
 @torch.no_grad()
 def generate(
-    model: Llama,
+    model: nn.Module,
     input_ids: torch.Tensor,
     max_new_tokens: int = 32,
     attention_mask: torch.Tensor | None = None,
@@ -72,7 +100,7 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Continue (B, T) prompts; returns (B, T + n) ids, n <= max_new_tokens.
+    """Continue (B, T) prompts of `model` (a `Llama`); returns (B, T + n) ids, n <= max_new_tokens.
 
     attention_mask: (B, T), 1 on real tokens, 0 on left padding. eos_id: defaults to the config's;
     a row that produced it is filled afterwards with the config's pad id (else the first EOS id),

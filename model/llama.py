@@ -13,8 +13,6 @@ norms after attention and MLP, GeGLU, soft-caps, sliding windows, fused projecti
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import SoftCappedHead, attend, attention_mask_4d, default_positions, document_ids
 from .backward import apply_rope_qk, rms_norm, rotate_half, swiglu
 from .config import LlamaConfig
+from .generate import KVCache, generate
 from .offload import offload_layer_input
 from .rope import RotaryEmbedding
 
@@ -67,28 +66,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         rot, rest = x.split((cos.shape[-1], x.shape[-1] - cos.shape[-1]), dim=-1)
         return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
     return x * cos + rotate_half(x) * sin
-
-
-@dataclass
-class KVCache:
-    """Keys and values of the tokens seen so far, preallocated to `max_len` positions.
-
-    k, v: (B, nkv, max_len, hs). `update` writes the new positions and returns the filled prefix.
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-
-    @classmethod
-    def empty(cls, batch: int, config: LlamaConfig, max_len: int, dtype: torch.dtype, device) -> "KVCache":
-        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -321,6 +298,4 @@ class Llama(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
         """Continue (B, T) prompts by up to `max_new_tokens`; see `model.generate.generate`."""
-        from .generate import generate
-
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)

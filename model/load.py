@@ -181,12 +181,14 @@ def load_pretrained(
     device: str | torch.device = "cpu",
     quant: str | None = None,
     compute_dtype: torch.dtype | None = None,
+    double_quant: bool = True,
 ) -> tuple[Llama, Tokenizer]:
     """Load a checkpoint into our `Llama`, plus its tokenizer.
 
     path: an HF folder (`config.json` + `model.safetensors`, or shards + `model.safetensors.index.json`)
     or a `.gguf` file. dtype: of the parameters (GGUF tensors are dequantized first). quant: None,
-    "nf4" or "fp4": every nn.Linear but `lm_head` becomes a `quant.Linear4bit` as its weight is read.
+    "nf4" or "fp4": every nn.Linear but `lm_head` becomes a `quant.Linear4bit` as its weight is read,
+    its block scales quantized again to 8 bits unless `double_quant=False`.
     """
     if quant not in (None, "nf4", "fp4"):
         raise ValueError(f"quant={quant!r}: expected None, 'nf4' or 'fp4'")
@@ -202,7 +204,7 @@ def load_pretrained(
     def quantize(module_name: str, parts: dict[str, torch.Tensor]) -> None:
         from quant import Linear4bit  # only loading with quant needs the quant package
 
-        q = Linear4bit.from_weight(parts["weight"], parts.get("bias"), quant_type=quant, double_quant=True,
+        q = Linear4bit.from_weight(parts["weight"], parts.get("bias"), quant_type=quant, double_quant=double_quant,
                                    compute_dtype=compute_dtype or dtype)
         model.set_submodule(module_name, q)
 

@@ -43,6 +43,7 @@ TRAIN, MODEL, LORA, QUANT, OPTIM = ("tests/test_train.py", "tests/test_model.py"
                                     "tests/test_quant.py", "tests/test_optim.py")
 FSDP, RELIABILITY, PRECISION, CLI = ("tests/test_fsdp.py", "tests/test_reliability.py", "tests/test_precision.py",
                                      "tests/test_cli.py")
+LAB = "tests/test_lab.py"
 BACKWARD, FUSED, FAMILIES, DORA = ("tests/test_backward.py", "tests/test_lora_fused.py", "tests/test_families.py",
                                    "tests/test_dora.py")
 CHAT, PACKING, FINETUNE = "tests/test_chat.py", "tests/test_packing.py", "tests/test_finetune.py"
@@ -243,6 +244,18 @@ MUTANTS = [
            "    return logits.argmax(-1)", k(MODEL, "sampling")),
     Mutant("top_p ignored", "model/generate.py",
            "sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)", "sorted_p = sorted_p", k(MODEL, "sampling")),
+    # ---------------------------------------------------------------- the lab (examples/lab*.py)
+    Mutant("the lab runs stored runs again", "examples/labruns.py",
+           "done = {s.key: r for s in unique if (r := load_result(s, out)) is not None}", "done = {}",
+           k(LAB, "stored_runs")),
+    Mutant("the lab's seed does not reach the split", "examples/labruns.py",
+           'split = split_items(items, spec.seed, s["test_size"]', 'split = split_items(items, 0, s["test_size"]',
+           k(LAB, "two_processes")),
+    Mutant("load_pretrained ignores double_quant=False", "model/load.py",
+           "quant_type=quant, double_quant=double_quant,", "quant_type=quant, double_quant=True,", k(LAB, "qlora")),
+    Mutant("the nf4 experiment leaves the decoded scales out of the bits held", "examples/nf4lab.py",
+           "n_bytes += layer.quantized_nbytes() + (0 if decoded is None else decoded.numel() * decoded.element_size())",
+           "n_bytes += layer.quantized_nbytes()", k(LAB, "nf4")),
     # ---------------------------------------------------------------- GGUF export
     Mutant("GGUF export keeps HF's q/k row order", "model/gguf_write.py",
            'PERMUTED = ("llama",)', "PERMUTED = ()",

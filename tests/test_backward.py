@@ -3,8 +3,8 @@ model/offload.py: checkpointed layers, their inputs offloaded, give the same gra
 
 The reference is the plain autograd path of the same module (`handwritten_backward = False`), which
 computes the same forward ops; transformers is the reference for the whole model's gradients.
-fp32: gradients equal within 1e-6. bf16: within bf16 rounding of autograd's (one step of its 8-bit
-mantissa, relative to the gradient's scale).
+fp32: gradients equal within 1e-6. bf16: within bf16 rounding of autograd's (one step in its 8th
+significant bit, 7 mantissa bits stored, relative to the gradient's scale).
 """
 import gc
 import weakref

@@ -133,8 +133,8 @@ def test_the_course_preset_picks_fp16_where_the_gpu_has_no_bf16(scripts, monkeyp
     train_pricer = scripts[0]
     for has_bf16, want in ((True, torch.bfloat16), (False, torch.float16)):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: has_bf16)
-        assert train_pricer.compute_dtype("cuda") == want
-    assert train_pricer.compute_dtype("cpu") is None
+        assert train_pricer.base_dtype(train_pricer.PRESETS["llama31-8b"], "cuda") == want
+    assert train_pricer.base_dtype(train_pricer.PRESETS["llama31-8b"], "cpu") is None
 
 
 def test_eval_pricer_describes_the_diamonds_as_the_demo_trained_on_them(scripts, files, monkeypatch):

@@ -1,6 +1,8 @@
-"""examples/lab.py: every experiment end to end on a tiny random Llama (`--tiny`): files, rows, numbers."""
+"""examples/lab.py: every experiment end to end on a tiny random Llama (`--tiny`): runs, rows, numbers, resuming."""
 import json
+import math
 import os
+import shutil
 import sys
 
 import pytest
@@ -13,6 +15,11 @@ if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
 
 import lab  # noqa: E402
+import labepochs  # noqa: E402
+import labruns  # noqa: E402
+import labsweeps  # noqa: E402
+
+TRAINING = ["rank", "alpha", "targets", "qlora", "epochs"]
 
 
 @pytest.fixture(scope="module")
@@ -20,88 +27,182 @@ def tiny(tmp_path_factory):
     return write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_lab")))
 
 
-def run_lab(name, tiny, out):
-    assert lab.main([name, "--tiny", "--model", tiny, "--out", str(out)]) == 0
+@pytest.fixture(scope="module")
+def out(tiny, tmp_path_factory):
+    """Every training experiment in one command, one seed: their runs share one queue."""
+    folder = tmp_path_factory.mktemp("lab_out")
+    assert lab.main([*TRAINING, "--tiny", "--model", tiny, "--out", str(folder), "--seeds", "1"]) == 0
+    return folder
+
+
+def fragment_and_data(name, tiny, out):
     assert (out / f"{name}.png").stat().st_size > 1000
     fragment = (out / f"{name}.md").read_text()
-    assert f"Command: `python examples/lab.py {name} --model {tiny}" in fragment and f"![{name}]" in fragment
-    data = json.loads((out / f"{name}.json").read_text())
-    return fragment, data
+    assert f"Command: `python examples/lab.py {name}" in fragment and f"--model {tiny}" in fragment
+    assert f"![{name}]" in fragment
+    return fragment, json.loads((out / f"{name}.json").read_text())
 
 
-def table_rows(fragment):
-    lines = [line for line in fragment.splitlines() if line.startswith("| ")]
-    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]  # header and rule dropped
+def table_rows(fragment, table=0):
+    """The cells of the fragment's `table`-th Markdown table, its header and rule dropped."""
+    tables, current = [], []
+    for line in fragment.splitlines() + [""]:
+        if line.startswith("| "):
+            current.append([c.strip() for c in line.strip("|").split("|")])
+        elif current:
+            tables, current = tables + [current[2:]], []
+    return tables[table]
 
 
-def test_rank_has_a_row_per_r_and_parameters_grow_with_r(tiny, tmp_path):
-    fragment, data = run_lab("rank", tiny, tmp_path)
-    assert [row[0] for row in table_rows(fragment)] == [str(r) for r in lab.RANKS]
-    counts = [run["trainable"] for run in data["runs"]]
+def test_rank_rows_both_alphas_and_parameters_grow_with_r(tiny, out):
+    fragment, data = fragment_and_data("rank", tiny, out)
+    rows = table_rows(fragment)
+    assert [(int(r[0]), int(r[1])) for r in rows] == \
+        [(r, 2 * r) for r in labsweeps.RANKS] + [(r, labsweeps.FIXED_ALPHA) for r in labsweeps.RANKS]
+    counts = [data[f"r={r}, alpha={2 * r}"]["trainable"] for r in labsweeps.RANKS]
     # A is r x in and B is out x r: the count is r times a constant, and fp32 adapters take 4 bytes each
-    assert len({n // r for n, r in zip(counts, lab.RANKS)}) == 1 and all(n % r == 0 for n, r in zip(counts, lab.RANKS))
-    assert [run["adapter_bytes"] for run in data["runs"]] == [4 * n for n in counts]
-    assert [run["settings"]["alpha"] for run in data["runs"]] == [2 * r for r in lab.RANKS]
+    assert len({n // r for n, r in zip(counts, labsweeps.RANKS)}) == 1 and all(n % r == 0 for n, r in zip(counts, labsweeps.RANKS))
+    assert [data[f"r={r}, alpha={2 * r}"]["adapter_bytes"] for r in labsweeps.RANKS] == [4 * n for n in counts]
+    row = data["r=8, alpha=16"]
+    assert row["greedy.hit_rate"]["n"] == 1 and 0 <= row["greedy.hit_rate"]["mean"] <= 100
 
 
-def test_alpha_changes_the_update_and_not_the_parameters(tiny, tmp_path):
-    fragment, data = run_lab("alpha", tiny, tmp_path)
-    assert [row[0] for row in table_rows(fragment)] == [str(a) for a in lab.ALPHAS]
-    assert len({run["trainable"] for run in data["runs"]}) == 1
+def test_alpha_changes_the_update_and_not_the_parameters(tiny, out):
+    fragment, data = fragment_and_data("alpha", tiny, out)
+    assert [int(row[0]) for row in table_rows(fragment)] == list(labsweeps.ALPHAS)
+    assert len({row["trainable"] for row in data.values()}) == 1
+    runs = [labruns.load_result(s, str(out)) for s in lab.SPECS["alpha"](lab_of(tiny, out))]
     # B starts at zero and the warmup's first learning rate is 0, so steps 1 and 2 see the base model
     # for every alpha; step 3 follows the first real update, whose effect is scaled by alpha / r
-    first = {run["train_losses"][1][1] for run in data["runs"]}
-    third = {run["train_losses"][2][1] for run in data["runs"]}
-    assert len(first) == 1 and len(third) == len(lab.ALPHAS)
+    second = {r["train_curve"][1][1] for r in runs}
+    third = {r["train_curve"][2][1] for r in runs}
+    assert len(second) == 1 and len(third) == len(labsweeps.ALPHAS)
 
 
-def test_targets_attention_plus_mlp_is_all_seven_and_all_layers_is_more(tiny, tmp_path):
-    fragment, data = run_lab("targets", tiny, tmp_path)
-    assert [row[0] for row in table_rows(fragment)] == [name for name, _, _ in lab.TARGETS]
-    attention, mlp, seven, everywhere = (run["trainable"] for run in data["runs"])
-    assert attention + mlp == seven and everywhere == 2 * seven  # the tiny model: 2 layers, the upper half is 1
+def lab_of(tiny, out, seeds=1):
+    return lab.Lab(tiny, lab.TINY, str(out), seeds=tuple(range(seeds)))
 
 
-def test_epochs_draws_three_epochs_with_validation_and_the_schedule(tiny, tmp_path):
-    fragment, data = run_lab("epochs", tiny, tmp_path)
-    assert [row[0] for row in table_rows(fragment)] == ["1", "2", "3"]
-    steps = 3 * data["steps_per_epoch"]
-    assert [s for s, _ in data["train_losses"]] == list(range(1, steps + 1))
-    assert [s for s, _ in data["val_losses"]] == list(range(1, steps + 1))  # --tiny validates every step
-    lr = data["lr"]
-    assert lr[0] == 0.0 and max(lr) == pytest.approx(lab.Lab(None, lab.TINY, "").settings()["lr"])  # warmup, peak
-    assert all(a >= b for a, b in zip(lr[1:], lr[2:]))  # then the cosine only falls
-    assert "Epoch 2 start" in fragment and "Lowest validation loss" in fragment
+def test_targets_attention_plus_mlp_is_all_seven_and_all_layers_is_more(tiny, out):
+    fragment, data = fragment_and_data("targets", tiny, out)
+    attention, mlp, upper, lower, everywhere = (row["trainable"] for row in data.values())
+    assert attention + mlp == upper and lower == upper and everywhere == 2 * upper  # 2 layers: a third is 1
+    assert [row[1] for row in table_rows(fragment)][2:] == ["upper third (1-)", "lower third (0-0)", "all layers"]
+
+
+def held_bytes(n: int, double_quant: bool) -> float:
+    """Closed form for one Linear4bit of n weights: packed codes, scales, code books (quant/linear4bit.py)."""
+    if not double_quant:
+        return n / 2 + 4 * n / 64 + 16 * 4
+    # uint8 codes, fp32 nested scale per 256 blocks, 256-value nested map, offset, decoded fp32 scales, code book
+    return n / 2 + n / 64 + 4 * math.ceil(n / 64 / 256) + 256 * 4 + 4 + 4 * n / 64 + 16 * 4
+
+
+def test_qlora_compares_the_bases_and_measures_what_each_holds(tiny, out):
+    fragment, data = fragment_and_data("qlora", tiny, out)
+    labels = [row[0] for row in table_rows(fragment)]
+    assert labels[:4] == ["NF4, double quantization (QLoRA)", "NF4, no double quantization", "FP4, double quantization",
+                          "unquantized, fp32"]
+    assert labels[4:] == (["unquantized, bf16"] if labsweeps.has_bf16() else [])
+    from model import read_config
+
+    c = read_config(tiny)
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    sizes = [c.hidden_size * q, c.hidden_size * kv, c.hidden_size * kv, q * c.hidden_size,
+             *[c.hidden_size * c.intermediate_size] * 3] * c.num_hidden_layers
+    memory = {label: row["base_memory"] for label, row in data.items()}
+    assert memory["NF4, double quantization (QLoRA)"]["projection_bytes"] == sum(held_bytes(n, True) for n in sizes)
+    assert memory["NF4, no double quantization"]["projection_bytes"] == sum(held_bytes(n, False) for n in sizes)
+    assert memory["unquantized, fp32"]["bits_per_weight"] == 32.0
+    if labsweeps.has_bf16():
+        assert memory["unquantized, bf16"]["bits_per_weight"] == 16.0
+    # the base recipe is one run, shared: qlora's NF4 row is rank's r = 8, alpha = 16 row
+    rank = json.loads((out / "rank.json").read_text())
+    assert data["NF4, double quantization (QLoRA)"]["runs"] == rank["r=8, alpha=16"]["runs"]
+
+
+def test_epochs_each_set_each_seed_with_validation_every_step(tiny, out):
+    fragment, data = fragment_and_data("epochs", tiny, out)
+    rows = table_rows(fragment)
+    assert [(r[0], r[1]) for r in rows] == [(f"{lab.TINY.small_set} diamonds", "0"), (f"{lab.TINY.large_set} diamonds", "0")]
+    for name, n in (("small", lab.TINY.small_set), ("large", lab.TINY.large_set)):
+        curves = data[name]["curves"][0]
+        per_epoch = -(-n // 2)
+        steps, every = lab.TINY.n_epochs * per_epoch, per_epoch // labepochs.EVALS_PER_EPOCH
+        assert [s for s, _ in curves["train"]] == list(range(1, steps + 1))
+        assert [s for s, _ in curves["val"]] == list(range(every, steps + 1, every))  # a few times an epoch
+        assert len(data[name]["seeds"][0]["drops"]) == lab.TINY.n_epochs - 1
+    assert "diamonds: the training loss drops as epoch 2 starts" in fragment
+
+
+def test_stored_runs_are_not_run_again_and_a_lost_one_is(tiny, out, capsys):
+    files = sorted(os.listdir(out / "runs"))
+    # one file per distinct recipe and seed: rank 12 - 0, alpha 6 - 1, targets 5 - 1, qlora 4 or 5 - 1, epochs 2
+    assert len(files) == 11 + 5 + 4 + (4 if labsweeps.has_bf16() else 3) + 2
+    capsys.readouterr()
+    assert lab.main([*TRAINING, "--tiny", "--model", tiny, "--out", str(out), "--seeds", "1", "--plan"]) == 0
+    assert f"{len(files)} stored, 0 to do" in capsys.readouterr().out
+    os.remove(out / "runs" / files[0])
+    assert lab.main(["alpha", "rank", "--tiny", "--model", tiny, "--out", str(out), "--seeds", "1"]) == 0
+    assert "1 run(s) to do" in capsys.readouterr().out and sorted(os.listdir(out / "runs")) == files
+
+
+def test_two_processes_give_the_numbers_of_one(tiny, tmp_path):
+    lab_ = lab_of(tiny, tmp_path, seeds=2)
+    specs = lab_.specs("pair", lab_.settings())
+    parallel = labruns.run_all(specs, str(tmp_path / "two"), jobs=2)
+    for spec in specs:
+        alone = labruns.run_one(spec, out=None)
+        assert parallel[spec.key]["train_curve"] == alone["train_curve"]
+        assert parallel[spec.key]["greedy"] == alone["greedy"]
+    # seeds 0 and 1: another order and initialisation, and another split (the constant guess scores differently)
+    assert parallel[specs[0].key]["train_curve"] != parallel[specs[1].key]["train_curve"]
+    assert parallel[specs[0].key]["constant"] != parallel[specs[1].key]["constant"]
 
 
 def test_seed_twice_is_identical_and_another_seed_is_not(tiny, tmp_path):
-    fragment, data = run_lab("seed", tiny, tmp_path)
+    assert lab.main(["seed", "--tiny", "--model", tiny, "--out", str(tmp_path)]) == 0
+    fragment, data = fragment_and_data("seed", tiny, tmp_path)
     first, again, other = data["curves"]
     assert first == again and first != other
     assert "Maximum difference between the two seed-42 curves: 0.0." in fragment
 
 
-def test_nf4_compares_three_formats_and_measures_bits(tiny, tmp_path):
-    fragment, data = run_lab("nf4", tiny, tmp_path)
+def test_nf4_compares_three_formats_and_measures_bits_on_disk_and_held(tiny, tmp_path):
+    assert lab.main(["nf4", "--tiny", "--model", tiny, "--out", str(tmp_path)]) == 0
+    fragment, data = fragment_and_data("nf4", tiny, tmp_path)
     header = [line for line in fragment.splitlines() if line.startswith("| weights")][0]
-    assert "NF4" in header and "FP4" in header and "int4" in header
+    assert "NF4" in header and "FP4" in header and "int4 (absmax, 15 levels)" in header
     assert [row[0] for row in table_rows(fragment)][-2:] == ["all real matrices", "N(0,1) control"]
     # closed form: 4 bits + one fp32 absmax per 64 weights = 4.5; double quantization stores it in 8 bits
     # per block plus an fp32 scale per 256 blocks and one fp32 offset
-    bits = data["bits_per_parameter"]
-    assert bits["without double quantization"] == pytest.approx(4.5)
-    assert 4 + 8 / 64 < bits["with double quantization"] < 4.5
+    disk, held = data["bits_per_parameter"], data["bits_held"]
+    assert disk["without double quantization"] == pytest.approx(4.5) == held["without double quantization"]
+    assert 4 + 8 / 64 < disk["with double quantization"] < 4.5
+    # held: the fp32 scales Linear4bit decodes once, 32 bits per block of 64 weights, beside the codes
+    assert held["with double quantization"] - disk["with double quantization"] == pytest.approx(0.5)
     # on N(0, 1) weights, the format built from N(0, 1) quantiles has the lowest error
-    control = {m: data["relative_rmse"][f"N(0,1) control / {m}"] for m in ("NF4", "FP4", "int4 (absmax)")}
-    assert control["NF4"] < min(control["FP4"], control["int4 (absmax)"])
+    control = {m: data["relative_rmse"][f"N(0,1) control / {m}"] for m in ("NF4", "FP4", "int4 (absmax, 15 levels)")}
+    assert control["NF4"] < min(control["FP4"], control["int4 (absmax, 15 levels)"])
 
 
-def test_report_fills_the_markers_and_leaves_the_prose(tiny, tmp_path):
-    run_lab("seed", tiny, tmp_path)
+def test_report_fills_the_markers_from_the_stored_runs_and_leaves_the_prose(tiny, out, tmp_path, capsys):
+    shutil.copytree(out / "runs", tmp_path / "lab" / "runs")
+    alpha_runs = sorted((tmp_path / "lab" / "runs").glob("alpha*"))
+    alpha_runs[0].unlink()   # one alpha row not finished yet
     page = tmp_path / "LAB.md"
-    page.write_text("".join(f"Prose about {n}.\n<!-- lab:{n} -->\nold\n<!-- /lab:{n} -->\n" for n in lab.EXPERIMENTS))
-    assert lab.main(["report", "--out", str(tmp_path), "--page", str(page)]) == 0
+    page.write_text("".join(f"Prose about {n}.\n<!-- lab:{n} -->\nold\n<!-- /lab:{n} -->\n"
+                            for n in [*lab.EXPERIMENTS, "total"]))
+    capsys.readouterr()
+    assert lab.main(["report", "--tiny", "--model", tiny, "--out", str(tmp_path / "lab"), "--page", str(page),
+                     "--seeds", "1"]) == 0
+    assert "run(s) to do" not in capsys.readouterr().out   # report runs nothing
+    assert len(list((tmp_path / "lab" / "runs").iterdir())) == len(list((out / "runs").iterdir())) - 1
     text = page.read_text()
-    assert "Prose about seed." in text and "old" not in text
-    assert "Maximum difference between the two seed-42 curves: 0.0." in text
-    assert "*Not run yet: `python examples/lab.py rank`.*" in text
+    assert "Prose about qlora." in text and "old" not in text
+    assert "| NF4, no double quantization |" in text
+    assert "| 0 of 1, running |" in text and "**Still running**: alpha=" in text
+    assert "*Not run yet: `python examples/lab.py seed`.*" in text
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "lab" / "runs").iterdir()]
+    assert f"training runs: {len(runs)} of {len(runs) + 1} stored (the rest still running)" in text
+    assert f"{sum(r['cpu_s'] for r in runs):,.0f} CPU seconds" in text

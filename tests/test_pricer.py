@@ -383,9 +383,14 @@ def test_presets_fill_unset_flags_and_explicit_flags_win():
     demo = mod.parse_args([])
     assert demo.quant == "nf4" and demo.test_size == 200 and demo.preset == "demo"
     assert (demo.description, demo.layers, demo.batch_size, demo.max_steps) == ("four-cs", "20-", 2, 1100)
-    full = mod.parse_args(["--preset", "demo-full"])   # the demo before it was made faster; the lab's base
+    full = mod.parse_args(["--preset", "demo-full"])   # the first demo, before it was made faster
     assert (full.description, full.layers, full.batch_size, full.max_steps) == ("full", "15-", 8, 500)
     assert mod.parse_args(["--description", "full"]).description == "full"
+    # the lab's base: the recipe every experiment of examples/lab.py changes; the base's 4-bit type and dtype
+    lab = mod.parse_args(["--preset", "lab", "--no-double-quant", "--dtype", "bfloat16"])
+    assert (lab.description, lab.layers, lab.batch_size, lab.max_steps, lab.r, lab.alpha) == ("four-cs", "20-", 2, 1100, 8, 16)
+    assert (lab.double_quant, lab.dtype, demo.double_quant, demo.dtype) == (False, "bfloat16", True, None)
+    assert mod.base_dtype(lab, "cpu") == torch.bfloat16 and mod.base_dtype(demo, "cpu") is None
     from pricer import parse_layers
     assert parse_layers("15-", 30) == tuple(range(15, 30)) and parse_layers("all", 30) is None
     with pytest.raises(ValueError, match="layers 0 to 29"):

@@ -253,7 +253,7 @@ def test_train_under_bf16_autocast_follows_fp32_to_bf16_precision():
     assert finals[0].keys() == finals[1].keys() and finals[0]
     assert all(p.dtype == torch.float32 for p in finals[1].values())  # the master weights stay fp32
     worst = max(abs(a - b) / a for a, b in zip(*losses))
-    assert 0 < worst <= 2 ** -8  # bf16 keeps 8 bits of mantissa: its rounding, no more
+    assert 0 < worst <= 2 ** -8  # bf16: 7 mantissa bits stored, 8 significant: its rounding, no more
     # AdamW moves each weight by about lr whatever its gradient's size, so a tiny gradient whose sign
     # bf16 flips moves that weight the other way: compare the whole update, not each weight
     start = trainable(tiny_lora_model())

@@ -1,9 +1,11 @@
 """fp16 training with dynamic loss scaling, for GPUs without bf16 (T4, V100).
 
-fp16 keeps 10 mantissa bits like bf16 but only 5 exponent bits: the smallest normal number is
-6.1e-5, so small gradients flush to zero in the backward pass. Loss scaling multiplies the loss by
-S (2^16 to start) before backward, so every gradient is S times larger and stays representable,
-then divides the fp32 gradients of the LoRA parameters by S before clipping and the AdamW step:
+fp16 stores 10 mantissa bits (11 significant bits with the implicit leading 1) and 5 exponent
+bits; bf16 stores 7 mantissa bits (8 significant) and fp32's 8 exponent bits. fp16 is the more
+precise of the two, but its range is short: the smallest normal number is 6.1e-5, so small gradients
+flush to zero in the backward pass. Loss scaling multiplies the loss by S (2^16 to start) before
+backward, so every gradient is S times larger and stays representable, then divides the fp32
+gradients of the LoRA parameters by S before clipping and the AdamW step:
 
     (S · loss).backward();  g = grad / S;  if any g is inf or NaN: skip the step, S ← S / 2
                                            else: AdamW step; every growth_interval clean steps S ← 2 S

@@ -30,8 +30,8 @@ from .data import (
 )
 from .metrics import GREEN, ORANGE, RED, PriceReport, color_for, constant_baseline, parse_price, score
 from .predict import chat_replies, end_of_turn_ids, greedy_prices, top_k_average_prices
-from .recipe import (ALL_PROJECTIONS, ATTENTION, CHAT_DEMO, MLP, PRESETS, all_projections, compute_dtype, lora_config,
-                     parse_layers, train_config)
+from .recipe import (ALL_PROJECTIONS, ATTENTION, CHAT_DEMO, MLP, PRESETS, all_projections, base_dtype, compute_dtype,
+                     lora_config, parse_layers, train_config)
 from .prompt import PREFIX, QUESTION, make_answer, make_prompt
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
     "greedy_prices", "top_k_average_prices", "chat_replies", "end_of_turn_ids",
     "DiamondChat", "answer_budget", "evaluate_chat_prices", "load_diamond_chats", "price_answer", "write_chats_jsonl", "PREFIX", "QUESTION", "make_answer", "make_prompt",
     "save_scatter", "scatter_figure", "log_to_tensorboard",
-    "ALL_PROJECTIONS", "ATTENTION", "CHAT_DEMO", "MLP", "PRESETS", "all_projections", "compute_dtype", "lora_config",
+    "ALL_PROJECTIONS", "ATTENTION", "CHAT_DEMO", "MLP", "PRESETS", "all_projections", "base_dtype", "compute_dtype", "lora_config",
     "parse_layers", "train_config",
     "answer_tokens", "evaluate_prices", "load_model", "print_report", "resolve_device", "results_table",
 ]

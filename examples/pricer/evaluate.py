@@ -23,18 +23,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(path: str | None, quant: str, device: str, dtype: torch.dtype | None = None):
+def load_model(path: str | None, quant: str, device: str, dtype: torch.dtype | None = None,
+               double_quant: bool = True):
     """(model, tokenizer, path): the checkpoint (default: the embedded SmolLM2) with an NF4/FP4 base or none.
 
-    On CUDA the weights and the 4-bit matmuls run in bf16; on the CPU in fp32.
+    On CUDA the weights and the 4-bit matmuls run in bf16; on the CPU in fp32 unless `dtype` says
+    otherwise. `double_quant=False` keeps the 4-bit layers' block scales in fp32.
     """
     path = path or default_checkpoint()
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     t0 = time.perf_counter()
-    model, tokenizer = load_pretrained(path, dtype=dtype, device=device,
-                                       quant=None if quant == "none" else quant, compute_dtype=dtype)
-    print(f"loaded {path} ({'no quantization' if quant == 'none' else quant.upper() + ' base'}, {dtype}, "
-          f"{device}) in {time.perf_counter() - t0:.1f}s", flush=True)
+    model, tokenizer = load_pretrained(path, dtype=dtype, device=device, quant=None if quant == "none" else quant,
+                                       compute_dtype=dtype, double_quant=double_quant)
+    base = "no quantization" if quant == "none" else quant.upper() + " base" + ("" if double_quant else
+                                                                               ", no double quantization")
+    print(f"loaded {path} ({base}, {dtype}, {device}) in {time.perf_counter() - t0:.1f}s", flush=True)
     return model, tokenizer, path
 
 

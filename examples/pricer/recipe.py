@@ -20,25 +20,29 @@ ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 ATTENTION = "q_proj,k_proj,v_proj,o_proj"
 MLP = "gate_proj,up_proj,down_proj"
 
-# The demo before it was made faster, and the base of every experiment of the lab: every attribute of
-# each diamond, all seven projections of the upper half of the layers (15 to 29), 500 steps of 8 (the
-# 4,000 training diamonds once), r = 8 and alpha = 2r as the course advises. A 135M model learning a new
-# task in a few hundred steps needs a learning rate well above the course's 1e-4.
+# The first demo: every attribute of each diamond, all seven projections of the upper half of the layers
+# (15 to 29), 500 steps of 8 (the 4,000 training diamonds once), r = 8 and alpha = 2r as the course
+# advises. A 135M model learning a new task in a few hundred steps needs a learning rate well above the
+# course's 1e-4. The base is NF4 with double quantization, in the device's dtype (dtype None: fp32 on
+# the CPU, bf16 on a GPU; "bfloat16" or "float32" to choose).
 DEMO_FULL: dict[str, Any] = dict(
-    quant="nf4", r=8, alpha=16, dropout=0.0, dora=False, target="all", layers="15-", epochs=1,
-    max_steps=500, batch_size=8, grad_accum=1, lr=2e-3, warmup_ratio=0.05, weight_decay=0.0,
+    quant="nf4", double_quant=True, dtype=None, r=8, alpha=16, dropout=0.0, dora=False, target="all", layers="15-",
+    epochs=1, max_steps=500, batch_size=8, grad_accum=1, lr=2e-3, warmup_ratio=0.05, weight_decay=0.0,
     max_grad_norm=1.0, optimizer="adamw", max_len=None, group_by_length=False, description="full",
     train_size=4000, val_size=64, test_size=200, eval_every=None, save_every=250, keep_last=2,
 )
 
-# The demo: a quarter of an hour on two modest CPU cores, from what the lab (examples/LAB.md) and the
-# trials of examples/RESULTS.md show. Four values differ from DEMO_FULL. A short description (the four
-# Cs, about 46 tokens a diamond against 76 with every attribute) makes each example 40% cheaper; only
-# the upper third of the network (layers 20 to 29) is adapted, so the backward pass stops there and the
-# lower 20 layers cost a forward pass and nothing more. Batches of 2 give four times the updates of
-# batches of 8 for the same examples, which a short run needs more than smoother gradients: 1,100 steps
-# see 2,200 of the 4,000 training diamonds.
-DEMO: dict[str, Any] = dict(DEMO_FULL, description="four-cs", layers="20-", batch_size=2, max_steps=1100)
+# The lab's base (examples/LAB.md: every experiment changes one or two of its values), from the trials
+# of examples/RESULTS.md; four values differ from DEMO_FULL. A short description (the four Cs, about 46
+# tokens a diamond against 76 with every attribute) makes each example 40% cheaper; only the upper third
+# of the network (layers 20 to 29) is adapted, so the backward pass stops there and the lower 20 layers
+# cost a forward pass and nothing more. Batches of 2 give four times the updates of batches of 8 for the
+# same examples, which a short run needs more than smoother gradients: 1,100 steps see 2,200 of the
+# 4,000 training diamonds.
+LAB: dict[str, Any] = dict(DEMO_FULL, description="four-cs", layers="20-", batch_size=2, max_steps=1100)
+
+# The demo (`make demo`): the lab's base, chosen again from the lab's converged results.
+DEMO: dict[str, Any] = dict(LAB)
 
 # The diamonds as a chat (examples/pricer/chat.py), the embedded default of examples/finetune.py: the
 # demo's model, adapter and learning rate on the same training diamonds, each now a conversation
@@ -49,9 +53,11 @@ CHAT_DEMO: dict[str, Any] = dict(DEMO, packing=False, overlong="truncate")
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": DEMO,
     "demo-full": DEMO_FULL,
+    "lab": LAB,
     # The course's QLoRA run of Llama-3.1-8B on the Amazon pricer data, for a GPU.
     "llama31-8b": dict(
-        quant="nf4", r=32, alpha=64, dropout=0.1, dora=False, target=ATTENTION, layers=None, epochs=1,
+        quant="nf4", double_quant=True, dtype=None, r=32, alpha=64, dropout=0.1, dora=False, target=ATTENTION,
+        layers=None, epochs=1,
         max_steps=None, batch_size=4, grad_accum=1, lr=1e-4, warmup_ratio=0.03, weight_decay=0.001,
         max_grad_norm=0.3, optimizer="paged_adamw", max_len=182, group_by_length=True, description="full",
         train_size=None, val_size=500, test_size=250, eval_every=5000, save_every=5000, keep_last=10,
@@ -106,6 +112,17 @@ def compute_dtype(device: str) -> torch.dtype | None:
     if device != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def base_dtype(settings: Mapping[str, Any] | Any, device: str) -> torch.dtype | None:
+    """The dtype the frozen base is loaded in: the recipe's `dtype` when set ("bfloat16", "float32"),
+    else the device's (None: fp32 on the CPU; the autocast dtype on a GPU)."""
+    name = _get(settings, "dtype")
+    if name in (None, ""):
+        return compute_dtype(device)
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype {name!r}: expected 'float32', 'bfloat16' or 'float16'")
+    return getattr(torch, name)
 
 
 def train_config(settings: Mapping[str, Any] | Any, device: str, out_dir: str | None, seed: int,
