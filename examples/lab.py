@@ -20,7 +20,7 @@ how long its runs will take, from measured CPU seconds per step.
 
 Each experiment writes `<out>/<name>.png`, `<name>.json` and `<name>.md` (a fragment with the
 command, machine, commit, cost, table and figure); `report` writes the training experiments' fragments
-again from the runs stored so far (a row still running says how many of its seeds are in), runs
+again from the runs stored so far (a row not finished says how many of its seeds are in), runs
 nothing, and pastes each fragment between the `<!-- lab:<name> -->` markers of LAB.md, with the
 lab's total (`<!-- lab:total -->`: runs, CPU hours, wall time, commits). `--tiny` runs every
 experiment for a few steps on a few diamonds (with `--model`, a tiny checkpoint): the plumbing, in
@@ -81,7 +81,7 @@ def total(lab: Lab) -> str:
     specs = plan(lab, list(EXPERIMENTS))
     runs = [r for s in specs if (r := load_result(s, lab.out)) is not None]
     lines = [f"The lab's training runs: {len(runs)} of {len(specs)} stored"
-             + ("" if len(runs) == len(specs) else " (the rest still running)") + "."]
+             + ("" if len(runs) == len(specs) else " (the rest not run yet; the same command runs them, resuming from the stored ones)") + "."]
     if runs:
         start = min(calendar.timegm(time.strptime(r["started"], "%Y-%m-%d %H:%M:%S")) for r in runs)
         end = max(calendar.timegm(time.strptime(r["started"], "%Y-%m-%d %H:%M:%S")) + r["wall_s"] for r in runs)

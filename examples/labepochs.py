@@ -103,7 +103,7 @@ def epochs(lab: Lab, started: float) -> str:
     notes = [note(name, d, n_epochs) for name, d in data.items()]
     left = [f"{d['train_items']} diamonds ({len(d['seeds'])} of {len(lab.seeds)} seeds)" for d in data.values()
             if len(d["seeds"]) < len(lab.seeds)]
-    notes += [f"**Still running**: {', '.join(left)}."] if left else []
+    notes += [f"**Not finished**: {', '.join(left)}."] if left else []
     return record(lab, "epochs", f"epochs: {n_epochs} passes over a small training set and a larger one", table, fig,
                   started, notes=notes, data=data, cost=runs_cost(all_runs))
 

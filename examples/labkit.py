@@ -97,16 +97,16 @@ class Lab:
 
     def run(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
         """The results of `specs` in order: stored ones read, the rest run (`jobs` at a time); with
-        `stored_only`, the stored ones alone (a row still running has fewer than its seeds)."""
+        `stored_only`, the stored ones alone (a row not finished has fewer than its seeds)."""
         if self.stored_only:
             return [r for s in specs if (r := self._results.get(s.key) or load_result(s, self.out)) is not None]
         self._results |= run_all(specs, self.out, self.jobs)
         return [self._results[s.key] for s in specs]
 
     def seeds_cell(self, results: list[dict[str, Any]]) -> str:
-        """'3' for a finished row; '1 of 3, running' while its other seeds are not stored yet."""
+        """'3' for a finished row; '1 of 3' while its other seeds are not stored yet."""
         n = len(self.seeds)
-        return f"{len(results)}" if len(results) >= n else f"{len(results)} of {n}, running"
+        return f"{len(results)}" if len(results) >= n else f"{len(results)} of {n}"
 
 
 def stats(values: Sequence[float]) -> dict[str, float]:

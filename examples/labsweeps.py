@@ -62,7 +62,7 @@ def first(rows: list[list[dict[str, Any]]], key: str, fmt: Callable[[Any], str] 
 def running_note(lab: Lab, names: list[str], rows: list[list[dict[str, Any]]]) -> list[str]:
     """A sentence naming the rows whose seeds are not all stored yet (none when the table is complete)."""
     left = [f"{name} ({len(res)} of {len(lab.seeds)} seeds)" for name, res in zip(names, rows) if len(res) < len(lab.seeds)]
-    return [f"**Still running**: {', '.join(left)}; their cells show the seeds stored so far."] if left else []
+    return [f"**Not finished**: {', '.join(left)}; their cells show the seeds stored so far."] if left else []
 
 
 def baseline_note(rows: list[list[dict[str, Any]]]) -> str:

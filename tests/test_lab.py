@@ -201,8 +201,8 @@ def test_report_fills_the_markers_from_the_stored_runs_and_leaves_the_prose(tiny
     text = page.read_text()
     assert "Prose about qlora." in text and "old" not in text
     assert "| NF4, no double quantization |" in text
-    assert "| 0 of 1, running |" in text and "**Still running**: alpha=" in text
+    assert "| 0 of 1 |" in text and "**Not finished**: alpha=" in text
     assert "*Not run yet: `python examples/lab.py seed`.*" in text
     runs = [json.loads(p.read_text()) for p in (tmp_path / "lab" / "runs").iterdir()]
-    assert f"training runs: {len(runs)} of {len(runs) + 1} stored (the rest still running)" in text
+    assert f"training runs: {len(runs)} of {len(runs) + 1} stored (the rest not run yet; the same command runs them, resuming from the stored ones)" in text
     assert f"{sum(r['cpu_s'] for r in runs):,.0f} CPU seconds" in text
