@@ -298,10 +298,9 @@ def good_gguf(tmp_path_factory):
     return _tiny_gguf(tmp_path_factory.mktemp("gguf"))
 
 
-@SOME
-@given(how=st.sampled_from(["random", "truncate", "flip"]), data=st.data())
-def test_a_damaged_gguf_header_gives_a_value_error(good_gguf, tmp_path_factory, how, data):
-    raw = good_gguf
+def damaged_gguf(raw: bytes, how: str, data, tmp_path_factory) -> str:
+    """A GGUF file made from `raw` by one kind of damage: random bytes after the magic, cut short, or one
+    byte flipped in the header."""
     if how == "random":
         raw = b"GGUF" + data.draw(st.binary(max_size=120))
     elif how == "truncate":
@@ -311,8 +310,15 @@ def test_a_damaged_gguf_header_gives_a_value_error(good_gguf, tmp_path_factory, 
         raw = raw[:i] + bytes([raw[i] ^ data.draw(st.integers(1, 255))]) + raw[i + 1:]
     path = tmp_path_factory.mktemp("g") / "m.gguf"
     path.write_bytes(raw)
+    return str(path)
+
+
+@SOME
+@given(how=st.sampled_from(["random", "truncate", "flip"]), data=st.data())
+def test_a_damaged_gguf_header_gives_a_value_error(good_gguf, tmp_path_factory, how, data):
+    path = damaged_gguf(good_gguf, how, data, tmp_path_factory)
     try:
-        config = read_config(str(path))
+        config = read_config(path)
     except ValueError:
         return
     assert how == "flip" and config.hidden_size > 0  # a flipped byte in a value may still read as a model
@@ -365,18 +371,9 @@ def test_gguf_key_values_read_as_the_gguf_package_reads_them(fields, tmp_path_fa
 def test_damaged_gguf_key_values_give_a_value_error(good_gguf, tmp_path_factory, how, data):
     from model.gguf import read_gguf_kv
 
-    raw = good_gguf
-    if how == "random":
-        raw = b"GGUF" + data.draw(st.binary(max_size=120))
-    elif how == "truncate":
-        raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
-    else:
-        i = data.draw(st.integers(4, min(len(raw), 400) - 1))
-        raw = raw[:i] + bytes([raw[i] ^ data.draw(st.integers(1, 255))]) + raw[i + 1:]
-    path = tmp_path_factory.mktemp("g") / "m.gguf"
-    path.write_bytes(raw)
+    path = damaged_gguf(good_gguf, how, data, tmp_path_factory)
     try:
-        kv = read_gguf_kv(str(path))
+        kv = read_gguf_kv(path)
     except ValueError:
         return
     assert isinstance(kv, dict)  # a flipped byte inside a value, or cut tensor data: still key-values
