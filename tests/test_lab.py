@@ -143,8 +143,10 @@ def test_stored_runs_are_not_run_again_and_a_lost_one_is(tiny, out, capsys):
     assert lab.main([*TRAINING, "--tiny", "--model", tiny, "--out", str(out), "--seeds", "1", "--plan"]) == 0
     assert f"{len(files)} stored, 0 to do" in capsys.readouterr().out
     os.remove(out / "runs" / files[0])
+    written = {f: os.stat(out / "runs" / f).st_mtime_ns for f in files[1:]}
     assert lab.main(["alpha", "rank", "--tiny", "--model", tiny, "--out", str(out), "--seeds", "1"]) == 0
     assert "1 run(s) to do" in capsys.readouterr().out and sorted(os.listdir(out / "runs")) == files
+    assert {f: os.stat(out / "runs" / f).st_mtime_ns for f in files[1:]} == written  # the stored ones untouched
 
 
 def test_two_processes_give_the_numbers_of_one(tiny, tmp_path):
