@@ -50,7 +50,7 @@ def add_recipe_flags(p: argparse.ArgumentParser, presets: Mapping[str, Mapping[s
     tuned("--quant", "4-bit type of the frozen base weights", choices=("nf4", "fp4", "none"))
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None,
                    help="keep each 4-bit block's scale in fp32 instead of 8 bits (4.5 bits a weight, not 4.127)")
-    tuned("--dtype", "dtype of the frozen base (None: fp32 on the CPU, bf16 on a GPU)", choices=("float32", "bfloat16"))
+    tuned("--dtype", "dtype of the frozen base (None: fp32 on the CPU; on a GPU bf16, or fp16 where bf16 is missing)", choices=("float32", "bfloat16"))
     tuned("--r", "LoRA rank: the inner dimension of A (r x in) and B (out x r)", type=int)
     tuned("--alpha", "LoRA scaling: the update is (alpha / r) B A x", type=float)
     tuned("--dropout", "dropout on the LoRA path's input", type=float)

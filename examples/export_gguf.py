@@ -62,8 +62,8 @@ def ollama_modelfile(gguf_path: str) -> str:
 
 
 def pricer_prompt(tok) -> str:
-    """A pricer prompt for llama.cpp's -p: BOS first as the pricer trained (llama.cpp reads special tokens
-    in a prompt), each newline written \\n (llama.cpp turns it back), quoted for the shell."""
+    """A pricer prompt with BOS first, as the pricer trained (llama.cpp and Ollama's raw mode read special
+    tokens in a prompt); `completion_flags` escapes its newlines and quotes it for the shell."""
     bos = "" if tok.bos_id is None else tok.decode([tok.bos_id])
     return bos + EXAMPLE
 

@@ -48,7 +48,8 @@ from pricer import (  # noqa: E402
 )
 from train import Example, chat_example, load_chat_jsonl, read_jsonl_conversations, train  # noqa: E402
 
-# Any model on your data: the course's QLoRA settings, every projection of every layer.
+# Any model on your data: common QLoRA defaults (r 16, alpha 32, dropout 0.05, lr 2e-4), every projection
+# of every layer.
 GENERAL = dict(
     quant="nf4", double_quant=True, dtype=None, r=16, alpha=32, dropout=0.05, dora=False, target="all", layers="all", epochs=1, max_steps=None,
     batch_size=4, grad_accum=4, lr=2e-4, warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0, optimizer="adamw",

@@ -48,6 +48,8 @@ model under bf16 autocast) takes the plain path, where autocast casts op by op.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -211,7 +213,7 @@ class LoRAProjections(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------ when to use it
-def can_fuse(layers, x: torch.Tensor) -> bool:
+def can_fuse(layers: Sequence[nn.Module], x: torch.Tensor) -> bool:
     """The fused path gives the plain path's numbers here: every layer is an unmerged LoRALinear with
     `handwritten_backward` on (and no DoRA magnitude, which these formulas leave out), the bases
     frozen and computing in x's dtype, autocast off or casting to x's dtype (the module docstring's
@@ -231,7 +233,7 @@ def can_fuse(layers, x: torch.Tensor) -> bool:
     return True
 
 
-def lora_projections(x: torch.Tensor, layers) -> tuple[torch.Tensor, ...]:
+def lora_projections(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
     """(y_1, …, y_k) of the LoRALinears `layers` on one input x, through `LoRAProjections`."""
     weights = [w for layer in layers for w in (layer.lora_A.weight, layer.lora_B.weight)]
     return LoRAProjections.apply(x, tuple(layers), *weights)

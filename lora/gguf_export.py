@@ -17,7 +17,8 @@ LoRA (alpha) and rsLoRA (alpha · √r) alike.
 Both stream through the `gguf` package's GGUFWriter: the layout (names, shapes, types) comes from the
 checkpoint's headers first, so the file's size is known and the free disk space checked before a
 tensor is read; then each tensor is read, merged, converted and written in turn. The file is built
-under a temporary name beside out_path and renamed when complete: a failure leaves nothing behind.
+under a temporary name beside out_path and renamed when complete: a failure leaves no file behind
+(folders made for out_path stay).
 """
 from __future__ import annotations
 

@@ -80,7 +80,8 @@ class SoftCappedHead(nn.Linear):
         return softcap(super().forward(x), self.cap)
 
 
-def default_positions(attention_mask, B: int, T: int, start: int, device) -> torch.Tensor:
+def default_positions(attention_mask: torch.Tensor | None, B: int, T: int, start: int,
+                      device: torch.device | str) -> torch.Tensor:
     """Positions 0, 1, 2, ... counted over real tokens only, so left padding does not shift RoPE."""
     if attention_mask is None:
         return torch.arange(start, start + T, device=device).expand(B, T)
@@ -102,8 +103,8 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     return F.pad(starts.long().cumsum(-1), (1, 0))                           # (B, T)
 
 
-def attention_mask_4d(attention_mask, T: int, start: int, device, window: int | None = None,
-                      documents: torch.Tensor | None = None) -> torch.Tensor | None:
+def attention_mask_4d(attention_mask: torch.Tensor | None, T: int, start: int, device: torch.device | str,
+                      window: int | None = None, documents: torch.Tensor | None = None) -> torch.Tensor | None:
     """(B, S) 1 = token, 0 = padding  ->  boolean (B, 1, T, S), True where a query may look.
 
     Each query sees the keys at or before its own position that are not padding, and with a sliding

@@ -23,7 +23,10 @@ import functools
 import json
 import os
 from datetime import datetime
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    import jinja2
 
 # ChatML (SmolLM2, Qwen): offered for models without a template, and only when asked for by name:
 #     tok.chat_template = CHATML
@@ -58,7 +61,7 @@ def _strftime_now(fmt: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def compile_template(template: str):
+def compile_template(template: str) -> "jinja2.Template":
     """The template compiled once in the sandbox (cached by its text)."""
     import jinja2
     import jinja2.ext

@@ -6,7 +6,10 @@ byte alphabet, BPE over the merges, and the control tokens matched whole before 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tokenizers
 
 GGUF_CONTROL = 3  # llama.cpp token type of special tokens such as <|im_start|>
 GGUF_USER_DEFINED = 4  # added tokens matched whole in text but not special, such as <think>
@@ -41,7 +44,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def bpe_backend(meta: dict[str, Any]):
+def bpe_backend(meta: dict[str, Any]) -> "tokenizers.Tokenizer":
     """A `tokenizers.Tokenizer` from GGUF metadata (`tokenizer.ggml.tokens`, `.merges`, `.token_type`, `.pre`)."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend

@@ -36,7 +36,7 @@ from .data import IGNORE_INDEX, Example
 ROLE_ASSISTANT = "assistant"
 
 
-def check_conversation(messages) -> None:
+def check_conversation(messages: object) -> None:
     """ValueError unless `messages` is a non-empty list of {"role": str, "content": str} dicts with an
     assistant message (an assistant's content may be None or absent when it has `tool_calls`)."""
     if not isinstance(messages, (list, tuple)):

@@ -41,7 +41,7 @@ class ChatData:
     skipped: int = 0       # longer than max_len with overlong="skip", or cut before any assistant token
 
 
-def to_conversation(record) -> list[dict]:
+def to_conversation(record: object) -> list[dict]:
     """The conversation of one JSON record in any of the three shapes (ValueError naming what is wrong)."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")

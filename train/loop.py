@@ -170,8 +170,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(model: nn.Module, tokenizer, train_items: Sequence[tuple[str, str]], val_items: Sequence[tuple[str, str]] | None,
-          config: TrainConfig, resume: bool = False) -> TrainResult:
+def train(model: nn.Module, tokenizer, train_items: Sequence[tuple[str, str] | Example],
+          val_items: Sequence[tuple[str, str] | Example] | None, config: TrainConfig, resume: bool = False) -> TrainResult:
     """Fine-tune the trainable (LoRA) parameters of `model` on (prompt, answer) pairs, or on `Example`s
     already tokenized (`train.chat_example`: labels on the assistant turns).
 

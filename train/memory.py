@@ -16,8 +16,8 @@ head_dim, key/value width K = kv_heads x head_dim; P = L (2HQ + 2HK + 3HI) weigh
     gradients     the same as LoRA                fp32, reduce-scattered to each process's shard
     optimizer     2 x LoRA                        AdamW's two moments, fp32
     gathered      one layer's base + quant state  FSDP all-gathers a layer just before it runs (the rest
-                  + the root's                    of the world's shards), and the root (embeddings, head,
-                                                  final norm) for the whole step
+                  + LoRA, + the root's (with      of the world's shards), and the root (embeddings, head,
+                  lm_head's LoRA)                 final norm) for the whole step
     activations   rows b = B / N per process, T tokens, e bytes per value (2 for bf16):
                   no checkpointing  L b T a                      a: what autograd keeps per layer and token
                   checkpointing     L b T H e + one layer's      (measured on our layers with saved_tensors_
@@ -128,7 +128,7 @@ def per_process_bytes(shape: Shape, procs: int = 1, r: int = 32, targets=("q_pro
     return out
 
 
-def table(shapes: dict[str, Shape], procs=(1, 2, 4, 8), **kw) -> str:
+def table(shapes: dict[str, Shape], procs: tuple[int, ...] = (1, 2, 4, 8), **kw: object) -> str:
     """A markdown table: GiB per process, and which GPU sizes the whole fits in."""
     rows = ["| model | shape | processes | base + quant state | other frozen | LoRA + grads + AdamW | gathered "
             "| activations | total GiB per process | fits in |",

@@ -24,7 +24,7 @@ MLP = "gate_proj,up_proj,down_proj"
 # (15 to 29), 500 steps of 8 (the 4,000 training diamonds once), r = 8 and alpha = 2r as the course
 # advises. A 135M model learning a new task in a few hundred steps needs a learning rate well above the
 # course's 1e-4. The base is NF4 with double quantization, in the device's dtype (dtype None: fp32 on
-# the CPU, bf16 on a GPU; "bfloat16" or "float32" to choose).
+# the CPU; on a GPU bf16, or fp16 where bf16 is missing; "bfloat16" or "float32" to choose).
 DEMO_FULL: dict[str, Any] = dict(
     quant="nf4", double_quant=True, dtype=None, r=8, alpha=16, dropout=0.0, dora=False, target="all", layers="15-",
     epochs=1, max_steps=500, batch_size=8, grad_accum=1, lr=2e-3, warmup_ratio=0.05, weight_decay=0.0,
