@@ -21,6 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora) and the pricer package
 
 
+from cli import run_command  # noqa: E402
 from lora import load_adapter, read_adapter_config  # noqa: E402
 from pricer import (  # noqa: E402
     DESCRIPTIONS, PRESETS, answer_tokens, constant_baseline, evaluate_prices, load_model, load_source,
@@ -75,12 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     The library reports bad input as ValueError or FileNotFoundError, naming the flag, file or key;
     any other exception is a bug and keeps its traceback.
     """
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(run, parse_args(argv), __file__, argv)
 
 
 def run(args: argparse.Namespace) -> int:

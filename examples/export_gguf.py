@@ -21,6 +21,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora) and the pricer package
 
+from cli import run_command  # noqa: E402
 from lora import GGUF_TYPES, export_gguf, export_gguf_adapter, read_adapter_config  # noqa: E402
 from model import default_checkpoint, load_tokenizer  # noqa: E402
 from pricer import describe_four_cs, make_prompt  # noqa: E402
@@ -85,13 +86,9 @@ def completion_flags(tok) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the script; user errors (bad flags, missing or broken files) become one line and status 2."""
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Run the script; user errors (bad flags, missing or broken files) become one line and status 2
+    (examples/cli.py)."""
+    return run_command(run, parse_args(argv), __file__, argv)
 
 
 def run(args: argparse.Namespace) -> int:
