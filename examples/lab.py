@@ -36,6 +36,8 @@ import re
 import sys
 import time
 
+import torch
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library, the pricer package and the lab's modules
 
@@ -65,6 +67,9 @@ def state_budget(lab: Lab, specs: list[RunSpec]) -> float:
     """Print, before anything runs, how many runs are left and how long they will take; return CPU s."""
     stored = [r for s in specs if (r := load_result(s, lab.out)) is not None]
     todo = [s for s in specs if load_result(s, lab.out) is None]
+    if lab.device != "cpu":   # the estimate measures CPU steps; a GPU's time is not estimated
+        print(f"{len(specs)} runs, {len(stored)} stored, {len(todo)} to do on {lab.device}, {lab.jobs} at a time", flush=True)
+        return 0.0
     estimate = Estimate(overhead_s=lab.budget.overhead_s)
     estimate.learn(stored)
     cpu = sum(estimate.cpu_s(s, labsweeps.steps_of(s.settings)) for s in todo)
@@ -130,15 +135,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="HF folder or .gguf [the embedded SmolLM2-135M-Instruct]")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 of each row [3]")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side, one process and one torch thread each [1]")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the runs train; on cuda in the CPU's precision, stored as other runs [cpu]")
     p.add_argument("--tiny", action="store_true", help="a few steps on a few diamonds: the plumbing in seconds")
     p.add_argument("--plan", action="store_true", help="state the runs and their time, run nothing")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.jobs < 1:
         print("error: --seeds and --jobs must be at least 1", file=sys.stderr)
         return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
     flags = "".join(f" {flag} {value}" for flag, value in (("--model", args.model),
-                                                           ("--out", args.out if argv is not None else None)) if value)
+                                                           ("--out", args.out if argv is not None else None),
+                                                           ("--device", args.device if args.device != "cpu" else None)) if value)
     lab = Lab(args.model, TINY if args.tiny else Budget(), args.out, seeds=tuple(range(args.seeds)), jobs=args.jobs,
+              device=args.device,
               flags=flags + (" --tiny" if args.tiny else ""), stored_only="report" in args.experiment)
     if lab.stored_only:   # every training experiment's table from the runs stored so far
         for name in SPECS:

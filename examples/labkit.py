@@ -66,6 +66,7 @@ class Lab:
     out: str
     seeds: tuple[int, ...] = (0, 1, 2)
     jobs: int = 1
+    device: str = "cpu"             # where the runs train ("cuda": a GPU, in the CPU's precision)
     flags: str = ""                 # the command's flags, for the record
     stored_only: bool = False       # `report`: tables from the runs stored so far, nothing run
     n_layers: int = 30
@@ -89,7 +90,7 @@ class Lab:
 
     def spec(self, name: str, settings: dict[str, Any], seed: int, **kw: Any) -> RunSpec:
         kw = dict(top_k=self.budget.top_k, curve_every=self.budget.curve_every) | kw
-        return RunSpec(settings=settings, seed=seed, model=self.model_path, name=name, **kw)
+        return RunSpec(settings=settings, seed=seed, model=self.model_path, name=name, device=self.device, **kw)
 
     def specs(self, name: str, settings: dict[str, Any], **kw: Any) -> list[RunSpec]:
         """One spec per seed of the lab."""

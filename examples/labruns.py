@@ -43,16 +43,19 @@ class RunSpec:
     top_k: int | None = 3
     curve_every: int = 10
     name: str = "run"   # for the file name and the log only; not part of the key
+    device: str = "cpu"  # where it trains, in the CPU's precision (fp32 unless the recipe's dtype says bf16)
 
     @property
     def key(self) -> str:
-        what = {k: v for k, v in asdict(self).items() if k != "name"}
+        # the device enters the key only when it is not the CPU, so the runs stored before it existed keep theirs
+        what = {k: v for k, v in asdict(self).items() if k != "name" and not (k == "device" and v == "cpu")}
         return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
     def path(self, out: str) -> str:
         """`<out>/runs/<what differs from the lab's base>-s<seed>-<key>.json`: the same run, the same file,
         whichever experiment asks for it."""
-        return os.path.join(out, RUNS, f"{label(self.settings)}-s{self.seed}-{self.key}.json")
+        where = "" if self.device == "cpu" else f"-{self.device}"
+        return os.path.join(out, RUNS, f"{label(self.settings)}{where}-s{self.seed}-{self.key}.json")
 
 
 def label(settings: dict[str, Any]) -> str:
@@ -127,7 +130,9 @@ def curve(losses: list[tuple[int, float]], every: int) -> list[list[float]]:
 
 
 def run_one(spec: RunSpec, out: str | None, threads: int = 1) -> dict[str, Any]:
-    """Train `spec` once with `threads` torch threads, score it, write its file under `out` (if given)."""
+    """Train `spec` once with `threads` torch threads, score it, write its file under `out` (if given).
+    On a GPU the run keeps the CPU's precision (an fp32 base and no autocast unless the recipe's dtype
+    says otherwise), so that a GPU's rows answer the same question as the CPU's."""
     from lora import apply_lora, lora_state_dict, trainable_parameters
     from pricer import (answer_tokens, base_dtype, constant_baseline, evaluate_prices, load_model, load_source,
                         lora_config, split_items, train_config)
@@ -139,24 +144,27 @@ def run_one(spec: RunSpec, out: str | None, threads: int = 1) -> dict[str, Any]:
         s, started = spec.settings, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
         cpu0, wall0 = time.process_time(), time.perf_counter()
         torch.manual_seed(spec.seed)
-        model, tokenizer, _ = load_model(spec.model, s["quant"], "cpu", dtype=base_dtype(s, "cpu"),
+        device = spec.device
+        model, tokenizer, _ = load_model(spec.model, s["quant"], device, dtype=base_dtype(s, "cpu") or torch.float32,
                                          double_quant=s["double_quant"])
         memory = base_memory(model)
         items = load_source(None, tokenizer, s["description"]).items
         split = split_items(items, spec.seed, s["test_size"], s["val_size"], s["train_size"])
         apply_lora(model, lora_config(s, model, spec.seed))
-        config = train_config(s, "cpu", out_dir=None, seed=spec.seed, progress=False)
+        config = train_config(s, device, out_dir=None, seed=spec.seed, progress=False, autocast_dtype=None)
         cpu1, wall1 = time.process_time(), time.perf_counter()
         result = train(model, tokenizer, [(i.prompt, i.answer) for i in split.train],
                        [(i.prompt, i.answer) for i in split.val], config)
+        if device == "cuda":
+            torch.cuda.synchronize()
         train_cpu, train_wall = time.process_time() - cpu1, time.perf_counter() - wall1
         data: dict[str, Any] = {
             "name": spec.name, "key": spec.key, "spec": asdict(spec), "started": started, "commit": commit(),
-            "threads": threads, "train_items": len(split.train), "steps": result.step,
+            "threads": threads, "device": device_name(device), "train_items": len(split.train), "steps": result.step,
             "cpu_s_per_step": train_cpu / result.step, "wall_s_per_step": train_wall / result.step,
             "trainable": trainable_parameters(model).trainable,
             "adapter_bytes": sum(t.numel() * t.element_size() for t in lora_state_dict(model).values()),
-            "base_memory": memory, "val_losses": [[st, round(v, 5)] for st, v in result.val_losses],
+            "base_memory": memory, **peak_memory(device), "val_losses": [[st, round(v, 5)] for st, v in result.val_losses],
             "train_curve": curve(result.train_losses, spec.curve_every)}
         if spec.score:
             truths, max_new = [i.price for i in split.test], answer_tokens(tokenizer, [i.price for i in split.train])
@@ -172,6 +180,15 @@ def run_one(spec: RunSpec, out: str | None, threads: int = 1) -> dict[str, Any]:
         return data
     finally:
         torch.set_num_threads(before)
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def peak_memory(device: str) -> dict[str, int]:
+    """The most bytes the run held on the GPU at once (nothing on the CPU, where torch does not count)."""
+    return {"peak_gpu_bytes": torch.cuda.max_memory_allocated()} if device == "cuda" else {}
 
 
 def scores(report) -> dict[str, float]:
@@ -219,7 +236,7 @@ class Estimate:
     @staticmethod
     def cost_key(spec: RunSpec) -> str:
         s = spec.settings
-        return json.dumps([spec.model, s["quant"], s["double_quant"], s["dtype"], s["r"], s["target"], s["layers"],
+        return json.dumps([spec.model, spec.device, s["quant"], s["double_quant"], s["dtype"], s["r"], s["target"], s["layers"],
                            s["description"], s["batch_size"], s["eval_every"]])
 
     def learn(self, results: list[dict[str, Any]]) -> None:
