@@ -6,17 +6,18 @@ time taken, table and figure).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
 
-from labruns import RunSpec, commit, load_result, run_all
+from labruns import Estimate, RunSpec, commit, load_result, run_all
 from pricer import PRESETS
 
 # Every training run of the lab is this recipe (examples/pricer/recipe.py) with one or two values changed:
@@ -97,17 +98,45 @@ class Lab:
         return [self.spec(name, settings, seed, **kw) for seed in self.seeds]
 
     def run(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
-        """The results of `specs` in order: stored ones read, the rest run (`jobs` at a time); with
-        `stored_only`, the stored ones alone (a row not finished has fewer than its seeds)."""
+        """The results of `specs` (one row) in order: stored ones read, the rest run (`jobs` at a time);
+        with `stored_only`, the stored ones alone (a row not finished has fewer than its seeds), from
+        the device that holds most of the row's seeds (this lab's on a tie): a row never mixes devices."""
         if self.stored_only:
-            return [r for s in specs if (r := self._results.get(s.key) or load_result(s, self.out)) is not None]
+            best: list[dict[str, Any]] = []
+            for device in dict.fromkeys([self.device, "cpu", "cuda"]):
+                found = [r for s in specs if (r := load_result(replace(s, device=device), self.out)) is not None]
+                best = found if len(found) > len(best) else best
+            return best
         self._results |= run_all(specs, self.out, self.jobs)
         return [self._results[s.key] for s in specs]
+
+    def step_cpu_s(self, results: list[dict[str, Any]]) -> tuple[float, bool]:
+        """CPU seconds of one training step of a row's recipe on this machine, one thread, and whether it
+        is the mean of its whole runs (True) or, for a row that ran on a GPU, of a few steps measured here
+        (`Estimate.measure`, kept in `<out>/step_cpu.json`)."""
+        cpu = [r["cpu_s_per_step"] for r in results if where(r) == "CPU"]
+        if cpu:
+            return stats(cpu)["mean"], True
+        spec = replace(RunSpec(**results[0]["spec"]), device="cpu")
+        path = os.path.join(self.out, "step_cpu.json")
+        cache = json.load(open(path)) if os.path.isfile(path) else {}
+        key = Estimate.cost_key(spec)
+        if key not in cache:
+            cache[key] = Estimate().measure(spec)
+            with open(path + ".tmp", "w") as f:
+                json.dump(cache, f, indent=1)
+            os.replace(path + ".tmp", path)
+        return cache[key], False
 
     def seeds_cell(self, results: list[dict[str, Any]]) -> str:
         """'3' for a finished row; '1 of 3' while its other seeds are not stored yet."""
         n = len(self.seeds)
         return f"{len(results)}" if len(results) >= n else f"{len(results)} of {n}"
+
+
+def where(result: dict[str, Any]) -> str:
+    """Where a stored run trained: 'CPU', or the GPU's name without its maker ('H200')."""
+    return "CPU" if result.get("device", "cpu") == "cpu" else result["device"].replace("NVIDIA ", "")
 
 
 def stats(values: Sequence[float]) -> dict[str, float]:
@@ -176,10 +205,16 @@ def runs_cost(results: list[dict[str, Any]]) -> str:
     unique = {r["key"]: r for r in results}.values()
     if not unique:
         return "no run finished yet"
-    commits = sorted({r["commit"] for r in unique})
-    dates = sorted(r["started"][:10] for r in unique)
-    return (f"{len(unique)} runs, one torch thread each, {sum(r['cpu_s'] for r in unique):,.0f} CPU seconds in all "
-            f"(load, training and scoring), run {dates[0]} to {dates[-1]} on commit {', '.join(commits)}")
+    parts = []
+    for device in sorted({where(r) for r in unique}):
+        runs = [r for r in unique if where(r) == device]
+        commits = sorted({r["commit"] for r in runs})
+        dates = sorted(r["started"][:10] for r in runs)
+        cost = (f"{sum(r['cpu_s'] for r in runs):,.0f} CPU seconds in all (load, training and scoring)" if device == "CPU"
+                else f"{sum(r['wall_s'] for r in runs) / 60:,.0f} minutes of run time in all, the runs side by side on one GPU")
+        parts.append(f"{len(runs)} runs on {'the CPU, one torch thread each' if device == 'CPU' else 'an ' + device}, "
+                     f"{cost}, run {dates[0]} to {dates[-1]} on commit {', '.join(commits)}")
+    return "; ".join(parts)
 
 
 def record(lab: Lab, name: str, title: str, table: str, fig, started: float, notes: Sequence[str] = (),
@@ -221,5 +256,5 @@ def timed(fn: Callable[..., Any]):
     return wrapper
 
 
-__all__ = ["BASE", "Budget", "TINY", "Lab", "stats", "spread", "field_of", "markdown_table", "machine",
+__all__ = ["BASE", "Budget", "TINY", "Lab", "where", "stats", "spread", "field_of", "markdown_table", "machine",
            "new_figure", "runs_cost", "record", "timed"]

@@ -7,10 +7,11 @@ and figure from the stored results (`examples/lab.py` runs what is missing first
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Callable
 
-from labkit import Lab, field_of, markdown_table, new_figure, record, runs_cost, spread, stats, timed
-from labruns import RunSpec
+from labkit import Lab, field_of, markdown_table, new_figure, record, runs_cost, spread, stats, timed, where
+from labruns import RunSpec, load_result
 from pricer import ATTENTION, MLP
 
 RANKS = (2, 4, 8, 16, 32, 64)
@@ -25,20 +26,47 @@ def steps_of(settings: dict[str, Any]) -> int:
     return settings["epochs"] * -(-settings["train_size"] // settings["batch_size"])
 
 
-def score_cells(results: list[dict[str, Any]], top_k: int | None) -> list[str]:
-    """Hit rate, mean error, RMSLE (greedy), the top-k average's hit rate and error, CPU s per step."""
+def score_cells(lab: Lab, results: list[dict[str, Any]], top_k: int | None) -> list[str]:
+    """Hit rate, mean error, RMSLE (greedy), the final validation loss (64 diamonds, answer tokens: steadier
+    than the hit rate), the top-k average's hit rate and error, CPU s per step on
+    this machine (* when measured over a few steps because the row ran on a GPU), and where it ran."""
     cells = [spread(field_of(results, "greedy.hit_rate"), unit="%"),
              spread(field_of(results, "greedy.mean_error"), "{:,.0f}", "$"),
-             spread(field_of(results, "greedy.rmsle"), "{:.2f}")]
+             spread(field_of(results, "greedy.rmsle"), "{:.2f}"),
+             spread([r["val_losses"][-1][1] for r in results if r["val_losses"]], "{:.3f}")]
     if top_k:
         cells += [spread(field_of(results, f"top{top_k}.hit_rate"), unit="%"),
                   spread(field_of(results, f"top{top_k}.mean_error"), "{:,.0f}", "$")]
-    return cells + [f"{stats(field_of(results, 'cpu_s_per_step'))['mean']:.3f}" if results else "-"]
+    if not results:
+        return cells + ["-", "-"]
+    step, whole = lab.step_cpu_s(results)
+    return cells + [f"{step:.3f}" + ("" if whole else "*"), where(results[0])]
 
 
 def score_header(top_k: int | None) -> tuple[str, ...]:
     top = (f"hits, top-{top_k} average", f"error, top-{top_k} average") if top_k else ()
-    return ("hit rate", "mean error", "RMSLE", *top, "CPU s / step")
+    return ("hit rate", "mean error", "RMSLE", "validation loss", *top, "CPU s / step", "ran on")
+
+
+def device_notes(lab: Lab, names: list[str], rows: list[list[dict[str, Any]]]) -> list[str]:
+    """What '*' means, when a row ran on a GPU; and each row stored on both devices, the other's hits."""
+    notes = []
+    if any(res and where(res[0]) != "CPU" for res in rows):
+        notes.append("Rows that ran on a GPU trained in the CPU's precision (an fp32 base, no autocast: "
+                     "`--device cuda`), with the same seeds; their CPU s / step* is the mean of a few steps "
+                     "measured here, one thread, as `--plan` measures them.")
+    twins = []
+    for name, res in dict(zip(names, rows)).items():   # a row twice in one table (rank's r 8, alpha 16) once
+        other = [r for x in res if (r := load_result(replace(RunSpec(**x["spec"]),
+                 device="cuda" if x["spec"].get("device", "cpu") == "cpu" else "cpu"), lab.out)) is not None]
+        if res and other:
+            twins.append(f"{name}: {spread(field_of(res, 'greedy.hit_rate'), unit='%')} on the {where(res[0])}, "
+                         f"{spread(field_of(other, 'greedy.hit_rate'), unit='%')} on the {where(other[0])}")
+    if twins:
+        notes.append("The same rows, seeds and recipe on both devices (greedy hits): " + "; ".join(twins) +
+                     ". Runs that differ only in how the kernels round part ways over 1,100 steps: a few points "
+                     "between two rows is within this noise.")
+    return notes
 
 
 def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -122,12 +150,12 @@ def rank(lab: Lab, started: float) -> str:
     k = lab.budget.top_k
     pairs = [(r, 2 * r) for r in RANKS] + [(r, FIXED_ALPHA) for r in RANKS]
     table = markdown_table(("r", "alpha", *score_header(k), "trainable parameters", "seeds"),
-                           [(r, a, *score_cells(res, k), n, lab.seeds_cell(res))
+                           [(r, a, *score_cells(lab, res, k), n, lab.seeds_cell(res))
                             for (r, a), res, n in zip(pairs, results, first(results, "trainable", "{:,}".format))])
     fig = sweep_figure(lab, "r", [str(r) for r in RANKS], {"alpha = 2r": two_r, f"alpha = {FIXED_ALPHA}": fixed})
     names = [f"r={r}, alpha={a}" for r, a in pairs]
     return record(lab, "rank", f"rank: r = 2 to 64, alpha = 2r and alpha = {FIXED_ALPHA}", table, fig, started,
-                  notes=[baseline_note(results), *running_note(lab, names, results)],
+                  notes=[baseline_note(results), *running_note(lab, names, results), *device_notes(lab, names, results)],
                   data={name: summary(res) for name, res in zip(names, results)}, cost=runs_cost(sum(results, [])))
 
 
@@ -147,11 +175,11 @@ def alpha(lab: Lab, started: float) -> str:
     results = results_of(lab, alpha_rows(lab), "alpha")
     k = lab.budget.top_k
     table = markdown_table(("alpha", "alpha / r", *score_header(k), "seeds"),
-                           [(a, f"{a / 8:g}", *score_cells(res, k), lab.seeds_cell(res)) for a, res in zip(ALPHAS, results)])
+                           [(a, f"{a / 8:g}", *score_cells(lab, res, k), lab.seeds_cell(res)) for a, res in zip(ALPHAS, results)])
     fig = sweep_figure(lab, "alpha (r = 8)", [str(a) for a in ALPHAS], {"r = 8": results})
     names = [f"alpha={a}" for a in ALPHAS]
     return record(lab, "alpha", "alpha: r = 8, alpha = 2 to 64", table, fig, started,
-                  notes=[baseline_note(results), *running_note(lab, names, results)],
+                  notes=[baseline_note(results), *running_note(lab, names, results), *device_notes(lab, names, results)],
                   data={name: summary(r) for name, r in zip(names, results)}, cost=runs_cost(sum(results, [])))
 
 
@@ -177,13 +205,14 @@ def targets(lab: Lab, started: float) -> str:
     results = results_of(lab, [(n, s) for n, _, _, s in rows], "targets")
     k = lab.budget.top_k
     table = markdown_table(("modules", "layers", *score_header(k), "trainable parameters", "seeds"),
-                           [(m, layers, *score_cells(res, k), n, lab.seeds_cell(res))
+                           [(m, layers, *score_cells(lab, res, k), n, lab.seeds_cell(res))
                             for (_, m, layers, _), res, n in zip(rows, results, first(results, "trainable", "{:,}".format))])
     fig = sweep_figure(lab, "targets", [f"{m.split(' (')[0]}, {layers.split(' (')[0]}" for _, m, layers, _ in rows],
                        {"": results})
     names = [f"{m}, {layers}" for _, m, layers, _ in rows]
     return record(lab, "targets", "targets: attention, MLP or all seven; upper third, lower third or all layers",
-                  table, fig, started, notes=[baseline_note(results), *running_note(lab, names, results)],
+                  table, fig, started,
+                  notes=[baseline_note(results), *running_note(lab, names, results), *device_notes(lab, names, results)],
                   data={name: summary(r) for name, r in zip(names, results)}, cost=runs_cost(sum(results, [])))
 
 
@@ -227,10 +256,11 @@ def qlora(lab: Lab, started: float) -> str:
                  first(results, "base_memory", mib("model_bytes")))
     table = markdown_table(("frozen base", *score_header(k), "projections held, MiB", "bits a weight, held",
                             "whole model, MiB", "seeds"),
-                           [(label, *score_cells(res, k), *held, lab.seeds_cell(res))
+                           [(label, *score_cells(lab, res, k), *held, lab.seeds_cell(res))
                             for (_, label, _), res, held in zip(rows, results, memory)])
     fig = sweep_figure(lab, "frozen base", [n for n, _, _ in rows], {"": results})
-    notes = [baseline_note(results), *running_note(lab, [label for _, label, _ in rows], results),
+    labels = [label for _, label, _ in rows]
+    notes = [baseline_note(results), *running_note(lab, labels, results), *device_notes(lab, labels, results),
              "Held: the bytes the decoder's projections occupy while training (packed 4-bit codes, their scales as "
              "stored and the fp32 scales decoded from them once, the code books; or the plain weights); the whole "
              "model adds the embedding (tied to the head), the norms and the LoRA parameters."]

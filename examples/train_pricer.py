@@ -55,7 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tuned("--test-size", "held-out items scored before and after training", type=int)
     add_run_flags(p)
     p.add_argument("--eval-batch-size", type=int, default=100, help="prompts per generation batch [100]")
+    p.add_argument("--top-k-average", type=int, default=3, metavar="K",
+                   help="also score the trained model by the average of the K likeliest prices, weighted by "
+                        "their probabilities (0: greedy only) [3]")
     args = p.parse_args(argv)
+    if args.top_k_average < 0:
+        p.error(f"--top-k-average must be 0 (greedy only) or more, got {args.top_k_average}")
     return fill_from_preset(args, PRESETS[args.preset])
 
 
@@ -101,9 +106,13 @@ def run(args: argparse.Namespace) -> int:
     after = evaluate_prices(model, tokenizer, split.test, max_new, args.eval_batch_size)
     print(f"after training ({time.perf_counter() - t0:.0f}s):")
     print_report(after)
+    rows = [("after training", after)]
+    if args.top_k_average:
+        top = evaluate_prices(model, tokenizer, split.test, max_new, args.eval_batch_size, top_k=args.top_k_average)
+        rows.append((f"after training, top-{args.top_k_average} average", top))
     baseline = constant_baseline([item.price for item in split.train], [item.price for item in split.test])
     print(f"\n{len(split.test)} held-out items\n" + results_table(
-        [("constant mean price", baseline), ("before training", before), ("after training", after)]))
+        [("constant mean price", baseline), ("before training", before), *rows]))
 
     adapter_dir = os.path.join(args.out, "adapter")
     save_adapter(model, adapter_dir, base_model_name_or_path=model_path)

@@ -208,3 +208,23 @@ def test_report_fills_the_markers_from_the_stored_runs_and_leaves_the_prose(tiny
     runs = [json.loads(p.read_text()) for p in (tmp_path / "lab" / "runs").iterdir()]
     assert f"training runs: {len(runs)} of {len(runs) + 1} stored (the rest not run yet; the same command runs them, resuming from the stored ones)" in text
     assert f"{sum(r['cpu_s'] for r in runs):,.0f} CPU seconds" in text
+
+
+def test_a_gpu_run_is_another_run_and_a_row_never_mixes_devices(tiny, tmp_path):
+    lab_ = lab_of(tiny, tmp_path, seeds=2)
+    cpu = lab_.specs("row", lab_.settings())
+    gpu = [labruns.replace(s, device="cuda") for s in cpu]
+    # the CPU's keys are those of the runs stored before `device` existed; a GPU's run is another file
+    assert all(c.key == labruns.RunSpec(**{k: v for k, v in c.__dict__.items() if k != "device"}).key for c in cpu)
+    assert gpu[0].key != cpu[0].key and "-cuda-s0-" in gpu[0].path(str(tmp_path))
+
+    def store(spec, hits):
+        labruns.write_json(spec.path(str(tmp_path)), {"key": spec.key, "spec": labruns.asdict(spec), "hits": hits,
+                                                      "device": "cpu" if spec.device == "cpu" else "NVIDIA H200"})
+
+    report = lab.Lab(tiny, lab.TINY, str(tmp_path), seeds=(0, 1), stored_only=True)
+    store(cpu[0], 1.0), store(gpu[0], 2.0), store(gpu[1], 3.0)
+    assert [r["hits"] for r in report.run(cpu)] == [2.0, 3.0]   # the device with more of the row's seeds
+    store(cpu[1], 4.0)
+    assert [r["hits"] for r in report.run(cpu)] == [1.0, 4.0]   # a tie: the lab's own device
+    assert [labsweeps.where(r) for r in report.run(gpu)] == ["CPU", "CPU"]

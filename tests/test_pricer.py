@@ -27,7 +27,7 @@ TRAIN_FLAGS = ["--model", "--data", "--out", "--quant", "--r", "--alpha", "--dro
                "--max-steps", "--batch-size", "--grad-accum", "--lr", "--warmup-ratio", "--weight-decay",
                "--optimizer", "--max-len", "--train-size", "--val-size", "--test-size", "--eval-every",
                "--save-every", "--resume", "--seed", "--device", "--preset", "--layers", "--max-grad-norm",
-               "--eval-batch-size", "--no-progress", "--compile", "--parallel", "--description"]
+               "--eval-batch-size", "--no-progress", "--compile", "--parallel", "--description", "--top-k-average"]
 EVAL_FLAGS = ["--model", "--adapter", "--data", "--n", "--top-k-average", "--out", "--chart", "--quant",
               "--device", "--batch-size", "--max-new-tokens", "--seed", "--description"]
 
@@ -383,6 +383,7 @@ def test_presets_fill_unset_flags_and_explicit_flags_win():
     demo = mod.parse_args([])
     assert demo.quant == "nf4" and demo.test_size == 200 and demo.preset == "demo"
     assert (demo.description, demo.layers, demo.batch_size, demo.max_steps) == ("four-cs", "20-", 2, 1100)
+    assert (demo.r, demo.alpha, demo.top_k_average) == (8, 8, 3)   # the lab's choice: alpha / r = 1
     full = mod.parse_args(["--preset", "demo-full"])   # the first demo, before it was made faster
     assert (full.description, full.layers, full.batch_size, full.max_steps) == ("full", "15-", 8, 500)
     assert mod.parse_args(["--description", "full"]).description == "full"
@@ -408,7 +409,7 @@ def test_two_training_steps_write_an_adapter_that_eval_loads(tiny_checkpoint, tm
                      "--lr", "1e-2", "--device", "cpu", "--no-progress", cwd=tmp_path)
     assert "items.csv: 16 items, 0 skipped" in log
     assert "8 train, 4 validation, 4 test" in log
-    assert "trainable" in log and "| after training |" in log
+    assert "trainable" in log and "| after training |" in log and "| after training, top-3 average |" in log
     adapter = out / "adapter"
     assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((adapter / "adapter_config.json").read_text())
