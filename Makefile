@@ -44,7 +44,7 @@ $(LLAMA_CPP_BUILT): $(SDIST) | $(STAMP)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/train_pricer.py
+	$(PY) examples/train_pricer.py --seed 0
 
 test: $(STAMP) $(LLAMA_MODELS)/.unpacked $(LLAMA_CPP_BUILT)
 	$(PY) -m pytest -q --durations=15 tests

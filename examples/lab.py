@@ -35,6 +35,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -81,20 +82,30 @@ def state_budget(lab: Lab, specs: list[RunSpec]) -> float:
 
 
 def total(lab: Lab) -> str:
-    """`<out>/total.md`: what the whole lab's training runs took, from the stored runs (CPU seconds of
-    each run, the first start and the last end), and the commits they ran on."""
+    """`<out>/total.md`: what the whole lab's training runs took, from the stored runs (on the CPU: the
+    CPU seconds of each run; on a GPU: the first start and the last end), and the commits they ran on."""
     specs = plan(lab, list(EXPERIMENTS))
-    runs = [r for s in specs if (r := load_result(s, lab.out)) is not None]
-    lines = [f"The lab's training runs: {len(runs)} of {len(specs)} stored"
-             + ("" if len(runs) == len(specs) else " (the rest not run yet; the same command runs them, resuming from the stored ones)") + "."]
-    if runs:
+    stored = {device: [r for s in specs if (r := load_result(replace(s, device=device), lab.out)) is not None]
+              for device in ("cpu", "cuda")}
+    done = sum(any(load_result(replace(s, device=d), lab.out) for d in ("cpu", "cuda")) for s in specs)
+    lines = [f"The lab's training runs: {done} of {len(specs)} stored"
+             + ("" if done == len(specs) else " (the rest not run yet; the same command runs them, resuming from the stored ones)") + "."]
+    for device, runs in stored.items():
+        if not runs:
+            continue
         start = min(calendar.timegm(time.strptime(r["started"], "%Y-%m-%d %H:%M:%S")) for r in runs)
         end = max(calendar.timegm(time.strptime(r["started"], "%Y-%m-%d %H:%M:%S")) + r["wall_s"] for r in runs)
-        cpu = sum(r["cpu_s"] for r in runs)
-        lines[0] += (f" Measured: {cpu:,.0f} CPU seconds ({cpu / 3600:.1f} CPU hours: load, training and scoring, "
-                     f"one torch thread a run), from {time.strftime('%Y-%m-%d %H:%M', time.gmtime(start))} to "
-                     f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(end))} UTC, {(end - start) / 3600:.1f} hours of "
-                     f"wall time, on {machine(load=False)}; commit {', '.join(sorted({r['commit'] for r in runs}))}.")
+        span = (f"from {time.strftime('%Y-%m-%d %H:%M', time.gmtime(start))} to "
+                f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(end))} UTC")
+        commits = ", ".join(sorted({r["commit"] for r in runs}))
+        if device == "cpu":
+            cpu = sum(r["cpu_s"] for r in runs)
+            lines.append(f"On the CPU, {len(runs)} runs: {cpu:,.0f} CPU seconds ({cpu / 3600:.1f} CPU hours: load, "
+                         f"training and scoring, one torch thread a run), {span} (gaps included), on "
+                         f"{machine(load=False)}; commit {commits}.")
+        else:
+            lines.append(f"On a GPU ({runs[0]['device']}, `--device cuda`, runs side by side), {len(runs)} runs: "
+                         f"{(end - start) / 60:.0f} minutes {span}; commit {commits}.")
     for name in ("nf4", "seed"):   # they store no runs: the time their last command took
         path = os.path.join(lab.out, f"{name}.json")
         took = json.load(open(path)).get("took_s") if os.path.isfile(path) else None
