@@ -45,7 +45,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library, the pricer package 
 import labepochs  # noqa: E402
 import labsweeps  # noqa: E402
 from labkit import TINY, Budget, Lab, machine  # noqa: E402
-from labruns import Estimate, RunSpec, load_result  # noqa: E402
+from labruns import DEVICES, Estimate, RunSpec, load_result  # noqa: E402
 from nf4lab import nf4  # noqa: E402
 
 EXPERIMENTS = {"rank": labsweeps.rank, "alpha": labsweeps.alpha, "targets": labsweeps.targets,
@@ -86,8 +86,8 @@ def total(lab: Lab) -> str:
     CPU seconds of each run; on a GPU: the first start and the last end), and the commits they ran on."""
     specs = plan(lab, list(EXPERIMENTS))
     stored = {device: [r for s in specs if (r := load_result(replace(s, device=device), lab.out)) is not None]
-              for device in ("cpu", "cuda")}
-    done = sum(any(load_result(replace(s, device=d), lab.out) for d in ("cpu", "cuda")) for s in specs)
+              for device in DEVICES}
+    done = sum(any(load_result(replace(s, device=d), lab.out) for d in DEVICES) for s in specs)
     lines = [f"The lab's training runs: {done} of {len(specs)} stored"
              + ("" if done == len(specs) else " (the rest not run yet; the same command runs them, resuming from the stored ones)") + "."]
     for device, runs in stored.items():
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="HF folder or .gguf [the embedded SmolLM2-135M-Instruct]")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 of each row [3]")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side, one process and one torch thread each [1]")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+    p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where the runs train; on cuda in the CPU's precision, stored as other runs [cpu]")
     p.add_argument("--tiny", action="store_true", help="a few steps on a few diamonds: the plumbing in seconds")
     p.add_argument("--plan", action="store_true", help="state the runs and their time, run nothing")

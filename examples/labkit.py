@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from labruns import Estimate, RunSpec, commit, load_result, run_all
+from labruns import DEVICES, Estimate, RunSpec, commit, load_result, run_all
 from pricer import PRESETS
 
 # Every training run of the lab is this recipe (examples/pricer/recipe.py) with one or two values changed:
@@ -103,7 +103,7 @@ class Lab:
         the device that holds most of the row's seeds (this lab's on a tie): a row never mixes devices."""
         if self.stored_only:
             best: list[dict[str, Any]] = []
-            for device in dict.fromkeys([self.device, "cpu", "cuda"]):
+            for device in dict.fromkeys([self.device, *DEVICES]):
                 found = [r for s in specs if (r := load_result(replace(s, device=device), self.out)) is not None]
                 best = found if len(found) > len(best) else best
             return best

@@ -28,6 +28,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = "runs"  # the folder under the lab's output that holds one JSON file per finished run
+DEVICES = ("cpu", "cuda")  # where a run can train; each device's runs are stored apart
 
 
 @dataclass(frozen=True)
