@@ -160,6 +160,15 @@ def main() -> None:
     if args.mode == "load":  # load_sharded, then the same training as the ddp mode
         from train.sharded_load import fill_shard, load_sharded
 
+        import atexit
+
+        import torch.distributed as dist
+
+        def group_at_exit() -> None:  # registered first, so it runs after load_sharded's own exit handler
+            with open(os.path.join(args.out, f"exit-{rank}.json"), "w") as f:
+                json.dump({"group alive": dist.is_initialized()}, f)
+
+        atexit.register(group_at_exit)
         lora = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"), seed=0)
         model, _ = load_sharded(args.checkpoint, lora)
         for name, p in model.named_parameters():  # B = 0 would leave A's first gradients at rounding noise

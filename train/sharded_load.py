@@ -12,10 +12,13 @@
    this process owns.
 
 Peak host memory per process: its shards plus about one full tensor (and its packed copy).
-`train(model, ...)` with `TrainConfig(parallel="fsdp")` takes the model as it is.
+`train(model, ...)` with `TrainConfig(parallel="fsdp")` takes the model as it is. The process group
+joined here outlives the call (training needs it): call `torch.distributed.destroy_process_group()`
+when done, or it is destroyed at exit.
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
 
@@ -31,7 +34,7 @@ from model.load import _safetensors_files, iter_tensors, load_tokenizer, read_co
 from quant import Linear4bit
 from quant.nf4 import NESTED_BLOCKSIZE
 
-from .distributed import setup_distributed
+from .distributed import setup_distributed, teardown_distributed
 from .fsdp import shard_model
 
 
@@ -103,6 +106,10 @@ def load_sharded(path: str, lora_config: LoRAConfig, quant: str | None = "nf4", 
     ctx = setup_distributed(device)
     if not ctx.enabled:
         raise ValueError("load_sharded splits the model across processes: launch with `torchrun --nproc-per-node N`")
+    # A gloo group still alive when the interpreter tears down can abort the process ("terminate called
+    # without an active exception", pytorch/pytorch#190489): the group made here is destroyed at exit,
+    # while the interpreter is whole, unless the caller destroyed it first.
+    atexit.register(teardown_distributed, ctx)
     config = read_config(path)
     with torch.device("meta"):
         model = Llama(config).to(dtype)
