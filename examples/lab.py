@@ -45,7 +45,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library, the pricer package 
 import labepochs  # noqa: E402
 import labsweeps  # noqa: E402
 from labkit import TINY, Budget, Lab, machine  # noqa: E402
-from labruns import DEVICES, Estimate, RunSpec, load_result  # noqa: E402
+from labruns import DEVICES, Estimate, RunSpec, load_result, stored_runs  # noqa: E402
 from nf4lab import nf4  # noqa: E402
 
 EXPERIMENTS = {"rank": labsweeps.rank, "alpha": labsweeps.alpha, "targets": labsweeps.targets,
@@ -66,7 +66,7 @@ def plan(lab: Lab, names: list[str]) -> list[RunSpec]:
 
 def state_budget(lab: Lab, specs: list[RunSpec]) -> float:
     """Print, before anything runs, how many runs are left and how long they will take; return CPU s."""
-    stored = [r for s in specs if (r := load_result(s, lab.out)) is not None]
+    stored = stored_runs(specs, lab.out)
     todo = [s for s in specs if load_result(s, lab.out) is None]
     if lab.device != "cpu":   # the estimate measures CPU steps; a GPU's time is not estimated
         print(f"{len(specs)} runs, {len(stored)} stored, {len(todo)} to do on {lab.device}, {lab.jobs} at a time", flush=True)
@@ -85,8 +85,7 @@ def total(lab: Lab) -> str:
     """`<out>/total.md`: what the whole lab's training runs took, from the stored runs (on the CPU: the
     CPU seconds of each run; on a GPU: the first start and the last end), and the commits they ran on."""
     specs = plan(lab, list(EXPERIMENTS))
-    stored = {device: [r for s in specs if (r := load_result(replace(s, device=device), lab.out)) is not None]
-              for device in DEVICES}
+    stored = {device: stored_runs(specs, lab.out, device) for device in DEVICES}
     done = sum(any(load_result(replace(s, device=d), lab.out) for d in DEVICES) for s in specs)
     lines = [f"The lab's training runs: {done} of {len(specs)} stored"
              + ("" if done == len(specs) else " (the rest not run yet; the same command runs them, resuming from the stored ones)") + "."]

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from labruns import DEVICES, Estimate, RunSpec, commit, load_result, run_all
+from labruns import DEVICES, Estimate, RunSpec, commit, run_all, stored_runs, write_json
 from pricer import PRESETS
 
 # Every training run of the lab is this recipe (examples/pricer/recipe.py) with one or two values changed:
@@ -100,38 +100,44 @@ class Lab:
     def run(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
         """The results of `specs` (one row) in order: stored ones read, the rest run (`jobs` at a time);
         with `stored_only`, the stored ones alone (a row not finished has fewer than its seeds), from
-        the device that holds most of the row's seeds (this lab's on a tie): a row never mixes devices."""
+        the device that holds most of the row's seeds (this lab's on a tie): a row never mixes devices.
+        A row that ran on a GPU has its CPU seconds a step measured here, once (`step_cpu_s` reads them)."""
         if self.stored_only:
-            best: list[dict[str, Any]] = []
-            for device in dict.fromkeys([self.device, *DEVICES]):
-                found = [r for s in specs if (r := load_result(replace(s, device=device), self.out)) is not None]
-                best = found if len(found) > len(best) else best
-            return best
-        self._results |= run_all(specs, self.out, self.jobs)
-        return [self._results[s.key] for s in specs]
+            found = (stored_runs(specs, self.out, device) for device in dict.fromkeys([self.device, *DEVICES]))
+            results = max(found, key=len)   # the first of the longest: this lab's device on a tie
+        else:
+            self._results |= run_all(specs, self.out, self.jobs)
+            results = [self._results[s.key] for s in specs]
+        if results and where(results[0]) != "CPU":
+            cache, on_cpu = self._step_cpu(), cpu_spec(results[0])
+            if Estimate.cost_key(on_cpu) not in cache:
+                cache[Estimate.cost_key(on_cpu)] = Estimate().measure(on_cpu)
+                write_json(os.path.join(self.out, "step_cpu.json"), cache)
+        return results
+
+    def _step_cpu(self) -> dict[str, float]:
+        """`<out>/step_cpu.json`: CPU seconds of a step, one thread, of each GPU row's recipe, by cost key."""
+        path = os.path.join(self.out, "step_cpu.json")
+        return json.load(open(path)) if os.path.isfile(path) else {}
 
     def step_cpu_s(self, results: list[dict[str, Any]]) -> tuple[float, bool]:
         """CPU seconds of one training step of a row's recipe on this machine, one thread, and whether it
-        is the mean of its whole runs (True) or, for a row that ran on a GPU, of a few steps measured here
-        (`Estimate.measure`, kept in `<out>/step_cpu.json`)."""
+        is the mean of its whole runs (True) or, for a row that ran on a GPU, of the few steps `run`
+        measured here (`Estimate.measure`)."""
         cpu = [r["cpu_s_per_step"] for r in results if where(r) == "CPU"]
         if cpu:
             return stats(cpu)["mean"], True
-        spec = replace(RunSpec(**results[0]["spec"]), device="cpu")
-        path = os.path.join(self.out, "step_cpu.json")
-        cache = json.load(open(path)) if os.path.isfile(path) else {}
-        key = Estimate.cost_key(spec)
-        if key not in cache:
-            cache[key] = Estimate().measure(spec)
-            with open(path + ".tmp", "w") as f:
-                json.dump(cache, f, indent=1)
-            os.replace(path + ".tmp", path)
-        return cache[key], False
+        return self._step_cpu()[Estimate.cost_key(cpu_spec(results[0]))], False
 
     def seeds_cell(self, results: list[dict[str, Any]]) -> str:
         """'3' for a finished row; '1 of 3' while its other seeds are not stored yet."""
         n = len(self.seeds)
         return f"{len(results)}" if len(results) >= n else f"{len(results)} of {n}"
+
+
+def cpu_spec(result: dict[str, Any]) -> RunSpec:
+    """The spec of a stored run, as if it ran on the CPU."""
+    return replace(RunSpec(**result["spec"]), device="cpu")
 
 
 def where(result: dict[str, Any]) -> str:

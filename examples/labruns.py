@@ -79,6 +79,12 @@ def load_result(spec: RunSpec, out: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
+def stored_runs(specs: list[RunSpec], out: str, device: str | None = None) -> list[dict[str, Any]]:
+    """The stored results of `specs` in order, each looked up as run on `device` (its own when None);
+    the runs not finished are left out."""
+    return [r for s in specs if (r := load_result(s if device is None else replace(s, device=device), out)) is not None]
+
+
 def write_json(path: str, data: dict[str, Any]) -> None:
     """One key a line (curves stay on one line each); atomic: a temporary name, then rename."""
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -7,11 +7,10 @@ and figure from the stored results (`examples/lab.py` runs what is missing first
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any, Callable
 
 from labkit import Lab, field_of, markdown_table, new_figure, record, runs_cost, spread, stats, timed, where
-from labruns import RunSpec, load_result
+from labruns import RunSpec, stored_runs
 from pricer import ATTENTION, MLP
 
 RANKS = (2, 4, 8, 16, 32, 64)
@@ -57,9 +56,10 @@ def device_notes(lab: Lab, names: list[str], rows: list[list[dict[str, Any]]]) -
                      "measured here, one thread, as `--plan` measures them.")
     twins = []
     for name, res in dict(zip(names, rows)).items():   # a row twice in one table (rank's r 8, alpha 16) once
-        other = [r for x in res if (r := load_result(replace(RunSpec(**x["spec"]),
-                 device="cuda" if x["spec"].get("device", "cpu") == "cpu" else "cpu"), lab.out)) is not None]
-        if res and other:
+        if not res:
+            continue
+        other = stored_runs([RunSpec(**x["spec"]) for x in res], lab.out, "cuda" if where(res[0]) == "CPU" else "cpu")
+        if other:
             twins.append(f"{name}: {spread(field_of(res, 'greedy.hit_rate'), unit='%')} on the {where(res[0])}, "
                          f"{spread(field_of(other, 'greedy.hit_rate'), unit='%')} on the {where(other[0])}")
     if twins:
