@@ -99,6 +99,8 @@ def generate(
     eos_id: int | list[int] | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    cache: list[KVCache] | None = None,
+    cached: int = 0,
 ) -> torch.Tensor:
     """Continue (B, T) prompts of `model` (a `Llama`); returns (B, T + n) ids, n <= max_new_tokens.
 
@@ -106,6 +108,10 @@ def generate(
     a row that produced it is filled afterwards with the config's pad id (else the first EOS id),
     and generation stops once every row has. temperature == 0 is greedy; otherwise temperature +
     top-p sampling, drawn from `generator`.
+
+    cache, cached: a KV cache per layer (room for T + max_new_tokens positions) whose first `cached`
+    positions already hold the keys and values of input_ids[:, :cached]: those are not run again
+    (prompts that share a prefix, as the top-k average's candidates share their prompt).
     """
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature={temperature}, top_p={top_p}: expected temperature >= 0 and 0 < top_p <= 1")
@@ -116,8 +122,10 @@ def generate(
     eos = torch.tensor(_eos_ids(eos_id, model), dtype=torch.long, device=device)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
 
-    cache = None
-    if use_cache:
+    if cache is not None and (not use_cache or not 0 <= cached < T or cache[0].k.shape[2] < T + max_new_tokens):
+        raise ValueError(f"a cache of {cache[0].k.shape[2]} positions, {cached} filled: expected use_cache, "
+                         f"0 <= cached < T = {T} and room for T + max_new_tokens = {T + max_new_tokens}")
+    if use_cache and cache is None:
         dtype = model.model.embed_tokens.weight.dtype
         cache = [KVCache.empty(B, model.config, T + max_new_tokens, dtype, device) for _ in model.model.layers]
 
@@ -126,8 +134,8 @@ def generate(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         if cache is not None:
-            # step 0 feeds the prompt; later steps feed the last token at position T + step - 1
-            start = 0 if step == 0 else T + step - 1
+            # step 0 feeds the prompt (past what is cached); later steps the last token, at position T + step - 1
+            start = cached if step == 0 else T + step - 1
             hidden = model.model(out[:, start:], attention_mask=mask, cache=cache, cache_start=start)
         else:
             hidden = model.model(out, attention_mask=mask)                 # (B, t, D)

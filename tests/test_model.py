@@ -532,6 +532,25 @@ def test_greedy_generation_matches_transformers_with_and_without_cache(tiny_pair
         assert torch.equal(alone_out[0, alone.shape[1]:], with_cache[row, ids.shape[1]:])
 
 
+def test_generation_from_a_prefilled_cache_equals_generation_from_scratch(tiny_pair):
+    from model import KVCache
+
+    model, _ = tiny_pair
+    ids, mask = padded_batch(128, "left")
+    (B, T), n = ids.shape, 6
+    whole = generate(model, ids, max_new_tokens=n, attention_mask=mask, eos_id=-1)
+    cache = [KVCache.empty(B, model.config, T + n, torch.float32, "cpu") for _ in model.model.layers]
+    with torch.no_grad():
+        model.model(ids[:, :T - 2], attention_mask=mask[:, :T - 2], cache=cache)   # the first T - 2 positions
+    fed = []   # positions each step runs through the model: the cached ones are not run again
+    hook = model.model.register_forward_pre_hook(lambda module, args: fed.append(args[0].shape[1]))
+    resumed = generate(model, ids, max_new_tokens=n, attention_mask=mask, eos_id=-1, cache=cache, cached=T - 2)
+    hook.remove()
+    assert torch.equal(resumed, whole) and fed == [2] + [1] * (n - 1)
+    with pytest.raises(ValueError, match="room for T \\+ max_new_tokens"):
+        generate(model, ids, max_new_tokens=n + 1, attention_mask=mask, cache=cache, cached=T - 2)
+
+
 def test_generation_stops_on_eos_and_pads_finished_rows(tiny_pair):
     model, _ = tiny_pair
     ids, mask = padded_batch(128, "left")

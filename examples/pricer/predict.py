@@ -7,7 +7,8 @@ token costs one position, and a price needs only a handful of tokens (`max_new_t
 Top-k average (the course's improved predictor): instead of trusting the single most likely
 continuation, take the K most likely next tokens, read each as a number, and average them weighted
 by their probabilities. Llama 3's tokenizer holds numbers up to 999 as single tokens; tokenizers
-that split digits (SmolLM2's) need each candidate's number finished, which is done greedily.
+that split digits (SmolLM2's) need each candidate's number finished, which is done greedily. The
+K candidates of a prompt share its keys and values: the prompt runs through the model once.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from model import pad_batch
+from model import KVCache, pad_batch
 from train import assistant_spans
 
 from .metrics import parse_price
@@ -88,15 +89,23 @@ def top_k_average_prices(model, tokenizer, prompts: Sequence[str], k: int = 3, m
     device = next(model.parameters()).device
     ids = _prompt_ids(tokenizer, prompts)
     prices: list[float] = []
+    stop = [t for t in (tokenizer.eos_id,) if t is not None]
     for rows in _batches(len(ids), batch_size):
         input_ids, mask = pad_batch(ids[rows], tokenizer.pad_id, side="left")    # (B, T)
-        hidden = model.model(input_ids.to(device), attention_mask=mask.to(device))[:, -1]   # (B, D)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        (B, T), dtype = input_ids.shape, model.model.embed_tokens.weight.dtype
+        cache = [KVCache.empty(B, model.config, T + max_new_tokens, dtype, device) for _ in model.model.layers]
+        hidden = model.model(input_ids, attention_mask=mask, cache=cache)[:, -1]  # (B, D), the prompts cached
         probs = torch.softmax(model.lm_head(hidden).float(), dim=-1)             # (B, V)
         top_p, top_id = probs.topk(k, dim=-1)                                    # (B, K)
-        # each candidate: the prompt plus its first token, finished greedily
-        candidates = [row + [int(t)] for row, tops in zip(ids[rows], top_id.tolist()) for t in tops]
-        rest = continue_prompts(model, tokenizer, candidates, max_new_tokens - 1, batch_size * k) \
-            if max_new_tokens > 1 else [""] * len(candidates)
+        rest = [""] * (B * k)
+        if max_new_tokens > 1:  # each candidate: its prompt (cached, K copies) and first token, finished greedily
+            shared = [KVCache(c.k.repeat_interleave(k, 0), c.v.repeat_interleave(k, 0)) for c in cache]
+            candidates = torch.cat([input_ids.repeat_interleave(k, 0), top_id.reshape(-1, 1)], 1)   # (B*K, T+1)
+            mask = torch.cat([mask.repeat_interleave(k, 0), torch.ones_like(mask[:, :1]).repeat_interleave(k, 0)], 1)
+            out = model.generate(candidates, max_new_tokens=max_new_tokens - 1, attention_mask=mask,
+                                 eos_id=stop or None, cache=shared, cached=T)[:, T + 1:].tolist()
+            rest = [tokenizer.decode(row[:next((i for i, t in enumerate(row) if t in stop), len(row))]) for row in out]
         numbers = [parse_price(tokenizer.decode([int(t)]) + r)
                    for t, r in zip(top_id.flatten().tolist(), rest)]
         for b in range(len(top_p)):
