@@ -148,7 +148,7 @@ def run_one(spec: RunSpec, out: str | None, threads: int = 1) -> dict[str, Any]:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        s, started = spec.settings, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        s, started, code = spec.settings, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), commit()  # the code it runs
         cpu0, wall0 = time.process_time(), time.perf_counter()
         torch.manual_seed(spec.seed)
         device = spec.device
@@ -166,7 +166,7 @@ def run_one(spec: RunSpec, out: str | None, threads: int = 1) -> dict[str, Any]:
             torch.cuda.synchronize()
         train_cpu, train_wall = time.process_time() - cpu1, time.perf_counter() - wall1
         data: dict[str, Any] = {
-            "name": spec.name, "key": spec.key, "spec": asdict(spec), "started": started, "commit": commit(),
+            "name": spec.name, "key": spec.key, "spec": asdict(spec), "started": started, "commit": code,
             "threads": threads, "device": device_name(device), "train_items": len(split.train), "steps": result.step,
             "cpu_s_per_step": train_cpu / result.step, "wall_s_per_step": train_wall / result.step,
             "trainable": trainable_parameters(model).trainable,
