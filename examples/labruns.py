@@ -141,8 +141,8 @@ def run_one(spec: RunSpec, out: str | None, threads: int = 1) -> dict[str, Any]:
     On a GPU the run keeps the CPU's precision (an fp32 base and no autocast unless the recipe's dtype
     says otherwise), so that a GPU's rows answer the same question as the CPU's."""
     from lora import apply_lora, lora_state_dict, trainable_parameters
-    from pricer import (answer_tokens, base_dtype, constant_baseline, evaluate_prices, load_model, load_source,
-                        lora_config, split_items, train_config)
+    from pricer import (answer_tokens, base_dtype, constant_baseline, evaluate_greedy_and_top_k, evaluate_prices,
+                        load_model, load_source, lora_config, split_items, train_config)
     from train import train
 
     before = torch.get_num_threads()
@@ -175,11 +175,12 @@ def run_one(spec: RunSpec, out: str | None, threads: int = 1) -> dict[str, Any]:
             "train_curve": curve(result.train_losses, spec.curve_every)}
         if spec.score:
             truths, max_new = [i.price for i in split.test], answer_tokens(tokenizer, [i.price for i in split.train])
-            greedy = evaluate_prices(model, tokenizer, split.test, max_new, batch_size=50)
-            data["greedy"] = scores(greedy) | {"guesses": [round(g, 2) for g in greedy.guesses]}
-            if spec.top_k:
-                top = evaluate_prices(model, tokenizer, split.test, max_new, batch_size=50, top_k=spec.top_k)
+            if spec.top_k:  # one pass: the top-1 candidate finished greedily is the greedy answer
+                greedy, top = evaluate_greedy_and_top_k(model, tokenizer, split.test, max_new, spec.top_k, batch_size=50)
                 data[f"top{spec.top_k}"] = scores(top)
+            else:
+                greedy = evaluate_prices(model, tokenizer, split.test, max_new, batch_size=50)
+            data["greedy"] = scores(greedy) | {"guesses": [round(g, 2) for g in greedy.guesses]}
             data["constant"] = scores(constant_baseline([i.price for i in split.train], truths))
         data["cpu_s"], data["wall_s"] = time.process_time() - cpu0, time.perf_counter() - wall0
         if out is not None:

@@ -30,7 +30,7 @@ from cli import (add_recipe_flags, add_run_flags, fill_from_preset, is_main_proc
                  reload_trained, run_command)
 from lora import apply_lora, save_adapter, trainable_parameters  # noqa: E402
 from pricer import (  # noqa: E402
-    DESCRIPTIONS, PRESETS, answer_tokens, constant_baseline, evaluate_prices, load_model, load_source,
+    DESCRIPTIONS, PRESETS, answer_tokens, constant_baseline, evaluate_greedy_and_top_k, evaluate_prices, load_model, load_source,
     log_to_tensorboard, lora_config, print_report, results_table, save_scatter,
     split_items, base_dtype, train_config,
 )
@@ -103,12 +103,15 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = reload_trained(args, device)
 
     t0 = time.perf_counter()
-    after = evaluate_prices(model, tokenizer, split.test, max_new, args.eval_batch_size)
+    if args.top_k_average:  # one pass: the top-1 candidate finished greedily is the greedy answer
+        after, top = evaluate_greedy_and_top_k(model, tokenizer, split.test, max_new, args.top_k_average,
+                                               args.eval_batch_size)
+    else:
+        after = evaluate_prices(model, tokenizer, split.test, max_new, args.eval_batch_size)
     print(f"after training ({time.perf_counter() - t0:.0f}s):")
     print_report(after)
     rows = [("after training", after)]
     if args.top_k_average:
-        top = evaluate_prices(model, tokenizer, split.test, max_new, args.eval_batch_size, top_k=args.top_k_average)
         rows.append((f"after training, top-{args.top_k_average} average", top))
     baseline = constant_baseline([item.price for item in split.train], [item.price for item in split.test])
     print(f"\n{len(split.test)} held-out items\n" + results_table(

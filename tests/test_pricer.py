@@ -19,7 +19,7 @@ if EXAMPLES not in sys.path:
 from pricer import (  # noqa: E402
     GREEN, ORANGE, RED, PREFIX, QUESTION, color_for, constant_baseline, describe_diamond, load_amazon_meta,
     load_diamonds, load_source, load_text_price, make_answer, make_prompt, parse_price, save_scatter, score,
-    scrub, split_items, top_k_average_prices,
+    scrub, split_items, top_k_average_prices, greedy_and_top_k_prices, greedy_prices,
 )
 from pricer.data import Item  # noqa: E402
 
@@ -321,6 +321,20 @@ def write_tiny_checkpoint(folder, seed=0):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")))
+
+
+def test_one_pass_gives_greedy_decoding_and_the_top_k_average(tiny_checkpoint):
+    from model import load_pretrained
+
+    model, tok = load_pretrained(tiny_checkpoint)
+    lean = torch.zeros(model.config.vocab_size)   # lean the random model's head toward digits: it writes numbers
+    lean[[tok.encode(str(d))[-1] for d in range(10)]] = 4.0
+    model.lm_head.register_forward_hook(lambda module, args, logits: logits + lean)
+    prompts = [make_prompt(f"Diamond: {i}.{i} carat, {cut} cut") for i in range(4) for cut in ("Ideal", "Fair")]
+    greedy, top = greedy_and_top_k_prices(model, tok, prompts, k=3, max_new_tokens=4, batch_size=3)
+    assert greedy == greedy_prices(model, tok, prompts, max_new_tokens=4, batch_size=5)[0]
+    assert top == top_k_average_prices(model, tok, prompts, k=3, max_new_tokens=4, batch_size=3)
+    assert any(g > 0 for g in greedy) and greedy != top   # numbers were read, and the average is not the greedy one
 
 
 def test_top_k_average_equals_its_definition_item_by_item(tiny_checkpoint):

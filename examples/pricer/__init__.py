@@ -10,7 +10,7 @@
 from .chat import (DiamondChat, answer_budget, evaluate_chat_prices, load_diamond_chats, price_answer,
                    write_chats_jsonl)
 from .chart import log_to_tensorboard, save_scatter, scatter_figure
-from .evaluate import answer_tokens, evaluate_prices, load_model, print_report, resolve_device, results_table
+from .evaluate import answer_tokens, evaluate_greedy_and_top_k, evaluate_prices, load_model, print_report, resolve_device, results_table
 from .data import (
     DESCRIPTIONS,
     Item,
@@ -29,7 +29,7 @@ from .data import (
     split_items,
 )
 from .metrics import GREEN, ORANGE, RED, PriceReport, color_for, constant_baseline, parse_price, score
-from .predict import chat_replies, end_of_turn_ids, greedy_prices, top_k_average_prices
+from .predict import chat_replies, end_of_turn_ids, greedy_and_top_k_prices, greedy_prices, top_k_average_prices
 from .recipe import (ALL_PROJECTIONS, ATTENTION, CHAT_DEMO, MLP, PRESETS, all_projections, base_dtype, compute_dtype,
                      lora_config, parse_layers, train_config)
 from .prompt import PREFIX, QUESTION, make_answer, make_prompt
@@ -39,10 +39,10 @@ __all__ = [
     "Item", "Loaded", "Split", "describe_diamond", "describe_four_cs", "diamond_rows", "diamonds_csv", "load_amazon_meta", "load_diamonds",
     "load_source", "load_text_price", "scrub", "shuffled", "split_items",
     "GREEN", "ORANGE", "RED", "PriceReport", "color_for", "constant_baseline", "parse_price", "score",
-    "greedy_prices", "top_k_average_prices", "chat_replies", "end_of_turn_ids",
+    "greedy_prices", "top_k_average_prices", "greedy_and_top_k_prices", "chat_replies", "end_of_turn_ids",
     "DiamondChat", "answer_budget", "evaluate_chat_prices", "load_diamond_chats", "price_answer", "write_chats_jsonl", "PREFIX", "QUESTION", "make_answer", "make_prompt",
     "save_scatter", "scatter_figure", "log_to_tensorboard",
     "ALL_PROJECTIONS", "ATTENTION", "CHAT_DEMO", "MLP", "PRESETS", "all_projections", "base_dtype", "compute_dtype", "lora_config",
     "parse_layers", "train_config",
-    "answer_tokens", "evaluate_prices", "load_model", "print_report", "resolve_device", "results_table",
+    "answer_tokens", "evaluate_prices", "evaluate_greedy_and_top_k", "load_model", "print_report", "resolve_device", "results_table",
 ]

@@ -11,7 +11,7 @@ from model import default_checkpoint, load_pretrained
 
 from .data import Item
 from .metrics import PriceReport, score
-from .predict import greedy_prices, top_k_average_prices
+from .predict import greedy_and_top_k_prices, greedy_prices, top_k_average_prices
 
 
 def resolve_device(device: str) -> str:
@@ -56,6 +56,15 @@ def evaluate_prices(model, tokenizer, items: Sequence[Item], max_new_tokens: int
         guesses, _ = greedy_prices(model, tokenizer, prompts, max_new_tokens, batch_size)
     titles = [_title(item.prompt) for item in items]
     return score(guesses, [item.price for item in items], titles)
+
+
+def evaluate_greedy_and_top_k(model, tokenizer, items: Sequence[Item], max_new_tokens: int, top_k: int,
+                              batch_size: int = 64) -> tuple[PriceReport, PriceReport]:
+    """(greedy report, top-k average report) from one pass over the items (`greedy_and_top_k_prices`)."""
+    greedy, top = greedy_and_top_k_prices(model, tokenizer, [item.prompt for item in items], top_k, max_new_tokens,
+                                          batch_size)
+    truths, titles = [item.price for item in items], [_title(item.prompt) for item in items]
+    return score(greedy, truths, titles), score(top, truths, titles)
 
 
 def _title(prompt: str) -> str:

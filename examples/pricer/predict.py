@@ -8,7 +8,8 @@ Top-k average (the course's improved predictor): instead of trusting the single 
 continuation, take the K most likely next tokens, read each as a number, and average them weighted
 by their probabilities. Llama 3's tokenizer holds numbers up to 999 as single tokens; tokenizers
 that split digits (SmolLM2's) need each candidate's number finished, which is done greedily. The
-K candidates of a prompt share its keys and values: the prompt runs through the model once.
+K candidates of a prompt share its keys and values: the prompt runs through the model once. The
+most likely first token finished greedily is greedy decoding's answer, so one pass gives both.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def continue_prompts(model, tokenizer, ids: list[list[int]], max_new_tokens: int
         out = model.generate(input_ids.to(device), max_new_tokens=max_new_tokens,
                              attention_mask=mask.to(device), temperature=0.0, eos_id=stop or None)
         new = out[:, input_ids.shape[1]:].tolist()                                # (B, n <= max_new_tokens)
-        texts += [tokenizer.decode(row[:next((i for i, t in enumerate(row) if t in stop), len(row))]) for row in new]
+        texts += [tokenizer.decode(_until(row, stop)) for row in new]
     return texts
 
 
@@ -78,16 +79,24 @@ def greedy_prices(model, tokenizer, prompts: Sequence[str], max_new_tokens: int 
     return [parse_price(t) for t in texts], texts
 
 
-@torch.no_grad()
 def top_k_average_prices(model, tokenizer, prompts: Sequence[str], k: int = 3, max_new_tokens: int = 6,
                          batch_size: int = 64) -> list[float]:
     """For each prompt: sum_i p_i · number_i / sum_i p_i over the K most likely next tokens whose
     number (the token, finished greedily) is positive; 0 when none is."""
+    return greedy_and_top_k_prices(model, tokenizer, prompts, k, max_new_tokens, batch_size)[1]
+
+
+@torch.no_grad()
+def greedy_and_top_k_prices(model, tokenizer, prompts: Sequence[str], k: int = 3, max_new_tokens: int = 6,
+                            batch_size: int = 64) -> tuple[list[float], list[float]]:
+    """(greedy prices, top-k averages) in one pass: the first candidate (the most likely first token,
+    finished greedily) is what `greedy_prices` answers; the K candidates give the top-k average."""
     if k < 1:
         raise ValueError(f"top-k average needs k >= 1, got {k}")
     model.eval()
     device = next(model.parameters()).device
     ids = _prompt_ids(tokenizer, prompts)
+    greedy: list[float] = []
     prices: list[float] = []
     stop = [t for t in (tokenizer.eos_id,) if t is not None]
     for rows in _batches(len(ids), batch_size):
@@ -98,18 +107,25 @@ def top_k_average_prices(model, tokenizer, prompts: Sequence[str], k: int = 3, m
         hidden = model.model(input_ids, attention_mask=mask, cache=cache)[:, -1]  # (B, D), the prompts cached
         probs = torch.softmax(model.lm_head(hidden).float(), dim=-1)             # (B, V)
         top_p, top_id = probs.topk(k, dim=-1)                                    # (B, K)
-        rest = [""] * (B * k)
+        rest, tokens = [""] * (B * k), [[] for _ in range(B * k)]
         if max_new_tokens > 1:  # each candidate: its prompt (cached, K copies) and first token, finished greedily
             shared = [KVCache(c.k.repeat_interleave(k, 0), c.v.repeat_interleave(k, 0)) for c in cache]
             candidates = torch.cat([input_ids.repeat_interleave(k, 0), top_id.reshape(-1, 1)], 1)   # (B*K, T+1)
             mask = torch.cat([mask.repeat_interleave(k, 0), torch.ones_like(mask[:, :1]).repeat_interleave(k, 0)], 1)
-            out = model.generate(candidates, max_new_tokens=max_new_tokens - 1, attention_mask=mask,
-                                 eos_id=stop or None, cache=shared, cached=T)[:, T + 1:].tolist()
-            rest = [tokenizer.decode(row[:next((i for i, t in enumerate(row) if t in stop), len(row))]) for row in out]
+            tokens = model.generate(candidates, max_new_tokens=max_new_tokens - 1, attention_mask=mask,
+                                    eos_id=stop or None, cache=shared, cached=T)[:, T + 1:].tolist()
+            rest = [tokenizer.decode(_until(row, stop)) for row in tokens]
         numbers = [parse_price(tokenizer.decode([int(t)]) + r)
                    for t, r in zip(top_id.flatten().tolist(), rest)]
+        # greedy: the first candidate's tokens, read as `greedy_prices` reads a continuation
+        greedy += [parse_price(tokenizer.decode(_until([int(top_id[b, 0])] + tokens[b * k], stop))) for b in range(B)]
         for b in range(len(top_p)):
             pairs = [(numbers[b * k + j], top_p[b, j].item()) for j in range(k) if numbers[b * k + j] > 0]
             weight = sum(p for _, p in pairs)
             prices.append(sum(n * p for n, p in pairs) / weight if pairs else 0.0)
-    return prices
+    return greedy, prices
+
+
+def _until(ids: list[int], stop: Sequence[int]) -> list[int]:
+    """`ids` up to (not including) the first stop token."""
+    return ids[:next((i for i, t in enumerate(ids) if t in stop), len(ids))]
