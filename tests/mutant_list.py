@@ -22,7 +22,7 @@ TRAIN, MODEL, LORA, QUANT, OPTIM = ("tests/test_train.py", "tests/test_model.py"
                                     "tests/test_quant.py", "tests/test_optim.py")
 FSDP, RELIABILITY, PRECISION, CLI = ("tests/test_fsdp.py", "tests/test_reliability.py", "tests/test_precision.py",
                                      "tests/test_cli.py")
-LAB = "tests/test_lab.py"
+LAB, PRICER = "tests/test_lab.py", "tests/test_pricer.py"
 BACKWARD, FUSED, FAMILIES, DORA = ("tests/test_backward.py", "tests/test_lora_fused.py", "tests/test_families.py",
                                    "tests/test_dora.py")
 CHAT, PACKING, FINETUNE = "tests/test_chat.py", "tests/test_packing.py", "tests/test_finetune.py"
@@ -216,11 +216,17 @@ MUTANTS = [
            "add_generation_prompt=True) for c in conversations]", "add_generation_prompt=False) for c in conversations]",
            k(FINETUNE, "replies")),
     Mutant("a reply runs past its end of turn", "examples/pricer/predict.py",
-           "texts += [tokenizer.decode(row[:next((i for i, t in enumerate(row) if t in stop), len(row))]) for row in new]",
+           "texts += [tokenizer.decode(_until(row, stop)) for row in new]",
            "texts += [tokenizer.decode(row) for row in new]", k(FINETUNE, "replies")),
     Mutant("sampling is greedy", "model/generate.py",
            "    probs = torch.softmax(logits.float() / temperature, dim=-1)",
            "    return logits.argmax(-1)", k(MODEL, "sampling")),
+    Mutant("the top-k candidates' cached prompt is run again", "model/generate.py",
+           "start = cached if step == 0 else T + step - 1", "start = 0 if step == 0 else T + step - 1",
+           k(MODEL, "prefilled")),
+    Mutant("greedy from the one pass is another candidate's", "examples/pricer/predict.py",
+           "_until([int(top_id[b, 0])] + tokens[b * k], stop)", "_until([int(top_id[b, 1])] + tokens[b * k + 1], stop)",
+           k(PRICER, "one_pass")),
     Mutant("top_p ignored", "model/generate.py",
            "sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)", "sorted_p = sorted_p", k(MODEL, "sampling")),
     # ---------------------------------------------------------------- the lab (examples/lab*.py)
