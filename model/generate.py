@@ -34,6 +34,12 @@ class KVCache:
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
+    @classmethod
+    def for_model(cls, model: nn.Module, batch: int, max_len: int) -> list["KVCache"]:
+        """One empty cache per decoder layer of `model` (a `Llama`), in its weights' dtype and device."""
+        w = model.model.embed_tokens.weight
+        return [cls.empty(batch, model.config, max_len, w.dtype, w.device) for _ in model.model.layers]
+
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
@@ -126,8 +132,7 @@ def generate(
         raise ValueError(f"a cache of {cache[0].k.shape[2]} positions, {cached} filled: expected use_cache, "
                          f"0 <= cached < T = {T} and room for T + max_new_tokens = {T + max_new_tokens}")
     if use_cache and cache is None:
-        dtype = model.model.embed_tokens.weight.dtype
-        cache = [KVCache.empty(B, model.config, T + max_new_tokens, dtype, device) for _ in model.model.layers]
+        cache = KVCache.for_model(model, B, T + max_new_tokens)
 
     out = input_ids
     mask = attention_mask

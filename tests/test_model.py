@@ -539,7 +539,7 @@ def test_generation_from_a_prefilled_cache_equals_generation_from_scratch(tiny_p
     ids, mask = padded_batch(128, "left")
     (B, T), n = ids.shape, 6
     whole = generate(model, ids, max_new_tokens=n, attention_mask=mask, eos_id=-1)
-    cache = [KVCache.empty(B, model.config, T + n, torch.float32, "cpu") for _ in model.model.layers]
+    cache = KVCache.for_model(model, B, T + n)
     with torch.no_grad():
         model.model(ids[:, :T - 2], attention_mask=mask[:, :T - 2], cache=cache)   # the first T - 2 positions
     fed = []   # positions each step runs through the model: the cached ones are not run again

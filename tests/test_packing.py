@@ -110,7 +110,7 @@ def test_a_plain_arange_keeps_the_fused_causal_path_and_misused_position_ids_are
         assert torch.equal(same, model(ids)) and masks == [None] * 4  # no mask built: SDPA's is_causal
         from model import KVCache
 
-        cache = [KVCache.empty(2, model.config, 16, torch.float32, "cpu") for _ in model.model.layers]
+        cache = KVCache.for_model(model, 2, 16)
         with pytest.raises(ValueError, match="KV cache"):
             model.model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]] * 2), cache=cache)
     with pytest.raises(ValueError, match=r"position_ids \(2, 7\) must have the shape of input_ids \(2, 8\)"):

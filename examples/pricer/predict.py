@@ -102,8 +102,8 @@ def greedy_and_top_k_prices(model, tokenizer, prompts: Sequence[str], k: int = 3
     for rows in _batches(len(ids), batch_size):
         input_ids, mask = pad_batch(ids[rows], tokenizer.pad_id, side="left")    # (B, T)
         input_ids, mask = input_ids.to(device), mask.to(device)
-        (B, T), dtype = input_ids.shape, model.model.embed_tokens.weight.dtype
-        cache = [KVCache.empty(B, model.config, T + max_new_tokens, dtype, device) for _ in model.model.layers]
+        B, T = input_ids.shape
+        cache = KVCache.for_model(model, B, T + max_new_tokens)
         hidden = model.model(input_ids, attention_mask=mask, cache=cache)[:, -1]  # (B, D), the prompts cached
         probs = torch.softmax(model.lm_head(hidden).float(), dim=-1)             # (B, V)
         top_p, top_id = probs.topk(k, dim=-1)                                    # (B, K)
@@ -111,7 +111,7 @@ def greedy_and_top_k_prices(model, tokenizer, prompts: Sequence[str], k: int = 3
         if max_new_tokens > 1:  # each candidate: its prompt (cached, K copies) and first token, finished greedily
             shared = [KVCache(c.k.repeat_interleave(k, 0), c.v.repeat_interleave(k, 0)) for c in cache]
             candidates = torch.cat([input_ids.repeat_interleave(k, 0), top_id.reshape(-1, 1)], 1)   # (B*K, T+1)
-            mask = torch.cat([mask.repeat_interleave(k, 0), torch.ones_like(mask[:, :1]).repeat_interleave(k, 0)], 1)
+            mask = torch.nn.functional.pad(mask.repeat_interleave(k, 0), (0, 1), value=1)            # (B*K, T+1)
             tokens = model.generate(candidates, max_new_tokens=max_new_tokens - 1, attention_mask=mask,
                                     eos_id=stop or None, cache=shared, cached=T)[:, T + 1:].tolist()
             rest = [tokenizer.decode(_until(row, stop)) for row in tokens]
@@ -119,7 +119,7 @@ def greedy_and_top_k_prices(model, tokenizer, prompts: Sequence[str], k: int = 3
                    for t, r in zip(top_id.flatten().tolist(), rest)]
         # greedy: the first candidate's tokens, read as `greedy_prices` reads a continuation
         greedy += [parse_price(tokenizer.decode(_until([int(top_id[b, 0])] + tokens[b * k], stop))) for b in range(B)]
-        for b in range(len(top_p)):
+        for b in range(B):
             pairs = [(numbers[b * k + j], top_p[b, j].item()) for j in range(k) if numbers[b * k + j] > 0]
             weight = sum(p for _, p in pairs)
             prices.append(sum(n * p for n, p in pairs) / weight if pairs else 0.0)
