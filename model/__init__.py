@@ -11,12 +11,12 @@ family is a set of LlamaConfig fields (model/families.py).
 """
 from .chat_template import CHATML, ChatTemplateError, render_chat
 from .config import LlamaConfig
-from .generate import KVCache, generate, pad_batch
+from .generate import KVCache, generate, pad_batch, shared_prefix_batch
 from .llama import Llama
 from .load import default_checkpoint, iter_tensors, load_pretrained, load_tokenizer, read_config
 from .tokenizer import Tokenizer
 
 __all__ = [
     "Llama", "LlamaConfig", "KVCache", "Tokenizer", "load_pretrained", "read_config", "iter_tensors",
-    "load_tokenizer", "default_checkpoint", "pad_batch", "generate", "CHATML", "ChatTemplateError", "render_chat",
+    "load_tokenizer", "default_checkpoint", "pad_batch", "shared_prefix_batch", "generate", "CHATML", "ChatTemplateError", "render_chat",
 ]

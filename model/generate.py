@@ -5,6 +5,8 @@ token: its keys and values join those cached for the positions before it. Withou
 step reruns the whole sequence; both give the same tokens, the cache just skips the repeated work.
 
 Batched prompts are left-padded (see `pad_batch`), so every row's next token lands in the same column.
+Prompts that open alike (one question asked of many items) can run their common first tokens once
+(`shared_prefix_batch`).
 
 Imports run one way: `model/llama.py` uses this file (the `KVCache` its attention fills, and
 `Llama.generate`); this file needs only what a Llama has (`.model`, `.lm_head`, `.config`).
@@ -66,6 +68,48 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "left") -> tuple[t
         ids[i, cols] = torch.tensor(s, dtype=torch.long)
         mask[i, cols] = 1
     return ids, mask
+
+
+@torch.no_grad()
+def shared_prefix_batch(
+    model: nn.Module, seqs: list[list[int]], pad_id: int, max_new_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, list[KVCache], int]:
+    """A batch of prompts whose first tokens are the same for all (a question asked of many items),
+    with those tokens run once: -> (input_ids, attention_mask, cache, cached).
+
+    The common first P tokens go through the model as one row; their keys and values are copied into
+    every row's cache. Each row holds [the P shared tokens | left padding | its own tokens]: the mask
+    hides the padding and positions count real tokens only (`default_positions`), so every token sees
+    what it sees in a plain left-padded batch, and its logits agree to float rounding. Continue with
+    `generate(input_ids, attention_mask=..., cache=cache, cached=cached)`, or run the rest yourself:
+    `model.model(input_ids[:, cached:], attention_mask, cache=cache, cache_start=cached)`.
+
+    input_ids, attention_mask: (B, P + S), S the longest row after its shared tokens; the cache has
+    room for max_new_tokens more positions; cached = P. Every row keeps at least its last token
+    unshared. A sliding-window model (whose window counts cache slots, padding too) and prompts with
+    fewer than 2 tokens in common get the plain left-padded batch and cached = 0.
+    """
+    if not seqs or not all(seqs):
+        raise ValueError("shared_prefix_batch needs at least one prompt, none of them empty")
+    P = 0
+    shortest = min(len(s) for s in seqs)
+    while P < shortest - 1 and all(s[P] == seqs[0][P] for s in seqs):
+        P += 1
+    if P < 2 or any(model.config.is_sliding(i) for i in range(model.config.num_hidden_layers)):
+        input_ids, mask = pad_batch(seqs, pad_id, side="left")
+        return input_ids, mask, KVCache.for_model(model, len(seqs), input_ids.shape[1] + max_new_tokens), 0
+    rest, rest_mask = pad_batch([s[P:] for s in seqs], pad_id, side="left")      # (B, S)
+    B, S = rest.shape
+    prefix = torch.tensor(seqs[0][:P], dtype=torch.long)
+    input_ids = torch.cat([prefix.expand(B, P), rest], dim=1)                     # (B, P + S)
+    mask = torch.cat([torch.ones(B, P, dtype=torch.long), rest_mask], dim=1)     # (B, P + S)
+    device = model.model.embed_tokens.weight.device
+    once = KVCache.for_model(model, 1, P)
+    model.model(prefix[None].to(device), cache=once)                              # the shared tokens, one row
+    cache = KVCache.for_model(model, B, P + S + max_new_tokens)
+    for c, o in zip(cache, once):
+        c.update(0, o.k.expand(B, -1, -1, -1), o.v.expand(B, -1, -1, -1))        # (B, nkv, P, hs) each
+    return input_ids, mask, cache, P
 
 
 def sample_next(

@@ -551,6 +551,37 @@ def test_generation_from_a_prefilled_cache_equals_generation_from_scratch(tiny_p
         generate(model, ids, max_new_tokens=n + 1, attention_mask=mask, cache=cache, cached=T - 2)
 
 
+def test_a_shared_prefix_runs_once_and_gives_the_tokens_of_a_plain_left_padded_batch(tiny_pair, monkeypatch):
+    from dataclasses import replace
+
+    from model import shared_prefix_batch
+
+    model, _ = tiny_pair
+    question = [5, 9, 17, 33, 4]
+    seqs = [question + tail for tail in ([8, 60, 2, 11], [3], [12, 13, 14, 15, 16, 70])]
+    ids, mask = pad_batch(seqs, pad_id=0, side="left")
+    (B, T), n = ids.shape, 6
+    plain = generate(model, ids, max_new_tokens=n, attention_mask=mask, eos_id=-1)
+    fed = []   # (rows, positions) each call runs: the question once as one row, then each row's own tokens
+    hook = model.model.register_forward_pre_hook(lambda module, args: fed.append(tuple(args[0].shape)))
+    shared, shared_mask, cache, cached = shared_prefix_batch(model, seqs, 0, n)
+    out = generate(model, shared, max_new_tokens=n, attention_mask=shared_mask, eos_id=-1, cache=cache, cached=cached)
+    hook.remove()
+    assert cached == len(question) and fed[:2] == [(1, 5), (B, 6)]
+    assert shared.shape == (B, 5 + 6) and torch.equal(shared_mask.sum(1), mask.sum(1))
+    assert torch.equal(out[:, -n:], plain[:, -n:])        # every row continues as in the plain batch
+    with torch.no_grad():
+        last = model(shared[:, cached:], shared_mask, cache=shared_prefix_batch(model, seqs, 0, 0)[2],
+                     cache_start=cached)[:, -1]
+        torch.testing.assert_close(last, model(ids, mask)[:, -1], atol=1e-5, rtol=1e-5)
+    # a prompt no longer than the question keeps its last token its own; no common start shares nothing
+    assert shared_prefix_batch(model, [question, question + [3]], 0, 1)[3] == 4
+    assert shared_prefix_batch(model, [[1, 2, 3], [2, 2, 3]], 0, 1)[3] == 0
+    # a sliding window counts cache slots, padding too: such a model gets the plain batch
+    monkeypatch.setattr(model, "config", replace(model.config, sliding_window=4))
+    assert shared_prefix_batch(model, seqs, 0, n)[3] == 0
+
+
 def test_generation_stops_on_eos_and_pads_finished_rows(tiny_pair):
     model, _ = tiny_pair
     ids, mask = padded_batch(128, "left")

@@ -337,6 +337,23 @@ def test_one_pass_gives_greedy_decoding_and_the_top_k_average(tiny_checkpoint):
     assert any(g > 0 for g in greedy) and greedy != top   # numbers were read, and the average is not the greedy one
 
 
+def test_scoring_runs_the_question_once_a_batch_and_answers_as_whole_prompts_do(tiny_checkpoint):
+    from model import load_pretrained
+
+    model, tok = load_pretrained(tiny_checkpoint)
+    prompts = [make_prompt(f"Diamond: {i}.{i} carat, {cut} cut") for i in range(3) for cut in ("Ideal", "Very Good")]
+    rows = []   # (rows, positions) of each call of the decoder
+    hook = model.model.register_forward_pre_hook(lambda module, args: rows.append(tuple(args[0].shape)))
+    shared = greedy_and_top_k_prices(model, tok, prompts, k=3, max_new_tokens=4, batch_size=4)
+    hook.remove()
+    longest = max(len(tok.encode(p, bos=True)) for p in prompts)
+    question = [n for b, n in rows if b == 1]   # the question, as one row: once for each of the 2 batches
+    assert len(question) == 2 and min(question) >= len(tok.encode(QUESTION)) and all(n < longest for _, n in rows)
+    whole = greedy_and_top_k_prices(model, tok, prompts, k=3, max_new_tokens=4, batch_size=4, share_prefix=False)
+    assert shared[0] == whole[0] and shared[1] == pytest.approx(whole[1], rel=1e-5)
+    assert greedy_prices(model, tok, prompts, 4, 4)[1] == greedy_prices(model, tok, prompts, 4, 4, share_prefix=False)[1]
+
+
 def test_top_k_average_equals_its_definition_item_by_item(tiny_checkpoint):
     from model import load_pretrained
 

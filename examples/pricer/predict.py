@@ -10,6 +10,10 @@ by their probabilities. Llama 3's tokenizer holds numbers up to 999 as single to
 that split digits (SmolLM2's) need each candidate's number finished, which is done greedily. The
 K candidates of a prompt share its keys and values: the prompt runs through the model once. The
 most likely first token finished greedily is greedy decoding's answer, so one pass gives both.
+
+Every pricer prompt opens with the same question (`How much does this cost to the nearest dollar?`
+and `Diamond: `, 17 of about 38 tokens): a batch runs those once and copies their keys and values to
+every row (`model.shared_prefix_batch`), which takes nearly half the prompt work off each batch.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from model import KVCache, pad_batch
+from model import KVCache, pad_batch, shared_prefix_batch
 from train import assistant_spans
 
 from .metrics import parse_price
@@ -35,16 +39,16 @@ def _prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 
 @torch.no_grad()
 def continue_prompts(model, tokenizer, ids: list[list[int]], max_new_tokens: int, batch_size: int,
-                     stop_ids: Sequence[int] | None = None) -> list[str]:
+                     stop_ids: Sequence[int] | None = None, share_prefix: bool = True) -> list[str]:
     """Greedy continuations (text of the new tokens only, up to the first stop token) of tokenized
-    prompts; `stop_ids` defaults to EOS."""
+    prompts; `stop_ids` defaults to EOS. `share_prefix`: the batch's common first tokens run once."""
     stop = list(stop_ids) if stop_ids is not None else [t for t in (tokenizer.eos_id,) if t is not None]
     device = next(model.parameters()).device
     texts: list[str] = []
     for rows in _batches(len(ids), batch_size):
-        input_ids, mask = pad_batch(ids[rows], tokenizer.pad_id, side="left")   # (B, T)
-        out = model.generate(input_ids.to(device), max_new_tokens=max_new_tokens,
-                             attention_mask=mask.to(device), temperature=0.0, eos_id=stop or None)
+        input_ids, mask, cache, cached = _prefill_batch(model, tokenizer, ids[rows], max_new_tokens, share_prefix)
+        out = model.generate(input_ids.to(device), max_new_tokens=max_new_tokens, attention_mask=mask.to(device),
+                             temperature=0.0, eos_id=stop or None, cache=cache, cached=cached)
         new = out[:, input_ids.shape[1]:].tolist()                                # (B, n <= max_new_tokens)
         texts += [tokenizer.decode(_until(row, stop)) for row in new]
     return texts
@@ -72,10 +76,11 @@ def chat_replies(model, tokenizer, conversations: Sequence[Sequence[dict]], max_
 
 
 def greedy_prices(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 6,
-                  batch_size: int = 64) -> tuple[list[float], list[str]]:
+                  batch_size: int = 64, share_prefix: bool = True) -> tuple[list[float], list[str]]:
     """(prices, raw answers): the first number the model writes after each `Price is $`."""
     model.eval()
-    texts = continue_prompts(model, tokenizer, _prompt_ids(tokenizer, prompts), max_new_tokens, batch_size)
+    texts = continue_prompts(model, tokenizer, _prompt_ids(tokenizer, prompts), max_new_tokens, batch_size,
+                             share_prefix=share_prefix)
     return [parse_price(t) for t in texts], texts
 
 
@@ -88,9 +93,10 @@ def top_k_average_prices(model, tokenizer, prompts: Sequence[str], k: int = 3, m
 
 @torch.no_grad()
 def greedy_and_top_k_prices(model, tokenizer, prompts: Sequence[str], k: int = 3, max_new_tokens: int = 6,
-                            batch_size: int = 64) -> tuple[list[float], list[float]]:
+                            batch_size: int = 64, share_prefix: bool = True) -> tuple[list[float], list[float]]:
     """(greedy prices, top-k averages) in one pass: the first candidate (the most likely first token,
-    finished greedily) is what `greedy_prices` answers; the K candidates give the top-k average."""
+    finished greedily) is what `greedy_prices` answers; the K candidates give the top-k average.
+    `share_prefix`: the question every prompt opens with runs once a batch (`shared_prefix_batch`)."""
     if k < 1:
         raise ValueError(f"top-k average needs k >= 1, got {k}")
     model.eval()
@@ -100,11 +106,11 @@ def greedy_and_top_k_prices(model, tokenizer, prompts: Sequence[str], k: int = 3
     prices: list[float] = []
     stop = [t for t in (tokenizer.eos_id,) if t is not None]
     for rows in _batches(len(ids), batch_size):
-        input_ids, mask = pad_batch(ids[rows], tokenizer.pad_id, side="left")    # (B, T)
-        input_ids, mask = input_ids.to(device), mask.to(device)
+        input_ids, mask, cache, cached = _prefill_batch(model, tokenizer, ids[rows], max_new_tokens, share_prefix)
+        input_ids, mask = input_ids.to(device), mask.to(device)                  # (B, T)
         B, T = input_ids.shape
-        cache = KVCache.for_model(model, B, T + max_new_tokens)
-        hidden = model.model(input_ids, attention_mask=mask, cache=cache)[:, -1]  # (B, D), the prompts cached
+        hidden = model.model(input_ids[:, cached:], attention_mask=mask, cache=cache,
+                             cache_start=cached)[:, -1]                          # (B, D), the prompts cached
         probs = torch.softmax(model.lm_head(hidden).float(), dim=-1)             # (B, V)
         top_p, top_id = probs.topk(k, dim=-1)                                    # (B, K)
         rest, tokens = [""] * (B * k), [[] for _ in range(B * k)]
@@ -124,6 +130,16 @@ def greedy_and_top_k_prices(model, tokenizer, prompts: Sequence[str], k: int = 3
             weight = sum(p for _, p in pairs)
             prices.append(sum(n * p for n, p in pairs) / weight if pairs else 0.0)
     return greedy, prices
+
+
+def _prefill_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int, share_prefix: bool):
+    """(input_ids, mask, cache, cached) of a batch, left-padded: with `share_prefix` the first tokens
+    all prompts share (the pricer's question: 17 of its 38 tokens) already cached, run once; else an
+    empty cache (cached = 0), every prompt from its first token."""
+    if share_prefix:
+        return shared_prefix_batch(model, ids, tokenizer.pad_id, max_new_tokens)
+    input_ids, mask = pad_batch(ids, tokenizer.pad_id, side="left")
+    return input_ids, mask, KVCache.for_model(model, len(ids), input_ids.shape[1] + max_new_tokens), 0
 
 
 def _until(ids: list[int], stop: Sequence[int]) -> list[int]:
