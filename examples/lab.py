@@ -105,6 +105,7 @@ def total(lab: Lab) -> str:
         else:
             lines.append(f"On a GPU ({runs[0]['device']}, `--device cuda`, runs side by side), {len(runs)} runs: "
                          f"{(end - start) / 60:.0f} minutes {span}; commit {commits}.")
+    lines += [whole_lab_on_cpu(lab, specs, stored["cpu"])] if stored["cpu"] else []
     for name in ("nf4", "seed"):   # they store no runs: the time their last command took
         path = os.path.join(lab.out, f"{name}.json")
         took = json.load(open(path)).get("took_s") if os.path.isfile(path) else None
@@ -115,6 +116,25 @@ def total(lab: Lab) -> str:
         f.write(" ".join(lines) + "\n")
     os.replace(path + ".tmp", path)
     return path
+
+
+def whole_lab_on_cpu(lab: Lab, specs: list[RunSpec], cpu_runs: list[dict]) -> str:
+    """What every training run would take on this machine alone: the CPU runs' measured seconds, and for
+    each run stored only on a GPU its recipe's CPU seconds a step here (measured, `step_cpu.json`) times
+    its steps, plus the CPU runs' mean seconds to load and score."""
+    measured = sum(r["cpu_s"] for r in cpu_runs)
+    scored = [r for r in cpu_runs if RunSpec(**r["spec"]).score]
+    overhead = sum(r["cpu_s"] - r["cpu_s_per_step"] * r["steps"] for r in scored) / max(1, len(scored))
+    per_step = lab._step_cpu() | {Estimate.cost_key(RunSpec(**r["spec"])): r["cpu_s_per_step"] for r in cpu_runs}
+    missing = [replace(s, device="cpu") for s in specs if load_result(replace(s, device="cpu"), lab.out) is None]
+    known = [s for s in missing if Estimate.cost_key(s) in per_step]
+    estimated = sum(per_step[Estimate.cost_key(s)] * labsweeps.steps_of(s.settings) + overhead for s in known)
+    total_h = (measured + estimated) / 3600
+    unknown = f"; {len(missing) - len(known)} runs not estimated (no step of their recipe measured here)" if len(known) < len(missing) else ""
+    return (f"On this machine alone the lab's training runs would take about {total_h:.1f} CPU hours, about "
+            f"{total_h / 2:.1f} hours with `--jobs 2` on its two cores: {len(cpu_runs)} runs measured here, "
+            f"{len(known)} estimated from their recipe's CPU seconds a step measured here times their steps, plus "
+            f"{overhead:.0f} s a run to load and score{unknown}.")
 
 
 def report(out: str, page: str) -> str:
