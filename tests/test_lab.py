@@ -210,6 +210,8 @@ def test_report_fills_the_markers_from_the_stored_runs_and_leaves_the_prose(tiny
     runs = [json.loads(p.read_text()) for p in (tmp_path / "lab" / "runs").iterdir()]
     assert f"training runs: {len(runs)} of {len(runs) + 1} stored (the rest not run yet; the same command runs them, resuming from the stored ones)" in text
     assert f"{sum(r['cpu_s'] for r in runs):,.0f} CPU seconds" in text
+    # the whole lab on this machine alone: the stored runs measured, the missing one from its recipe's step cost
+    assert f"{len(runs)} runs measured here, 1 estimated from their recipe's CPU seconds a step" in text
 
 
 def test_a_gpu_run_is_another_run_and_a_row_never_mixes_devices(tiny, tmp_path):
