@@ -130,7 +130,8 @@ def whole_lab_on_cpu(lab: Lab, specs: list[RunSpec], cpu_runs: list[dict]) -> st
     known = [s for s in missing if Estimate.cost_key(s) in per_step]
     estimated = sum(per_step[Estimate.cost_key(s)] * labsweeps.steps_of(s.settings) + overhead for s in known)
     total_h = (measured + estimated) / 3600
-    unknown = f"; {len(missing) - len(known)} runs not estimated (no step of their recipe measured here)" if len(known) < len(missing) else ""
+    unknown = (f"; {len(missing) - len(known)} runs not estimated (no step of their recipe measured here)"
+               if len(known) < len(missing) else "")
     return (f"On this machine alone the lab's training runs would take about {total_h:.1f} CPU hours, about "
             f"{total_h / 2:.1f} hours with `--jobs 2` on its two cores: {len(cpu_runs)} runs measured here, "
             f"{len(known)} estimated from their recipe's CPU seconds a step measured here times their steps, plus "

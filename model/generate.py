@@ -72,7 +72,7 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "left") -> tuple[t
 
 @torch.no_grad()
 def shared_prefix_batch(
-    model: nn.Module, seqs: list[list[int]], pad_id: int, max_new_tokens: int
+    model: nn.Module, seqs: list[list[int]], pad_id: int, max_new_tokens: int, share: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, list[KVCache], int]:
     """A batch of prompts whose first tokens are the same for all (a question asked of many items),
     with those tokens run once: -> (input_ids, attention_mask, cache, cached).
@@ -86,8 +86,9 @@ def shared_prefix_batch(
 
     input_ids, attention_mask: (B, P + S), S the longest row after its shared tokens; the cache has
     room for max_new_tokens more positions; cached = P. Every row keeps at least its last token
-    unshared. A sliding-window model (whose window counts cache slots, padding too) and prompts with
-    fewer than 2 tokens in common get the plain left-padded batch and cached = 0.
+    unshared. A sliding-window model (whose window counts cache slots, padding too), prompts with
+    fewer than 2 tokens in common and `share=False` get the plain left-padded batch, an empty cache and
+    cached = 0: every prompt from its first token.
     """
     if not seqs or not all(seqs):
         raise ValueError("shared_prefix_batch needs at least one prompt, none of them empty")
@@ -95,7 +96,7 @@ def shared_prefix_batch(
     shortest = min(len(s) for s in seqs)
     while P < shortest - 1 and all(s[P] == seqs[0][P] for s in seqs):
         P += 1
-    if P < 2 or any(model.config.is_sliding(i) for i in range(model.config.num_hidden_layers)):
+    if not share or P < 2 or any(model.config.is_sliding(i) for i in range(model.config.num_hidden_layers)):
         input_ids, mask = pad_batch(seqs, pad_id, side="left")
         return input_ids, mask, KVCache.for_model(model, len(seqs), input_ids.shape[1] + max_new_tokens), 0
     rest, rest_mask = pad_batch([s[P:] for s in seqs], pad_id, side="left")      # (B, S)

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from model import KVCache, pad_batch, shared_prefix_batch
+from model import KVCache, shared_prefix_batch
 from train import assistant_spans
 
 from .metrics import parse_price
@@ -46,7 +46,8 @@ def continue_prompts(model, tokenizer, ids: list[list[int]], max_new_tokens: int
     device = next(model.parameters()).device
     texts: list[str] = []
     for rows in _batches(len(ids), batch_size):
-        input_ids, mask, cache, cached = _prefill_batch(model, tokenizer, ids[rows], max_new_tokens, share_prefix)
+        input_ids, mask, cache, cached = shared_prefix_batch(model, ids[rows], tokenizer.pad_id, max_new_tokens,
+                                                             share_prefix)   # (B, T), the first `cached` columns cached
         out = model.generate(input_ids.to(device), max_new_tokens=max_new_tokens, attention_mask=mask.to(device),
                              temperature=0.0, eos_id=stop or None, cache=cache, cached=cached)
         new = out[:, input_ids.shape[1]:].tolist()                                # (B, n <= max_new_tokens)
@@ -106,8 +107,9 @@ def greedy_and_top_k_prices(model, tokenizer, prompts: Sequence[str], k: int = 3
     prices: list[float] = []
     stop = [t for t in (tokenizer.eos_id,) if t is not None]
     for rows in _batches(len(ids), batch_size):
-        input_ids, mask, cache, cached = _prefill_batch(model, tokenizer, ids[rows], max_new_tokens, share_prefix)
-        input_ids, mask = input_ids.to(device), mask.to(device)                  # (B, T)
+        input_ids, mask, cache, cached = shared_prefix_batch(model, ids[rows], tokenizer.pad_id, max_new_tokens,
+                                                             share_prefix)   # (B, T), the first `cached` columns cached
+        input_ids, mask = input_ids.to(device), mask.to(device)
         B, T = input_ids.shape
         hidden = model.model(input_ids[:, cached:], attention_mask=mask, cache=cache,
                              cache_start=cached)[:, -1]                          # (B, D), the prompts cached
@@ -130,16 +132,6 @@ def greedy_and_top_k_prices(model, tokenizer, prompts: Sequence[str], k: int = 3
             weight = sum(p for _, p in pairs)
             prices.append(sum(n * p for n, p in pairs) / weight if pairs else 0.0)
     return greedy, prices
-
-
-def _prefill_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int, share_prefix: bool):
-    """(input_ids, mask, cache, cached) of a batch, left-padded: with `share_prefix` the first tokens
-    all prompts share (the pricer's question: 17 of its 38 tokens) already cached, run once; else an
-    empty cache (cached = 0), every prompt from its first token."""
-    if share_prefix:
-        return shared_prefix_batch(model, ids, tokenizer.pad_id, max_new_tokens)
-    input_ids, mask = pad_batch(ids, tokenizer.pad_id, side="left")
-    return input_ids, mask, KVCache.for_model(model, len(ids), input_ids.shape[1] + max_new_tokens), 0
 
 
 def _until(ids: list[int], stop: Sequence[int]) -> list[int]:
