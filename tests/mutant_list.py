@@ -64,7 +64,7 @@ MUTANTS = [
            "layer.compile(**compile_kwargs)", "pass", k(MODEL, "compiled")),
     Mutant("train() ignores compile", "train/loop.py",
            "    if config.compile:", "    if False:", k(TRAIN, "compile")),
-    Mutant("autocast_dtype ignored", "train/loop.py",
+    Mutant("autocast_dtype ignored", "train/validation.py",
            "    if dtype is None:\n        return nullcontext", "    if True:\n        return nullcontext",
            k(TRAIN, "bf16")),
     # ---------------------------------------------------------------- DDP and FSDP

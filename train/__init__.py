@@ -13,7 +13,8 @@ from .checkpoint import (
 from .config import OPTIMIZERS, TrainConfig
 from .data import IGNORE_INDEX, Example, LengthBucketSampler, as_examples, build_examples, collate, epoch_batches
 from .jsonl import ChatData, load_chat_jsonl, read_jsonl_conversations, to_conversation
-from .loop import TrainResult, evaluate, train, training_step
+from .loop import TrainResult, train, training_step
+from .validation import evaluate
 from .loss import answer_loss
 from .optim import AdamW, make_optimizer
 from .precision import LossScaler

@@ -19,7 +19,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,12 +32,13 @@ from .distributed import (DistContext, all_gather_object, all_reduce_sum, setup_
                           teardown_distributed)
 from .fsdp import OPTIMIZER_DIR, even_eval_batches, gathered_trainable, load_optimizer, save_optimizer, wrap_model
 from .log import RunLogger, default_run_name
-from .loss import AnswerLossModule, answer_loss, answer_positions, unwrap
+from .loss import AnswerLossModule, unwrap
 from .optim import make_optimizer
 from .plan import DataPlan
 from .precision import NO_SCALING, LossScaler
 from .schedule import cosine_with_warmup
 from .signals import StopSignals, TrainingInterrupted
+from .validation import autocast_context, eval_batches, loss_totals, pad_id_of
 
 
 @dataclass
@@ -98,72 +99,6 @@ def training_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, torc
     return mean_loss, float(grad_norm), lr
 
 
-@torch.no_grad()
-def _loss_totals(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device, autocast) -> tuple[float, int]:
-    """(summed answer-token loss, number of answer tokens) over the batches, the model in eval mode."""
-    model = unwrap(model)  # the model, or the AnswerLossModule around it (FSDP runs the pair as one)
-    loss_sum = model if isinstance(model, AnswerLossModule) else (
-        lambda i, l, position_ids: answer_loss(model, i, l, reduction="sum", position_ids=position_ids))
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for batch in batches:
-            input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-            position_ids = batch["position_ids"].to(device) if "position_ids" in batch else None
-            with autocast():
-                total += loss_sum(input_ids, labels, position_ids=position_ids).item()
-            count += int(answer_positions(labels, position_ids).sum())
-    finally:
-        model.train(was_training)
-    return total, count
-
-
-def evaluate(model: nn.Module, batches_or_items, tokenizer=None, batch_size: int = 8, max_len: int | None = None,
-             device: str | torch.device | None = None, autocast_dtype: torch.dtype | None = None,
-             add_eos: bool = True) -> float:
-    """Mean cross-entropy per answer token over a validation set.
-
-    `batches_or_items`: (prompt, answer) string pairs (then `tokenizer` is required) or `Example`s
-    (e.g. `chat_example`'s), or batch dicts with input_ids and labels (B, T) as `collate` makes them
-    (and position_ids, packed rows as `collate_packed` makes them).
-    """
-    data = list(batches_or_items)
-    if not data:
-        raise ValueError("evaluate got no data: pass (prompt, answer) pairs or collated batches")
-    device = device if device is not None else next(unwrap(model).parameters()).device
-    if isinstance(data[0], dict):
-        batches = data
-    else:
-        if tokenizer is None and not all(isinstance(x, Example) for x in data):
-            raise ValueError("evaluate needs a tokenizer to turn (prompt, answer) pairs into token ids")
-        examples, _ = as_examples(tokenizer, data, max_len, add_eos)
-        batches = _eval_batches(examples, batch_size, _pad_id(tokenizer))
-    total, count = _loss_totals(model, batches, device, _autocast(device, autocast_dtype))
-    if count == 0:
-        raise ValueError("evaluate: no answer tokens in the data")
-    return total / count
-
-
-def _eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    ordered = sorted(examples, key=lambda e: len(e.input_ids))  # similar lengths together: little padding
-    return [collate(ordered[i:i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
-
-
-def _pad_id(tokenizer) -> int:
-    for name in ("pad_id", "eos_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None and value >= 0:
-            return value
-    return 0  # never attended by a real token nor labelled: any id will do
-
-
-def _autocast(device, dtype: torch.dtype | None):
-    if dtype is None:
-        return nullcontext
-    return lambda: torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -190,7 +125,73 @@ def train(model: nn.Module, tokenizer, train_items: Sequence[tuple[str, str] | E
         teardown_distributed(ctx)
 
 
+@dataclass
+class RunState:
+    """What a run has done so far: written into each checkpoint, read back on resume."""
+
+    step: int = 0                                      # optimizer steps done
+    train_losses: list[tuple[int, float]] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    run_name: str = ""
+    checkpoint: str | None = None                      # the last checkpoint this run wrote
+
+
+@dataclass
+class Run:
+    """What a run is made of, built once before its first step and never changed by a step."""
+
+    model: nn.Module
+    config: TrainConfig
+    ctx: DistContext
+    examples: list[Example]
+    val_examples: list[Example]
+    skipped: int                                       # training items with no answer token
+    plan: DataPlan
+    total_steps: int
+    warmup: int
+    pad_id: int
+    autocast: Callable
+    loss_module: nn.Module | None = None               # what the step calls: the loss around the model
+    params: list[nn.Parameter] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    scaler: LossScaler = NO_SCALING
+    logger: RunLogger | None = None
+
+
 def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume: bool, ctx: DistContext) -> TrainResult:
+    run = _prepare(model, tokenizer, train_items, val_items, config, resume, ctx)
+    saved = _resume_point(run) if resume else None     # the adapter goes in before DDP/FSDP wraps the model
+    _build_optimization(run)
+    state = _restore(run, *saved) if saved else RunState(run_name=config.run_name or default_run_name())
+    run.logger = RunLogger(config.out_dir, state.run_name, run.total_steps, state.step, config.summary(),
+                           config.progress, ctx.is_main)
+    stop, stopped = StopSignals().install(), 0  # SIGTERM/SIGINT: finish the step, save, stop
+    try:
+        while state.step < run.total_steps:
+            _one_step(run, state)
+            last = state.step == run.total_steps
+            if run.val_examples and ((config.eval_every and state.step % config.eval_every == 0) or last):
+                _evaluate(run, state)
+            if (last and (config.save_every or config.parallel == "fsdp")) or (  # FSDP: the adapter
+                    config.save_every and state.step % config.save_every == 0):
+                state.checkpoint = _save(run, state)
+            stopped = stop.agreed(ctx)  # a signal: every rank stops after this same step
+            if stopped:
+                state.checkpoint = _save(run, state) if config.out_dir else None
+                break
+    finally:
+        done = state.val_losses and state.step == run.total_steps
+        run.logger.close({"hparam/final_eval_loss": state.val_losses[-1][1]} if done else None)
+        stop.restore()
+    if stopped:  # also after the last step: the caller asked to stop, and may resume to finish its work
+        raise TrainingInterrupted(stopped, state.step, run.total_steps, state.checkpoint)
+    return TrainResult(state.step, run.total_steps, state.train_losses, state.val_losses, config.out_dir,
+                       run.logger.run_dir, run.skipped, run.scaler.skipped)
+
+
+def _prepare(model, tokenizer, train_items, val_items, config: TrainConfig, resume: bool, ctx: DistContext) -> Run:
+    """Check the inputs, tokenize, plan the steps, and put the model on its device in training mode."""
     train_items = list(train_items)
     if not train_items:
         raise ValueError("train_items is empty: pass a list of (prompt, answer) string pairs or Examples")
@@ -201,118 +202,112 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
     if not examples:
         raise ValueError(f"none of the {len(train_items)} training items has an answer token to train on")
     val_examples = as_examples(tokenizer, val_items, config.max_len, config.add_eos)[0] if val_items else []
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     plan = DataPlan(examples, config, ctx.world_size, pad_id)
     total_steps = config.max_steps or config.epochs * plan.steps_per_epoch
-    warmup = config.warmup_for(total_steps)
-
     model.to(ctx.device)
     if config.grad_checkpointing:
         model.set_gradient_checkpointing(config.grad_checkpointing)
     if config.compile:  # fused norms, RoPE and SwiGLU; the first steps pay for compiling
         unwrap(model).compile_layers()
     model.train()
+    return Run(model, config, ctx, examples, val_examples, skipped, plan, total_steps, config.warmup_for(total_steps),
+               pad_id, autocast_context(ctx.device, config.autocast_dtype))
 
-    state = None
-    if resume:
-        path = latest_checkpoint(config.out_dir)  # the newest that passes its manifest
-        if path is None:
-            raise ValueError(f"resume=True but {config.out_dir} holds no complete checkpoint-<step>/ folder")
-        state = load_checkpoint(path, model, verify=False)
-        if state["total_steps"] != total_steps:
-            warnings.warn(f"{path} was saved by a run of {state['total_steps']} steps; this one has {total_steps}")
 
-    if not any(p.requires_grad for p in model.parameters()):
+def _resume_point(run: Run) -> tuple[str, dict]:
+    """The newest checkpoint that passes its manifest: its adapter loaded into the model, its training state."""
+    path = latest_checkpoint(run.config.out_dir)
+    if path is None:
+        raise ValueError(f"resume=True but {run.config.out_dir} holds no complete checkpoint-<step>/ folder")
+    saved = load_checkpoint(path, run.model, verify=False)
+    if saved["total_steps"] != run.total_steps:
+        warnings.warn(f"{path} was saved by a run of {saved['total_steps']} steps; this one has {run.total_steps}")
+    return path, saved
+
+
+def _build_optimization(run: Run) -> None:
+    """The loss module (DDP or FSDP around the model), AdamW over the trainable parameters, the cosine
+    schedule as a multiplier of the base learning rate, and fp16's loss scaler."""
+    config, ctx = run.config, run.ctx
+    if not any(p.requires_grad for p in run.model.parameters()):
         raise ValueError("the model has no trainable parameters: apply LoRA first (lora.apply_lora)")
-    loss_module = wrap_model(AnswerLossModule(model), ctx, config.parallel)  # DDP, or FSDP's shards
-    params = [p for p in loss_module.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config)
-    min_ratio = config.min_lr_ratio
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup, 1.0, min_ratio))
-    scaler = LossScaler(config.autocast_dtype == torch.float16, ctx.device, config.fp16_init_scale,
-                        config.fp16_growth_interval)
-    step, train_losses, val_losses = 0, [], []
-    run_name = config.run_name or default_run_name()
-    if state is not None:
-        load_optimizer(loss_module, optimizer, state, path, config.parallel)
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        train_losses = [tuple(x) for x in state["train_losses"]]
-        val_losses = [tuple(x) for x in state["val_losses"]]
-        run_name = config.run_name or state["run_name"]
-        scaler.load_state_dict(state.get("loss_scaler", {}))
-        rngs = state["rng"]  # one per rank: each process continues its own dropout stream
-        set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
+    run.loss_module = wrap_model(AnswerLossModule(run.model), ctx, config.parallel)  # DDP, or FSDP's shards
+    run.params = [p for p in run.loss_module.parameters() if p.requires_grad]
+    run.optimizer = make_optimizer(run.params, config)
+    total_steps, warmup, min_ratio = run.total_steps, run.warmup, config.min_lr_ratio
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        run.optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup, 1.0, min_ratio))
+    run.scaler = LossScaler(config.autocast_dtype == torch.float16, ctx.device, config.fp16_init_scale,
+                            config.fp16_growth_interval)
 
-    autocast = _autocast(ctx.device, config.autocast_dtype)
-    val_shard = val_examples[ctx.rank::ctx.world_size]
-    logger = RunLogger(config.out_dir, run_name, total_steps, step, config.summary(), config.progress, ctx.is_main)
 
-    def run_eval() -> None:
-        batches = _eval_batches(val_shard, config.batch_size, pad_id)
-        if config.parallel == "fsdp":  # every forward is a collective: the same count on every rank
-            batches = even_eval_batches(batches, ctx, collate(val_examples[:1], pad_id))
-        total, count = _loss_totals(loss_module, batches, ctx.device, autocast) if batches else (0.0, 0)
-        if config.parallel == "fsdp":  # the root stays gathered after a forward without backward: free it
-            loss_module.reshard()
-        t = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64, device=ctx.device), ctx)
-        val_losses.append((step, t[0].item() / max(t[1].item(), 1.0)))
-        logger.log_eval(step, val_losses[-1][1])
+def _restore(run: Run, path: str, saved: dict) -> RunState:
+    """Optimizer moments, schedule, loss scale and random-number states as the checkpoint left them."""
+    load_optimizer(run.loss_module, run.optimizer, saved, path, run.config.parallel)
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.scaler.load_state_dict(saved.get("loss_scaler", {}))
+    rngs = saved["rng"]  # one per rank: each process continues its own dropout stream
+    set_rng_state(rngs[run.ctx.rank] if len(rngs) == run.ctx.world_size else rngs[0])
+    return RunState(saved["step"], [tuple(x) for x in saved["train_losses"]], [tuple(x) for x in saved["val_losses"]],
+                    run.config.run_name or saved["run_name"])
 
-    def save() -> str:
-        path = os.path.join(config.out_dir, f"checkpoint-{step}")
-        if checkpoint == path:  # this step is saved already (a signal right after save_every)
-            return path
-        rngs = all_gather_object(rng_state(), ctx)
-        sharded, move_in = config.parallel == "fsdp", {}
-        if sharded:  # every rank writes its optimizer shard; rank 0 moves the folder into the checkpoint
-            move_in[OPTIMIZER_DIR] = os.path.join(config.out_dir, f".{OPTIMIZER_DIR}-{step}.tmp")
-            save_optimizer(loss_module, optimizer, move_in[OPTIMIZER_DIR], ctx)
-        with gathered_trainable(model) if sharded else nullcontext():  # the full adapter, once, PEFT's layout
-            if ctx.is_main:
-                epoch, k = divmod(step, plan.steps_per_epoch)
-                save_checkpoint(config.out_dir, step, unwrap(model), {
-                    "step": step, "epoch": epoch, "step_in_epoch": k, "total_steps": total_steps, "warmup_steps": warmup,
-                    **({} if sharded else {"optimizer": optimizer.state_dict()}), "scheduler": scheduler.state_dict(),
-                    "rng": rngs, "train_losses": [list(x) for x in train_losses], "val_losses": [list(x) for x in val_losses],
-                    "run_name": run_name, "world_size": ctx.world_size, "parallel": config.parallel,
-                    "loss_scaler": scaler.state_dict(),
-                }, config.keep_last, move_in)
-                logger.flush()
-        all_reduce_sum(torch.zeros((), device=ctx.device), ctx)  # a barrier: no rank exits before the save is done
+
+def _one_step(run: Run, state: RunState) -> None:
+    """The rows of this step (`DataPlan`), as tensors on the device, through `training_step`; logged."""
+    ctx = run.ctx
+    micro_rows = run.plan.step_batches(state.step)  # micro-batches -> rows -> example indices
+    step_examples = [run.examples[i] for mb in micro_rows for row in mb for i in row]
+    n_answer_tokens = sum(e.n_answer_tokens for e in step_examples)
+    n_tokens = sum(len(e.input_ids) for e in step_examples)
+    micro_batches = [{k: v.to(ctx.device, non_blocking=True) for k, v in run.plan.collate(mb[ctx.rank::ctx.world_size]).items()}
+                     for mb in micro_rows]  # each rank its share of the rows
+    t0 = time.perf_counter()
+    loss, grad_norm, lr = training_step(run.loss_module, micro_batches, run.optimizer, run.scheduler, run.params,
+                                        n_answer_tokens, ctx, run.config.max_grad_norm, run.autocast, state.step + 1,
+                                        run.scaler)
+    state.step += 1
+    state.train_losses.append((state.step, loss))
+    run.logger.log_step(state.step, loss, lr, grad_norm, n_tokens / (time.perf_counter() - t0),
+                        write=state.step % run.config.log_every == 0 or state.step == run.total_steps)
+
+
+def _evaluate(run: Run, state: RunState) -> None:
+    """The validation loss over every rank's share of the validation examples, logged at this step."""
+    config, ctx = run.config, run.ctx
+    batches = eval_batches(run.val_examples[ctx.rank::ctx.world_size], config.batch_size, run.pad_id)
+    if config.parallel == "fsdp":  # every forward is a collective: the same count on every rank
+        batches = even_eval_batches(batches, ctx, collate(run.val_examples[:1], run.pad_id))
+    total, count = loss_totals(run.loss_module, batches, ctx.device, run.autocast) if batches else (0.0, 0)
+    if config.parallel == "fsdp":  # the root stays gathered after a forward without backward: free it
+        run.loss_module.reshard()
+    t = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64, device=ctx.device), ctx)
+    state.val_losses.append((state.step, t[0].item() / max(t[1].item(), 1.0)))
+    run.logger.log_eval(state.step, state.val_losses[-1][1])
+
+
+def _save(run: Run, state: RunState) -> str:
+    """checkpoint-<step>/: the adapter (gathered once, PEFT's layout), the optimizer, the schedule, every
+    rank's random-number states and the losses so far; returns its path."""
+    config, ctx, step = run.config, run.ctx, state.step
+    path = os.path.join(config.out_dir, f"checkpoint-{step}")
+    if state.checkpoint == path:  # this step is saved already (a signal right after save_every)
         return path
-
-    stop, stopped, checkpoint = StopSignals().install(), 0, None  # SIGTERM/SIGINT: finish the step, save, stop
-    try:
-        while step < total_steps:
-            micro_rows = plan.step_batches(step)  # micro-batches -> rows -> example indices
-            step_examples = [examples[i] for mb in micro_rows for row in mb for i in row]
-            n_answer_tokens = sum(e.n_answer_tokens for e in step_examples)
-            n_tokens = sum(len(e.input_ids) for e in step_examples)
-            micro_batches = [{k: v.to(ctx.device, non_blocking=True) for k, v in plan.collate(mb[ctx.rank::ctx.world_size]).items()}
-                             for mb in micro_rows]  # each rank its share of the rows
-            t0 = time.perf_counter()
-            loss, grad_norm, lr = training_step(loss_module, micro_batches, optimizer, scheduler, params,
-                                                n_answer_tokens, ctx, config.max_grad_norm, autocast, step + 1, scaler)
-            step += 1
-            train_losses.append((step, loss))
-            logger.log_step(step, loss, lr, grad_norm, n_tokens / (time.perf_counter() - t0),
-                            write=step % config.log_every == 0 or step == total_steps)
-            if val_examples and (
-                    (config.eval_every and step % config.eval_every == 0) or step == total_steps):
-                run_eval()
-            last = step == total_steps and (config.save_every or config.parallel == "fsdp")  # FSDP: the adapter
-            if last or (config.save_every and step % config.save_every == 0):
-                checkpoint = save()
-            stopped = stop.agreed(ctx)  # a signal: every rank stops after this same step
-            if stopped:
-                checkpoint = save() if config.out_dir else None
-                break
-    finally:
-        logger.close({"hparam/final_eval_loss": val_losses[-1][1]} if val_losses and step == total_steps else None)
-        stop.restore()
-    if stopped:  # also after the last step: the caller asked to stop, and may resume to finish its work
-        raise TrainingInterrupted(stopped, step, total_steps, checkpoint)
-    return TrainResult(step, total_steps, train_losses, val_losses, config.out_dir, logger.run_dir, skipped,
-                       scaler.skipped)
+    rngs = all_gather_object(rng_state(), ctx)
+    sharded, move_in = config.parallel == "fsdp", {}
+    if sharded:  # every rank writes its optimizer shard; rank 0 moves the folder into the checkpoint
+        move_in[OPTIMIZER_DIR] = os.path.join(config.out_dir, f".{OPTIMIZER_DIR}-{step}.tmp")
+        save_optimizer(run.loss_module, run.optimizer, move_in[OPTIMIZER_DIR], ctx)
+    with gathered_trainable(run.model) if sharded else nullcontext():  # the full adapter, once, PEFT's layout
+        if ctx.is_main:
+            epoch, k = divmod(step, run.plan.steps_per_epoch)
+            save_checkpoint(config.out_dir, step, unwrap(run.model), {
+                "step": step, "epoch": epoch, "step_in_epoch": k, "total_steps": run.total_steps,
+                "warmup_steps": run.warmup, **({} if sharded else {"optimizer": run.optimizer.state_dict()}),
+                "scheduler": run.scheduler.state_dict(), "rng": rngs, "train_losses": [list(x) for x in state.train_losses],
+                "val_losses": [list(x) for x in state.val_losses], "run_name": state.run_name,
+                "world_size": ctx.world_size, "parallel": config.parallel, "loss_scaler": run.scaler.state_dict(),
+            }, config.keep_last, move_in)
+            run.logger.flush()
+    all_reduce_sum(torch.zeros((), device=ctx.device), ctx)  # a barrier: no rank exits before the save is done
+    return path
