@@ -32,6 +32,7 @@ setup(
             "pytest==9.2.0",
             "transformers==5.23.0",
             "peft==0.21.2",
+            "trl==1.16.0",        # DPOTrainer and GRPOTrainer, the references of tests/test_dpo.py and test_grpo.py
             "hypothesis==6.170.17",
         ],
         "demo": ["matplotlib==3.11.2"],

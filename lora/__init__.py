@@ -14,12 +14,13 @@
 from .config import LoRAConfig
 from .export import export_merged
 from .gguf_export import GGUF_TYPES, export_gguf, export_gguf_adapter
-from .inject import ParameterCount, apply_lora, lora_modules, merge_lora, trainable_parameters, unmerge_lora
+from .inject import (ParameterCount, adapters_disabled, apply_lora, lora_modules, merge_lora, trainable_parameters,
+                     unmerge_lora)
 from .io import load_adapter, load_lora_state_dict, lora_state_dict, read_adapter, read_adapter_config, save_adapter
 from .layer import LoRALinear
 
 __all__ = [
-    "LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "trainable_parameters",
+    "LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "adapters_disabled", "trainable_parameters",
     "ParameterCount", "lora_modules", "lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter",
     "read_adapter", "read_adapter_config", "export_merged", "export_gguf", "export_gguf_adapter", "GGUF_TYPES",
 ]

@@ -224,7 +224,8 @@ def can_fuse(layers: Sequence[nn.Module], x: torch.Tensor) -> bool:
     if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
         return False  # autocast would cast x and the bases op by op: the plain path follows it
     for layer in layers:
-        if not getattr(layer, "handwritten_backward", False) or layer.merged or getattr(layer, "use_dora", False):
+        if not getattr(layer, "handwritten_backward", False) or layer.merged or layer.disabled or getattr(
+                layer, "use_dora", False):
             return False
         base = layer.base_layer
         dtype = base.compute_dtype if isinstance(base, Linear4bit) else base.weight.dtype

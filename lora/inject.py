@@ -7,7 +7,9 @@ a module is a target when its full dotted name equals a target or ends with "." 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -118,6 +120,23 @@ def merge_lora(model: nn.Module) -> None:
             raise ValueError(f"cannot merge the adapter of {name}: its weight is shared by {shared}")
     for m in lora_modules(model).values():
         m.merge()
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every adapter is switched off: the model answers as its base alone (PEFT's
+    `disable_adapter()`), e.g. the reference of preference tuning. The adapters are back on after it,
+    whatever happens inside. A merged model has no base to fall back to: ValueError."""
+    layers = list(lora_modules(model).values())
+    if any(m.merged for m in layers):
+        raise ValueError("cannot switch the adapters off: they are merged into the base weights (unmerge_lora first)")
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def unmerge_lora(model: nn.Module) -> None:

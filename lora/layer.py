@@ -49,6 +49,7 @@ class LoRALinear(nn.Module):
     """
 
     handwritten_backward = True
+    disabled = False  # `lora.adapters_disabled`: the base alone answers (a reference for DPO and GRPO)
 
     def __init__(
         self,
@@ -104,7 +105,7 @@ class LoRALinear(nn.Module):
         if can_fuse((self,), x):
             return lora_projections(x, (self,))[0]
         y = self.base_layer(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         A, B = self.lora_A.weight, self.lora_B.weight                    # (r, in), (out, r), fp32
         dtype = self.base_layer.compute_dtype if self.base_is_4bit else x.dtype

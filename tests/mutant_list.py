@@ -71,7 +71,7 @@ MUTANTS = [
     Mutant("torchrun ignored: each rank trains alone", "train/distributed.py",
            'if "RANK" not in os.environ or world_size <= 1:', "if True:", k(TRAIN, "gloo")),
     Mutant("DDP loss not scaled by world_size", "train/loop.py",
-           "scale = ctx.world_size / n_answer_tokens", "scale = 1 / n_answer_tokens", k(TRAIN, "gloo")),
+           "scale = ctx.world_size / n_items", "scale = 1 / n_items", k(TRAIN, "gloo")),
     Mutant("validation loss not summed over ranks", "train/distributed.py",
            "    if ctx.enabled:\n        t = t.clone()", "    if False:\n        t = t.clone()", k(TRAIN, "gloo")),
     Mutant("rank 0's LoRA weights not broadcast", "train/distributed.py",

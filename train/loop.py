@@ -1,14 +1,17 @@
 """The training loop: the course's four steps, repeated over mini-batches and epochs.
 
     for each optimizer step:
+        (GRPO: 0. sampling step: G completions of each prompt from the model as it is, and their rewards)
         for each of grad_accum micro-batches:
             1. forward pass   the tokens through the network (the same thing as inference)
             2. loss           cross-entropy of each answer token's prediction: how wrong was it
+                              (DPO: the preference loss of each pair; GRPO: the clipped policy gradient)
             3. backward pass  the gradient of the loss for every LoRA parameter
         4. optimizer step     AdamW nudges each LoRA weight against its gradient; the lr follows the cosine
 
 `training_step` is exactly that; `train` around it tokenizes, orders the data, evaluates, logs,
-checkpoints and resumes.
+checkpoints and resumes, in named steps (`_prepare`, `_restore`, `_one_step`, `_evaluate`, `_save`).
+What differs between supervised, preference and reward tuning lives in an `Objective` (train/objective.py).
 """
 from __future__ import annotations
 
@@ -27,18 +30,18 @@ from torch import nn
 
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import Example, as_examples, collate
 from .distributed import (DistContext, all_gather_object, all_reduce_sum, setup_distributed, sync_gradients,
                           teardown_distributed)
-from .fsdp import OPTIMIZER_DIR, even_eval_batches, gathered_trainable, load_optimizer, save_optimizer, wrap_model
+from .fsdp import OPTIMIZER_DIR, gathered_trainable, load_optimizer, save_optimizer, wrap_model
 from .log import RunLogger, default_run_name
-from .loss import AnswerLossModule, unwrap
+from .loss import unwrap
+from .objective import SFT, Objective
 from .optim import make_optimizer
 from .plan import DataPlan
 from .precision import NO_SCALING, LossScaler
 from .schedule import cosine_with_warmup
 from .signals import StopSignals, TrainingInterrupted
-from .validation import autocast_context, eval_batches, loss_totals, pad_id_of
+from .validation import autocast_context, pad_id_of
 
 
 @dataclass
@@ -51,18 +54,22 @@ class TrainResult:
     run_dir: str | None = None                         # the TensorBoard folder
     skipped_items: int = 0                             # training items with no answer token to learn
     skipped_steps: int = 0                             # fp16: steps skipped because a gradient overflowed
+    metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)      # DPO's rewards, GRPO's...
+    val_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
 
 def training_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]],
                   optimizer: torch.optim.Optimizer, scheduler, params: list[nn.Parameter],
-                  n_answer_tokens: int, ctx: DistContext, max_grad_norm: float | None,
+                  n_items: int, ctx: DistContext, max_grad_norm: float | None,
                   autocast, step: int, scaler: LossScaler = NO_SCALING) -> tuple[float, float, float]:
     """One optimizer step over the micro-batches of this rank; returns (loss, grad_norm, lr).
 
-    Each micro-batch holds input_ids and labels (B, T), and position_ids when packed. k accumulated
-    micro-batches, on any number of ranks, give the gradient of one batch k times larger. fp16
-    (`scaler`) multiplies the loss by S and divides the gradients back (train/precision.py);
-    otherwise the scaler does nothing.
+    Each micro-batch is the keyword arguments of `loss_module`: input_ids and labels (B, T), and
+    position_ids when packed (SFT); the loss module returns its loss summed over what the step's loss
+    is a mean over, `n_items` of them in the whole step: answer tokens (SFT, GRPO's completion
+    tokens) or pairs (DPO). k accumulated micro-batches, on any number of ranks, give the gradient of
+    one batch k times larger. fp16 (`scaler`) multiplies the loss by S and divides the gradients back
+    (train/precision.py); otherwise the scaler does nothing.
     """
     lr = optimizer.param_groups[0]["lr"]
     # The step's loss is the mean over the answer tokens of the whole step (all micro-batches, all
@@ -71,7 +78,7 @@ def training_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, torc
     # the mean of the 8 token losses (and, as gradients add up in .grad, its gradient); (6/3 + 5/5) / 2
     # = 1.5 would weigh each token of the short micro-batch 5/3 times more. DDP and FSDP average the
     # ranks' gradients (a sum / world_size): × world_size makes that the sum over all rows.
-    scale = ctx.world_size / n_answer_tokens
+    scale = ctx.world_size / n_items
     loss_sum = torch.zeros((), device=ctx.device)
     for i, batch in enumerate(micro_batches):
         with sync_gradients(loss_module, now=i == len(micro_batches) - 1):  # all-reduce on the last one only
@@ -80,13 +87,13 @@ def training_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, torc
                 #    turns the tokens into hidden states, the head runs at answer positions only, and
                 #    the cross-entropy against each next token is summed (right padding needs no mask;
                 #    packed rows' position ids mark where each example starts)
-                loss = loss_module(batch["input_ids"], batch["labels"], position_ids=batch.get("position_ids"))
+                loss = loss_module(**batch)
             # 3. backward pass: the gradients accumulate in each LoRA parameter's .grad. For a plain
             #    (un-adapted) head, LinearCrossEntropy already made the head's gradient, softmax − onehot,
             #    during step 2; here autograd only scales it and carries it back through the layers
             (scaler.scale(loss) * scale).backward()  # fp16: times the loss scale S as well
         loss_sum += loss.detach()
-    mean_loss = all_reduce_sum(loss_sum, ctx).item() / n_answer_tokens
+    mean_loss = all_reduce_sum(loss_sum, ctx).item() / n_items
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"non-finite training loss ({mean_loss}) at step {step}; stopping before the update, "
                                  "so the last checkpoint saved stays the last good one")
@@ -105,10 +112,13 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(model: nn.Module, tokenizer, train_items: Sequence[tuple[str, str] | Example],
-          val_items: Sequence[tuple[str, str] | Example] | None, config: TrainConfig, resume: bool = False) -> TrainResult:
+def train(model: nn.Module, tokenizer, train_items: Sequence, val_items: Sequence | None, config: TrainConfig,
+          resume: bool = False, objective: Objective | None = None) -> TrainResult:
     """Fine-tune the trainable (LoRA) parameters of `model` on (prompt, answer) pairs, or on `Example`s
     already tokenized (`train.chat_example`: labels on the assistant turns).
+
+    `objective`: `SFT()` (None, the default), `DPO(...)` (the items are preference rows, train/dpo.py) or
+    `GRPO(rewards=...)` (the items are prompt rows, train/grpo.py): the same loop, another step 2.
 
     The model arrives with LoRA applied (only its parameters require grad). Under torchrun the same
     call trains with DistributedDataParallel, or with `parallel="fsdp"` sharded by FSDP2 (train/fsdp.py;
@@ -120,7 +130,7 @@ def train(model: nn.Module, tokenizer, train_items: Sequence[tuple[str, str] | E
     """
     ctx = setup_distributed(config.device)
     try:
-        return _train(model, tokenizer, train_items, val_items, config, resume, ctx)
+        return _train(model, tokenizer, train_items, val_items, config, resume, ctx, objective or SFT())
     finally:
         teardown_distributed(ctx)
 
@@ -132,6 +142,8 @@ class RunState:
     step: int = 0                                      # optimizer steps done
     train_losses: list[tuple[int, float]] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+    metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    val_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     run_name: str = ""
     checkpoint: str | None = None                      # the last checkpoint this run wrote
 
@@ -143,8 +155,9 @@ class Run:
     model: nn.Module
     config: TrainConfig
     ctx: DistContext
-    examples: list[Example]
-    val_examples: list[Example]
+    objective: Objective
+    examples: list                                     # the objective's units: Examples, pairs or prompts
+    val_examples: list
     skipped: int                                       # training items with no answer token
     plan: DataPlan
     total_steps: int
@@ -159,13 +172,15 @@ class Run:
     logger: RunLogger | None = None
 
 
-def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume: bool, ctx: DistContext) -> TrainResult:
-    run = _prepare(model, tokenizer, train_items, val_items, config, resume, ctx)
+def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume: bool, ctx: DistContext,
+           objective: Objective) -> TrainResult:
+    run = _prepare(model, tokenizer, train_items, val_items, config, resume, ctx, objective)
     saved = _resume_point(run) if resume else None     # the adapter goes in before DDP/FSDP wraps the model
     _build_optimization(run)
     state = _restore(run, *saved) if saved else RunState(run_name=config.run_name or default_run_name())
-    run.logger = RunLogger(config.out_dir, state.run_name, run.total_steps, state.step, config.summary(),
-                           config.progress, ctx.is_main)
+    objective.begin(run, saved[1] if saved else None)  # DPO: the reference's log-probabilities, once
+    run.logger = RunLogger(config.out_dir, state.run_name, run.total_steps, state.step,
+                           {**config.summary(), **objective.summary()}, config.progress, ctx.is_main)
     stop, stopped = StopSignals().install(), 0  # SIGTERM/SIGINT: finish the step, save, stop
     try:
         while state.step < run.total_steps:
@@ -187,21 +202,25 @@ def _train(model, tokenizer, train_items, val_items, config: TrainConfig, resume
     if stopped:  # also after the last step: the caller asked to stop, and may resume to finish its work
         raise TrainingInterrupted(stopped, state.step, run.total_steps, state.checkpoint)
     return TrainResult(state.step, run.total_steps, state.train_losses, state.val_losses, config.out_dir,
-                       run.logger.run_dir, run.skipped, run.scaler.skipped)
+                       run.logger.run_dir, run.skipped, run.scaler.skipped, state.metrics, state.val_metrics)
 
 
-def _prepare(model, tokenizer, train_items, val_items, config: TrainConfig, resume: bool, ctx: DistContext) -> Run:
+def _prepare(model, tokenizer, train_items, val_items, config: TrainConfig, resume: bool, ctx: DistContext,
+             objective: Objective) -> Run:
     """Check the inputs, tokenize, plan the steps, and put the model on its device in training mode."""
     train_items = list(train_items)
     if not train_items:
-        raise ValueError("train_items is empty: pass a list of (prompt, answer) string pairs or Examples")
+        raise ValueError(f"train_items is empty: pass a list of {objective.items}")
     if resume and config.out_dir is None:
         raise ValueError("resume=True needs config.out_dir, the folder holding checkpoint-<step>/")
+    if objective.name != "sft" and (config.packing or config.parallel == "fsdp"):
+        raise ValueError(f"objective {objective.name}: packing and parallel='fsdp' are for sft only; use "
+                         "packing=False and parallel='ddp'")
     _seed_everything(config.seed)
-    examples, skipped = as_examples(tokenizer, train_items, config.max_len, config.add_eos)
+    examples, skipped = objective.units(tokenizer, train_items, config, "train")
     if not examples:
         raise ValueError(f"none of the {len(train_items)} training items has an answer token to train on")
-    val_examples = as_examples(tokenizer, val_items, config.max_len, config.add_eos)[0] if val_items else []
+    val_examples = objective.units(tokenizer, val_items, config, "val")[0] if val_items else []
     pad_id = pad_id_of(tokenizer)
     plan = DataPlan(examples, config, ctx.world_size, pad_id)
     total_steps = config.max_steps or config.epochs * plan.steps_per_epoch
@@ -211,8 +230,8 @@ def _prepare(model, tokenizer, train_items, val_items, config: TrainConfig, resu
     if config.compile:  # fused norms, RoPE and SwiGLU; the first steps pay for compiling
         unwrap(model).compile_layers()
     model.train()
-    return Run(model, config, ctx, examples, val_examples, skipped, plan, total_steps, config.warmup_for(total_steps),
-               pad_id, autocast_context(ctx.device, config.autocast_dtype))
+    return Run(model, config, ctx, objective, examples, val_examples, skipped, plan, total_steps,
+               config.warmup_for(total_steps), pad_id, autocast_context(ctx.device, config.autocast_dtype))
 
 
 def _resume_point(run: Run) -> tuple[str, dict]:
@@ -232,7 +251,7 @@ def _build_optimization(run: Run) -> None:
     config, ctx = run.config, run.ctx
     if not any(p.requires_grad for p in run.model.parameters()):
         raise ValueError("the model has no trainable parameters: apply LoRA first (lora.apply_lora)")
-    run.loss_module = wrap_model(AnswerLossModule(run.model), ctx, config.parallel)  # DDP, or FSDP's shards
+    run.loss_module = wrap_model(run.objective.loss_module(run.model), ctx, config.parallel)  # DDP, or FSDP's shards
     run.params = [p for p in run.loss_module.parameters() if p.requires_grad]
     run.optimizer = make_optimizer(run.params, config)
     total_steps, warmup, min_ratio = run.total_steps, run.warmup, config.min_lr_ratio
@@ -250,40 +269,36 @@ def _restore(run: Run, path: str, saved: dict) -> RunState:
     rngs = saved["rng"]  # one per rank: each process continues its own dropout stream
     set_rng_state(rngs[run.ctx.rank] if len(rngs) == run.ctx.world_size else rngs[0])
     return RunState(saved["step"], [tuple(x) for x in saved["train_losses"]], [tuple(x) for x in saved["val_losses"]],
+                    [tuple(x) for x in saved.get("metrics", [])], [tuple(x) for x in saved.get("val_metrics", [])],
                     run.config.run_name or saved["run_name"])
 
 
 def _one_step(run: Run, state: RunState) -> None:
-    """The rows of this step (`DataPlan`), as tensors on the device, through `training_step`; logged."""
-    ctx = run.ctx
-    micro_rows = run.plan.step_batches(state.step)  # micro-batches -> rows -> example indices
-    step_examples = [run.examples[i] for mb in micro_rows for row in mb for i in row]
-    n_answer_tokens = sum(e.n_answer_tokens for e in step_examples)
-    n_tokens = sum(len(e.input_ids) for e in step_examples)
-    micro_batches = [{k: v.to(ctx.device, non_blocking=True) for k, v in run.plan.collate(mb[ctx.rank::ctx.world_size]).items()}
-                     for mb in micro_rows]  # each rank its share of the rows
+    """The rows of this step (`DataPlan`) as the objective's micro-batches on the device (GRPO: sampled
+    here), through `training_step`; logged."""
+    micro_rows = run.plan.step_batches(state.step)  # micro-batches -> rows -> unit indices
+    micro_batches, n_items, n_tokens = run.objective.batches(run, micro_rows, state.step)
     t0 = time.perf_counter()
     loss, grad_norm, lr = training_step(run.loss_module, micro_batches, run.optimizer, run.scheduler, run.params,
-                                        n_answer_tokens, ctx, run.config.max_grad_norm, run.autocast, state.step + 1,
+                                        n_items, run.ctx, run.config.max_grad_norm, run.autocast, state.step + 1,
                                         run.scaler)
     state.step += 1
     state.train_losses.append((state.step, loss))
+    metrics = run.objective.metrics(run)
+    if metrics:
+        state.metrics.append((state.step, metrics))
     run.logger.log_step(state.step, loss, lr, grad_norm, n_tokens / (time.perf_counter() - t0),
-                        write=state.step % run.config.log_every == 0 or state.step == run.total_steps)
+                        write=state.step % run.config.log_every == 0 or state.step == run.total_steps, metrics=metrics)
 
 
 def _evaluate(run: Run, state: RunState) -> None:
-    """The validation loss over every rank's share of the validation examples, logged at this step."""
-    config, ctx = run.config, run.ctx
-    batches = eval_batches(run.val_examples[ctx.rank::ctx.world_size], config.batch_size, run.pad_id)
-    if config.parallel == "fsdp":  # every forward is a collective: the same count on every rank
-        batches = even_eval_batches(batches, ctx, collate(run.val_examples[:1], run.pad_id))
-    total, count = loss_totals(run.loss_module, batches, ctx.device, run.autocast) if batches else (0.0, 0)
-    if config.parallel == "fsdp":  # the root stays gathered after a forward without backward: free it
-        run.loss_module.reshard()
-    t = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64, device=ctx.device), ctx)
-    state.val_losses.append((state.step, t[0].item() / max(t[1].item(), 1.0)))
-    run.logger.log_eval(state.step, state.val_losses[-1][1])
+    """The objective's validation loss and metrics over every rank's share of the validation data, logged."""
+    loss, metrics = run.objective.validate(run)
+    if loss is not None:
+        state.val_losses.append((state.step, loss))
+    if metrics:
+        state.val_metrics.append((state.step, metrics))
+    run.logger.log_eval(state.step, loss, metrics)
 
 
 def _save(run: Run, state: RunState) -> str:
@@ -307,6 +322,8 @@ def _save(run: Run, state: RunState) -> str:
                 "scheduler": run.scheduler.state_dict(), "rng": rngs, "train_losses": [list(x) for x in state.train_losses],
                 "val_losses": [list(x) for x in state.val_losses], "run_name": state.run_name,
                 "world_size": ctx.world_size, "parallel": config.parallel, "loss_scaler": run.scaler.state_dict(),
+                "metrics": [list(x) for x in state.metrics], "val_metrics": [list(x) for x in state.val_metrics],
+                **run.objective.state_dict(),
             }, config.keep_last, move_in)
             run.logger.flush()
     all_reduce_sum(torch.zeros((), device=ctx.device), ctx)  # a barrier: no rank exits before the save is done

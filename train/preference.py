@@ -1,0 +1,195 @@
+"""Preference data for DPO: a prompt, the completion preferred (chosen) and the one not (rejected).
+
+The rows are TRL's preference formats, as Python dicts or JSON Lines:
+
+    {"prompt": "...", "chosen": "...", "rejected": "..."}                    text
+    {"prompt": [messages], "chosen": [messages], "rejected": [messages]}    conversations, in the chat template
+    {"chosen": ..., "rejected": ...}                                         the prompt implicit: their common start
+
+Text: the prompt starts with BOS, each completion ends with EOS, each tokenized on its own (as
+`build_examples` does: the prompt's tokens are those the model sees when it continues the prompt).
+Conversations: the prompt is the template's rendering with the generation prompt; a completion is what
+the whole conversation adds after it. Only the completions are labelled: the prompt never is.
+
+A bad row stops the reading with ValueError naming it (`path:line` or `train_items[i]`): not an
+object, a missing key, the chosen completion equal to the rejected one (nothing to prefer), or a
+prompt that leaves no room for a completion within max_len.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .chat import check_conversation
+from .data import IGNORE_INDEX
+
+
+@dataclass
+class PreferencePair:
+    """One tokenized pair: prompt_ids + chosen_ids and prompt_ids + rejected_ids are the two rows."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    source: str = ""                      # where it was read: named in errors
+
+    @property
+    def input_ids(self) -> list[int]:
+        """The longer row (the data plan orders and buckets by its length)."""
+        longer = max(self.chosen_ids, self.rejected_ids, key=len)
+        return self.prompt_ids + longer
+
+
+def read_jsonl_rows(path: str) -> Iterator[tuple[str, dict]]:
+    """('path:line', object) for each non-blank line of a JSON Lines file of objects."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+            yield f"{path}:{n}", record
+
+
+def split_implicit_prompt(chosen, rejected) -> tuple:
+    """(prompt, chosen, rejected) from two completions that share their start: the common messages of
+    two conversations, or the common characters of two texts (a space before the split goes with the
+    completions)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str) and 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _check_parts(record: dict) -> bool:
+    """True for conversations (every part a list of messages), False for text; ValueError otherwise."""
+    kinds = {key: type(record[key]).__name__ for key in ("prompt", "chosen", "rejected")}
+    if set(kinds.values()) not in ({"str"}, {"list"}):
+        raise ValueError("prompt, chosen and rejected must all be strings or all lists of messages; here "
+                         + ", ".join(f"{k} is a {v}" for k, v in kinds.items()))
+    if kinds["chosen"] == "list":
+        for key in ("chosen", "rejected"):
+            check_conversation(record["prompt"] + record[key])
+    return kinds["chosen"] == "list"
+
+
+def tokenize_pair(tokenizer, record: dict, max_len: int | None = None, add_eos: bool = True) -> PreferencePair:
+    """One row (any of the three formats) as token ids; ValueError says what is wrong with it."""
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise ValueError(f"missing key '{key}': a preference row holds 'chosen' and 'rejected' (and 'prompt'); "
+                             f"it has keys {sorted(record)}")
+    chosen, rejected = record["chosen"], record["rejected"]
+    prompt = record["prompt"] if "prompt" in record else None
+    if prompt is None:
+        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
+        record = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if _check_parts(record):
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        full_c, full_r = (tokenizer.apply_chat_template(prompt + c) for c in (chosen, rejected))
+        n = min(_common_prefix(prompt_ids, full_c), _common_prefix(prompt_ids, full_r))
+        prompt_ids, chosen_ids, rejected_ids = prompt_ids[:n], full_c[n:], full_r[n:]
+    else:
+        prompt_ids = list(tokenizer.encode(prompt, bos=True))
+        chosen_ids, rejected_ids = (list(tokenizer.encode(c, bos=False)) for c in (chosen, rejected))
+        eos = tokenizer.eos_id
+        if add_eos and eos is not None:
+            chosen_ids, rejected_ids = (ids if ids[-1:] == [eos] else ids + [eos] for ids in (chosen_ids, rejected_ids))
+    if max_len is not None:
+        if len(prompt_ids) >= max_len:
+            raise ValueError(f"the prompt's {len(prompt_ids)} tokens leave no room for a completion within "
+                             f"max_len={max_len}: shorten the prompt or raise max_len")
+        room = max_len - len(prompt_ids)
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]  # the completions' ends are cut
+    if not chosen_ids or not rejected_ids:
+        raise ValueError("a completion is empty: there is nothing to compare")
+    if chosen_ids == rejected_ids:
+        raise ValueError(f"chosen and rejected are the same completion ({len(chosen_ids)} tokens"
+                         + (f" within max_len={max_len}" if max_len is not None else "")
+                         + "): a pair must differ for DPO to prefer one")
+    return PreferencePair(prompt_ids, chosen_ids, rejected_ids)
+
+
+def preference_pairs(tokenizer, items: Sequence, max_len: int | None = None, add_eos: bool = True,
+                     name: str = "train_items") -> list[PreferencePair]:
+    """Rows (dicts in TRL's formats, or `PreferencePair`s already tokenized) as pairs; a bad row raises
+    ValueError naming it (`name[i]`, or the `path:line` a pair was read from)."""
+    pairs = []
+    for i, item in enumerate(items):
+        source = getattr(item, "source", "") or f"{name}[{i}]"
+        try:
+            if isinstance(item, PreferencePair):
+                pair = item
+                _check_tokenized(pair, max_len)
+            elif isinstance(item, dict):
+                pair = tokenize_pair(tokenizer, item, max_len, add_eos)
+            else:
+                raise ValueError(f"expected a dict with 'prompt', 'chosen' and 'rejected', got {type(item).__name__}")
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        pair.source = source
+        pairs.append(pair)
+    return pairs
+
+
+def _check_tokenized(pair: PreferencePair, max_len: int | None) -> None:
+    if max_len is not None and len(pair.prompt_ids) >= max_len:
+        raise ValueError(f"the prompt's {len(pair.prompt_ids)} tokens leave no room for a completion within "
+                         f"max_len={max_len}")
+    if pair.chosen_ids == pair.rejected_ids:
+        raise ValueError("chosen and rejected are the same completion: a pair must differ for DPO to prefer one")
+
+
+def load_preference_jsonl(path: str, tokenizer, max_len: int | None = None, add_eos: bool = True
+                          ) -> list[PreferencePair]:
+    """A JSON Lines file of preference rows as pairs; a bad line raises ValueError `path:line: ...`."""
+    pairs = []
+    for source, record in read_jsonl_rows(path):
+        try:
+            pair = tokenize_pair(tokenizer, record, max_len, add_eos)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        pair.source = source
+        pairs.append(pair)
+    return pairs
+
+
+def completion_batch(rows: Sequence[tuple[list[int], list[int]]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """(prompt ids, completion ids) rows, right-padded: input_ids and labels (R, T), labels -100 on the
+    prompts and the padding: only the completions are scored, never the prompt."""
+    T = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (prompt, completion) in enumerate(rows):
+        n, m = len(prompt), len(completion)
+        input_ids[i, :n + m] = torch.tensor(prompt + completion)
+        labels[i, n:n + m] = torch.tensor(completion)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def preference_batch(pairs: Sequence[PreferencePair], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """The B pairs as one batch of 2B rows, the chosen rows first, then the rejected (`completion_batch`),
+    and lengths (2B,): the tokens of each completion (IPO's length normalisation)."""
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    batch = completion_batch(rows, pad_id)
+    batch["lengths"] = torch.tensor([len(c) for _, c in rows], dtype=torch.float32)
+    return batch
