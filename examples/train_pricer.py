@@ -4,6 +4,8 @@
     python examples/train_pricer.py --preset demo-full   # the slower demo: every attribute, half the layers
     python examples/train_pricer.py --preset llama31-8b --model ~/Llama-3.1-8B --data pricer_train.jsonl
     torchrun --nproc-per-node 2 examples/train_pricer.py --parallel fsdp ...   # the model sharded over 2 processes
+    python examples/train_pricer.py --after runs/pricer/adapter --objective dpo  # then learn from its own misses
+    python examples/train_pricer.py --after runs/pricer/adapter --objective grpo # or from a reward on its answers
 
 Steps: load the base model (quantized to NF4 as it is read), read and split the data, wrap the
 target modules in LoRA, score the test split, train (forward, loss on the answer, backward,
@@ -11,6 +13,11 @@ AdamW step), score the test split again, save the adapter in PEFT's layout and t
 
 Writes under --out: checkpoint-<step>/ (every --save-every steps), adapter/ (the final adapter),
 runs/<run name>/ (TensorBoard) and pricer.png (truth against guess on the test split).
+
+--after ADAPTER --objective dpo|grpo starts from a trained pricer adapter (the same --seed: the same split)
+and trains it further (examples/pricer/after.py): DPO on pairs from its misses on its training diamonds
+(chosen: the true price, rejected: its answer), or GRPO with a reward from the price error; the held-out
+diamonds are scored before and after, with the CPU seconds of each stage, into --out/after.json.
 
 SIGTERM or Ctrl-C finishes the step, writes a checkpoint and exits (143 or 130) with the command
 that resumes; run it (the same flags plus --resume) to continue exactly where the run stopped.
@@ -28,20 +35,22 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora, train)
 
 from cli import (add_recipe_flags, add_run_flags, fill_from_preset, is_main_process, start_run,  # noqa: E402
                  reload_trained, run_command)
-from lora import apply_lora, save_adapter, trainable_parameters  # noqa: E402
+from lora import apply_lora, load_adapter, save_adapter, trainable_parameters  # noqa: E402
 from pricer import (  # noqa: E402
     DESCRIPTIONS, PRESETS, answer_tokens, constant_baseline, evaluate_greedy_and_top_k, evaluate_prices, load_model, load_source,
     log_to_tensorboard, lora_config, print_report, results_table, save_scatter,
     split_items, base_dtype, train_config,
 )
+from pricer.after import tune_after  # noqa: E402
 from train import train  # noqa: E402
 from export_gguf import how_to_run  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                   help="hyperparameters to start from; each flag given overrides its value [demo]")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="hyperparameters to start from; each flag given overrides its value [demo; after-dpo or "
+                        "after-grpo with --after]")
     p.add_argument("--model", help="HF checkpoint folder or .gguf file [the embedded SmolLM2-135M-Instruct]")
     p.add_argument("--data", help="meta_<Category>.jsonl[.gz] (Amazon Reviews 2023 metadata), a .jsonl/.csv "
                                   "with text and price, or 'diamonds' [the embedded diamonds]")
@@ -58,10 +67,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k-average", type=int, default=3, metavar="K",
                    help="also score the trained model by the average of the K likeliest prices, weighted by "
                         "their probabilities (0: greedy only) [3]")
+    add_after_flags(p)
     args = p.parse_args(argv)
     if args.top_k_average < 0:
         p.error(f"--top-k-average must be 0 (greedy only) or more, got {args.top_k_average}")
+    if (args.after is None) != (args.objective == "sft"):
+        p.error("--after ADAPTER goes with --objective dpo or grpo, and they with it")
+    args.preset = args.preset or ("demo" if args.after is None else f"after-{args.objective}")
     return fill_from_preset(args, PRESETS[args.preset])
+
+
+def add_after_flags(p: argparse.ArgumentParser) -> None:
+    """--after and --objective, and the settings of the DPO or GRPO stage (their preset's values by default)."""
+    p.add_argument("--after", metavar="ADAPTER", help="a trained pricer adapter (adapter/ of a run) to train further")
+    p.add_argument("--objective", choices=("sft", "dpo", "grpo"), default="sft",
+                   help="sft: learn the answers; with --after, dpo: prefer the true price to its own misses, grpo: "
+                        "raise the reward of its sampled answers [sft]")
+    p.add_argument("--tune-size", type=int, help="training diamonds the DPO or GRPO stage uses [after-dpo: "
+                                                  f"{PRESETS['after-dpo']['tune_size']}; after-grpo: "
+                                                  f"{PRESETS['after-grpo']['tune_size']}]")
+    p.add_argument("--beta", type=float, help="DPO's beta; GRPO's KL weight [0.1; 0.0]")
+    p.add_argument("--group-size", type=int, help="GRPO: answers sampled per diamond [4]")
+    p.add_argument("--temperature", type=float, help="GRPO: sampling temperature [1.0]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.after is not None:
+        return run_after(args)
     start = time.perf_counter()
     if args.preset == "llama31-8b" and args.model is None:
         raise ValueError("--preset llama31-8b needs --model, a local Llama-3.1-8B folder (config.json + safetensors)")
@@ -128,6 +157,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nRun it in llama.cpp or Ollama (README: \"Run it in llama.cpp or Ollama\"):\n"
           f"  python examples/export_gguf.py --adapter {adapter_dir} --out {gguf} --type q8_0\n"
           + how_to_run(gguf, os.path.splitext(gguf)[0] + ".Modelfile", tokenizer))
+    return 0
+
+
+def run_after(args: argparse.Namespace) -> int:
+    """--after ADAPTER --objective dpo|grpo: the adapter scored, trained further, scored again, saved."""
+    if not os.path.isdir(args.after):
+        raise FileNotFoundError(f"--after {args.after}: no such adapter folder (a run's adapter/)")
+    device = start_run(args)
+    model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=base_dtype(args, device),
+                                              double_quant=args.double_quant)
+    split = split_items(load_source(args.data, tokenizer, args.description).items, args.seed, args.test_size,
+                        args.val_size, args.train_size)
+    load_adapter(model, args.after)
+    record = tune_after(model, tokenizer, split, vars(args), args.objective, args.out, args.seed, device,
+                        not args.no_progress, args.eval_batch_size)
+    save_adapter(model, os.path.join(args.out, "adapter"), base_model_name_or_path=model_path)
+    cpu = ", ".join(f"{k} {v:.0f}" for k, v in record["cpu_s"].items())
+    print(f"{args.objective.upper()} after {args.after}: hits {record['sft']['hits']:.1f}% -> "
+          f"{record['after']['hits']:.1f}%, mean error ${record['sft']['error']:,.0f} -> ${record['after']['error']:,.0f} "
+          f"({record['steps']} steps; CPU s: {cpu})")
     return 0
 
 

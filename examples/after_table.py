@@ -1,0 +1,125 @@
+"""The pricer after SFT, then DPO or GRPO, at several seeds: one table of hits, errors and CPU seconds.
+
+    python examples/after_table.py --sft /work/runs/demo-s{seed} --out /work/runs/after   # run what is missing, print
+    python examples/after_table.py --sft /work/runs/demo-s{seed} --out /work/runs/after --no-run   # print only
+
+For each seed and objective, `train_pricer.py --after <sft>/adapter --objective <objective> --seed <seed>`'s
+stage (examples/pricer/after.py) runs in this one process, the base model loaded once (a run whose
+<out>/<objective>-s<seed>/after.json exists is read, not run again). The SFT stage's CPU seconds come
+from its run's `log` (the `User time` and `System time` lines of `/usr/bin/time -v`). With matplotlib,
+the rewards and margins over the steps are drawn into --chart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+import torch  # noqa: E402
+
+from lora import load_adapter  # noqa: E402
+from pricer import PRESETS, load_model, load_source, split_items  # noqa: E402
+from pricer.after import tune_after  # noqa: E402
+
+CURVES = {"dpo": ("rewards/margins", "rewards/accuracies"), "grpo": ("reward", "reward_std")}
+
+
+def sft_cpu_seconds(log: str) -> float | None:
+    """User + system seconds of the SFT command, from the `/usr/bin/time -v` lines of its log."""
+    if not os.path.isfile(log):
+        return None
+    text = open(log, encoding="utf-8", errors="replace").read()
+    found = [re.search(rf"{kind} time \(seconds\): ([\d.]+)", text) for kind in ("User", "System")]
+    return sum(float(m.group(1)) for m in found) if all(found) else None
+
+
+def run_missing(args, jobs: list[tuple[int, str]]) -> None:
+    """Each (seed, objective) without its after.json, in this process on one loaded base model."""
+    todo = [(s, o) for s, o in jobs if not os.path.isfile(os.path.join(args.out, f"{o}-s{s}", "after.json"))]
+    if not todo:
+        return
+    model, tokenizer, _ = load_model(None, "nf4", "cpu")
+    items = load_source(None, tokenizer, PRESETS["demo"]["description"]).items
+    for seed, objective in todo:
+        settings = dict(PRESETS[f"after-{objective}"])
+        split = split_items(items, seed, settings["test_size"], settings["val_size"], settings["train_size"])
+        load_adapter(model, os.path.join(args.sft.format(seed=seed), "adapter"))
+        torch.manual_seed(seed)
+        print(f"--- seed {seed}, {objective}", flush=True)
+        tune_after(model, tokenizer, split, settings, objective, os.path.join(args.out, f"{objective}-s{seed}"), seed)
+
+
+def mean_range(values: list[float], fmt: str) -> str:
+    return f"{fmt.format(sum(values) / len(values))} ({fmt.format(min(values))} to {fmt.format(max(values))})"
+
+
+def table(args, jobs) -> str:
+    records = {(s, o): json.load(open(os.path.join(args.out, f"{o}-s{s}", "after.json"))) for s, o in jobs
+               if os.path.isfile(os.path.join(args.out, f"{o}-s{s}", "after.json"))}
+    lines = ["| seed | stage | greedy hits | mean error | steps | CPU s: data + training (scoring) | CPU s of the SFT command |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    gains: dict[str, list[float]] = {}
+    for (seed, objective), r in sorted(records.items()):
+        sft_cpu = sft_cpu_seconds(os.path.join(args.sft.format(seed=seed), "log"))
+        cpu = r["cpu_s"]
+        lines.append(f"| {seed} | SFT | {r['sft']['hits']:.1f}% | ${r['sft']['error']:,.0f} | | | "
+                     f"{'' if sft_cpu is None else f'{sft_cpu:,.0f}'} |")
+        lines.append(f"| {seed} | SFT + {objective.upper()} | {r['after']['hits']:.1f}% | ${r['after']['error']:,.0f} | "
+                     f"{r['steps']} | {cpu['data'] + cpu['train']:,.0f} ({cpu['score']:,.0f}) | |")
+        gains.setdefault(objective, []).append(r["after"]["hits"] - r["sft"]["hits"])
+    for objective, g in gains.items():
+        lines.append(f"\n{objective.upper()} over its SFT start, hits (points), mean and range over {len(g)} seeds: "
+                     f"{mean_range(g, '{:+.1f}')}")
+    return "\n".join(lines)
+
+
+def chart(args, jobs, path: str) -> str | None:
+    """Each objective's curves (per step, every seed) in one PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    panels = [(o, name) for o in ("dpo", "grpo") for name in CURVES[o]]
+    for ax, (objective, name) in zip(axes, panels):
+        for seed, o in jobs:
+            file = os.path.join(args.out, f"{o}-s{seed}", "after.json")
+            if o == objective and os.path.isfile(file):
+                metrics = json.load(open(file))["metrics"]
+                ax.plot([s for s, _ in metrics], [m[name] for _, m in metrics], label=f"seed {seed}")
+        ax.set_title(f"{objective.upper()}: {name}")
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sft", required=True, help="the SFT runs, {seed} standing for the seed: each has adapter/ and log")
+    p.add_argument("--out", required=True, help="folder of the runs: <objective>-s<seed>/after.json")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--objectives", nargs="+", choices=("dpo", "grpo"), default=["dpo", "grpo"])
+    p.add_argument("--no-run", action="store_true", help="print the table of the runs already done")
+    p.add_argument("--chart", help="a PNG of the rewards and margins over the steps")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    jobs = [(s, o) for s in args.seeds for o in args.objectives]
+    if not args.no_run:
+        run_missing(args, jobs)
+    print(table(args, jobs))
+    if args.chart:
+        print(f"chart: {chart(args, jobs, args.chart)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
