@@ -4,6 +4,8 @@
     python examples/finetune.py --model ~/Qwen2.5-0.5B-Instruct --data train.jsonl --val val.jsonl --out runs/mine
     python examples/finetune.py --model model.gguf --data chats.jsonl --packing --max-len 1024
     torchrun --nproc-per-node 2 examples/finetune.py --parallel fsdp --model ... --data ...
+    python examples/finetune.py --objective dpo --data pairs.jsonl   # preference tuning (examples/objectives.py)
+    python examples/finetune.py --objective grpo --data prompts.jsonl --reward rewards.py:score   # reward tuning
 
 The data: JSON Lines, one conversation a line, in any of three shapes (train/jsonl.py):
 {"messages": [{"role", "content"}, ...]}, {"prompt", "completion"}, or Alpaca's {"instruction",
@@ -41,6 +43,7 @@ from cli import (add_recipe_flags, add_run_flags, fill_from_preset, is_main_proc
                  reload_trained, run_command)
 from lora import apply_lora, save_adapter, trainable_parameters  # noqa: E402
 from model import CHATML  # noqa: E402
+from objectives import DIAMOND_STEPS, add_objective_flags, diamond_rows, make_objective, user_rows  # noqa: E402
 from pricer import (  # noqa: E402
     CHAT_DEMO, DiamondChat, answer_budget, base_dtype, chat_replies, constant_baseline, evaluate_chat_prices,
     load_diamond_chats, load_model, log_to_tensorboard, lora_config, results_table, split_items,
@@ -90,13 +93,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=3, help="validation prompts whose replies are shown [3]")
     p.add_argument("--sample-tokens", type=int, default=48, help="new tokens at most in each reply shown [48]")
     p.add_argument("--eval-batch-size", type=int, default=100, help="prompts per generation batch [100]")
+    add_objective_flags(p)
     args = p.parse_args(argv)
     if args.preset is None:
         args.preset = "diamonds" if args.model is None and args.data is None else "general"
     for name in ("samples", "sample_tokens", "eval_batch_size"):
         if getattr(args, name) < (0 if name == "samples" else 1):
             p.error(f"--{name.replace('_', '-')} must be at least {0 if name == 'samples' else 1}")
-    return fill_from_preset(args, PRESETS[args.preset])
+    preset = PRESETS[args.preset]
+    if args.preset == "diamonds" and args.objective != "sft":
+        preset = dict(preset, **DIAMOND_STEPS[args.objective])
+    return fill_from_preset(args, preset)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,19 +218,32 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=base_dtype(args, device),
                                               double_quant=args.double_quant)
     use_template(tokenizer, template)
-    data = diamond_data(args, tokenizer) if args.data is None else user_data(args, tokenizer)
+    if args.objective == "sft":
+        data = diamond_data(args, tokenizer) if args.data is None else user_data(args, tokenizer)
+    elif args.data is None:  # the embedded diamonds as pairs or prompt rows; the held-out ones scored
+        train_rows, val_rows, split = diamond_rows(args, load_diamond_chats())
+        data = ChatData(train_rows, val_rows, [c.messages for c in split.test[:args.samples]],
+                        f"the first {min(args.samples, len(split.test))} held-out diamonds", split.test,
+                        [c.price for c in split.train])
+        args.max_new_tokens = args.max_new_tokens or answer_budget(tokenizer, split.train)
+    else:
+        data = ChatData(*user_rows(args, tokenizer), [], "")
+    objective = make_objective(args)
 
     apply_lora(model, lora_config(args, model, args.seed))
     print(trainable_parameters(model))
     show_replies("before training", model, tokenizer, data, args)
     before = score_diamonds("before training", model, tokenizer, data, args)
 
-    result = train(model, tokenizer, data.train, data.val or None, config, resume=args.resume)
+    result = train(model, tokenizer, data.train, data.val or None, config, resume=args.resume, objective=objective)
     losses = [loss for _, loss in result.train_losses]
     k = max(1, min(50, len(losses) // 4))
     print(f"training loss: {sum(losses[:k]) / k:.4f} over the first {k} steps, {sum(losses[-k:]) / k:.4f} over the "
           f"last {k} ({result.step} steps)" + (f"; validation loss {result.val_losses[-1][1]:.4f}"
                                                 if result.val_losses else ""))
+    if result.metrics:  # DPO's rewards and margins, GRPO's reward: the first and the last steps
+        first, last = result.metrics[0][1], result.metrics[-1][1]
+        print("  ".join(f"{name} {first[name]:.4f} -> {last[name]:.4f}" for name in first))
     if args.parallel == "fsdp":  # each process now holds only its shards: rank 0 reloads the base and the adapter
         if not is_main_process():
             return 0

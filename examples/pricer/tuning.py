@@ -10,9 +10,11 @@ pair differs in its price alone, not in how the price is written.
 from __future__ import annotations
 
 import math
+import random
 import re
 from typing import Sequence
 
+from .chat import DiamondChat, price_answer
 from .data import Item
 from .metrics import GREEN, color_for, parse_price
 from .prompt import make_answer
@@ -45,3 +47,17 @@ def miss_pairs(items: Sequence[Item], answers: Sequence[str]) -> list[dict]:
 def reward_rows(items: Sequence[Item]) -> list[dict]:
     """GRPO's prompt rows: the prompt, and the price the reward compares each answer with."""
     return [{"prompt": item.prompt, "price": item.price} for item in items]
+
+
+def diamond_chat_pairs(chats: Sequence[DiamondChat], seed: int) -> list[dict]:
+    """The diamonds as a chat, as preference rows: chosen the true price's answer, rejected an answer half
+    or twice the price (drawn from `seed`): always a miss, written as the answers are."""
+    draw = random.Random(seed)
+    return [{"prompt": c.prompt, "chosen": [{"role": "assistant", "content": price_answer(c.price)}],
+             "rejected": [{"role": "assistant", "content": price_answer(c.price * draw.choice((0.5, 2.0)))}]}
+            for c in chats]
+
+
+def diamond_chat_rows(chats: Sequence[DiamondChat], seed: int | None = None) -> list[dict]:
+    """The diamonds as a chat, as GRPO's prompt rows: the question, and the price `price_reward` reads."""
+    return [{"prompt": c.prompt, "price": c.price} for c in chats]
