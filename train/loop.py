@@ -72,8 +72,8 @@ def training_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, torc
     (train/precision.py); otherwise the scaler does nothing.
     """
     lr = optimizer.param_groups[0]["lr"]
-    # The step's loss is the mean over the answer tokens of the whole step (all micro-batches, all
-    # ranks), so each micro-batch's summed loss is divided by that count, not by its own. Two
+    # The step's loss is the mean over the answer tokens (DPO: pairs) of the whole step (all micro-batches,
+    # all ranks), so each micro-batch's summed loss is divided by that count, not by its own. Two
     # micro-batches of token losses (2, 1, 3) and (1, 1, 1, 1, 1) sum to 6 and 5: 6/8 + 5/8 = 1.375,
     # the mean of the 8 token losses (and, as gradients add up in .grad, its gradient); (6/3 + 5/5) / 2
     # = 1.5 would weigh each token of the short micro-batch 5/3 times more. DDP and FSDP average the
@@ -86,7 +86,9 @@ def training_step(loss_module: nn.Module, micro_batches: Sequence[dict[str, torc
                 # 1. forward pass and 2. loss, in one call so DDP sees its own forward: the decoder
                 #    turns the tokens into hidden states, the head runs at answer positions only, and
                 #    the cross-entropy against each next token is summed (right padding needs no mask;
-                #    packed rows' position ids mark where each example starts)
+                #    packed rows' position ids mark where each example starts). DPO: each pair's loss
+                #    from the log-probabilities of its chosen and rejected rows (train/dpo.py); GRPO:
+                #    each sampled token's clipped policy-gradient loss (train/grpo.py)
                 loss = loss_module(**batch)
             # 3. backward pass: the gradients accumulate in each LoRA parameter's .grad. For a plain
             #    (un-adapted) head, LinearCrossEntropy already made the head's gradient, softmax − onehot,
