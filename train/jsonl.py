@@ -81,8 +81,9 @@ def _turn(key: str, record: dict, role: str) -> list[dict]:
     return [{"role": role, "content": _text(key, record)}]
 
 
-def read_jsonl_conversations(path: str) -> Iterator[tuple[int, list[dict]]]:
-    """(line number, conversation) for each non-blank line of a JSON Lines file."""
+def read_jsonl_records(path: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON value) for each non-blank line of a JSON Lines file; a line that is not
+    JSON raises ValueError `path:line: not valid JSON (...)`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
@@ -90,13 +91,18 @@ def read_jsonl_conversations(path: str) -> Iterator[tuple[int, list[dict]]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            try:
-                yield n, to_conversation(record)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
+
+
+def read_jsonl_conversations(path: str) -> Iterator[tuple[int, list[dict]]]:
+    """(line number, conversation) for each non-blank line of a JSON Lines file."""
+    for n, record in read_jsonl_records(path):
+        try:
+            yield n, to_conversation(record)
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
 
 
 def load_chat_jsonl(path: str, tokenizer, max_len: int | None = None, overlong: str = "truncate",

@@ -17,15 +17,14 @@ prompt that leaves no room for a completion within max_len.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from .chat import check_conversation
 from .data import IGNORE_INDEX
+from .jsonl import read_jsonl_records
 
 
 @dataclass
@@ -44,21 +43,27 @@ class PreferencePair:
         return self.prompt_ids + longer
 
 
-def read_jsonl_rows(path: str) -> Iterator[tuple[str, dict]]:
-    """('path:line', object) for each non-blank line of a JSON Lines file of objects."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-            yield f"{path}:{n}", record
+def jsonl_rows(path: str) -> Iterator[tuple[str, object]]:
+    """('path:line', value) for each non-blank line of a JSON Lines file."""
+    return ((f"{path}:{n}", record) for n, record in read_jsonl_records(path))
+
+
+def named_rows(items: Sequence, name: str) -> Iterator[tuple[str, object]]:
+    """(where it came from, item): a row's own `source` when it has one, else `name[i]`."""
+    return ((getattr(item, "source", "") or f"{name}[{i}]", item) for i, item in enumerate(items))
+
+
+def build_rows(rows: Iterable[tuple[str, object]], make: Callable[[object], Any]) -> list:
+    """make(item) for each (source, item), its ValueError prefixed by the source, the source kept on the row."""
+    out = []
+    for source, item in rows:
+        try:
+            row = make(item)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        row.source = source
+        out.append(row)
+    return out
 
 
 def split_implicit_prompt(chosen, rejected) -> tuple:
@@ -133,44 +138,26 @@ def preference_pairs(tokenizer, items: Sequence, max_len: int | None = None, add
                      name: str = "train_items") -> list[PreferencePair]:
     """Rows (dicts in TRL's formats, or `PreferencePair`s already tokenized) as pairs; a bad row raises
     ValueError naming it (`name[i]`, or the `path:line` a pair was read from)."""
-    pairs = []
-    for i, item in enumerate(items):
-        source = getattr(item, "source", "") or f"{name}[{i}]"
-        try:
-            if isinstance(item, PreferencePair):
-                pair = item
-                _check_tokenized(pair, max_len)
-            elif isinstance(item, dict):
-                pair = tokenize_pair(tokenizer, item, max_len, add_eos)
-            else:
-                raise ValueError(f"expected a dict with 'prompt', 'chosen' and 'rejected', got {type(item).__name__}")
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-        pair.source = source
-        pairs.append(pair)
-    return pairs
-
-
-def _check_tokenized(pair: PreferencePair, max_len: int | None) -> None:
-    if max_len is not None and len(pair.prompt_ids) >= max_len:
-        raise ValueError(f"the prompt's {len(pair.prompt_ids)} tokens leave no room for a completion within "
-                         f"max_len={max_len}")
-    if pair.chosen_ids == pair.rejected_ids:
-        raise ValueError("chosen and rejected are the same completion: a pair must differ for DPO to prefer one")
+    return build_rows(named_rows(items, name), lambda item: _pair(tokenizer, item, max_len, add_eos))
 
 
 def load_preference_jsonl(path: str, tokenizer, max_len: int | None = None, add_eos: bool = True
                           ) -> list[PreferencePair]:
     """A JSON Lines file of preference rows as pairs; a bad line raises ValueError `path:line: ...`."""
-    pairs = []
-    for source, record in read_jsonl_rows(path):
-        try:
-            pair = tokenize_pair(tokenizer, record, max_len, add_eos)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-        pair.source = source
-        pairs.append(pair)
-    return pairs
+    return build_rows(jsonl_rows(path), lambda item: _pair(tokenizer, item, max_len, add_eos))
+
+
+def _pair(tokenizer, item, max_len: int | None, add_eos: bool) -> PreferencePair:
+    if isinstance(item, PreferencePair):
+        if max_len is not None and len(item.prompt_ids) >= max_len:
+            raise ValueError(f"the prompt's {len(item.prompt_ids)} tokens leave no room for a completion within "
+                             f"max_len={max_len}")
+        if item.chosen_ids == item.rejected_ids:
+            raise ValueError("chosen and rejected are the same completion: a pair must differ for DPO to prefer one")
+        return item
+    if not isinstance(item, dict):
+        raise ValueError(f"expected an object with 'prompt', 'chosen' and 'rejected', got {type(item).__name__}")
+    return tokenize_pair(tokenizer, item, max_len, add_eos)
 
 
 def completion_batch(rows: Sequence[tuple[list[int], list[int]]], pad_id: int = 0) -> dict[str, torch.Tensor]:

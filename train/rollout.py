@@ -25,7 +25,7 @@ from torch import nn
 
 from model.generate import generate, shared_prefix_batch
 
-from .preference import read_jsonl_rows
+from .preference import build_rows, jsonl_rows, named_rows
 
 RESERVED = ("prompt", "completion")   # passed positionally: a row's other fields may not take these names
 
@@ -66,33 +66,23 @@ def prompt_row(tokenizer, record: dict, max_len: int | None = None, max_new_toke
 
 def prompt_rows(tokenizer, items: Sequence, max_len: int | None = None, max_new_tokens: int = 0,
                 name: str = "train_items") -> list[PromptRow]:
-    """Rows (dicts, or `PromptRow`s already made) as `PromptRow`s; a bad row raises ValueError naming it."""
-    rows = []
-    for i, item in enumerate(items):
-        source = getattr(item, "source", "") or f"{name}[{i}]"
-        try:
-            row = item if isinstance(item, PromptRow) else prompt_row(tokenizer, item, max_len, max_new_tokens)
-            if max_len is not None and len(row.input_ids) + max_new_tokens > max_len:
-                raise ValueError(f"the prompt's {len(row.input_ids)} tokens leave no room for {max_new_tokens} new "
-                                 f"tokens within max_len={max_len}")
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-        row.source = source
-        rows.append(row)
-    return rows
+    """Rows (dicts, or `PromptRow`s already made) as `PromptRow`s; a bad row raises ValueError naming it
+    (`name[i]`, or the `path:line` it was read from)."""
+    return build_rows(named_rows(items, name), lambda item: _row(tokenizer, item, max_len, max_new_tokens))
 
 
 def load_prompt_jsonl(path: str, tokenizer, max_len: int | None = None, max_new_tokens: int = 0) -> list[PromptRow]:
     """A JSON Lines file of prompt rows; a bad line raises ValueError `path:line: ...`."""
-    rows = []
-    for source, record in read_jsonl_rows(path):
-        try:
-            row = prompt_row(tokenizer, record, max_len, max_new_tokens)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-        row.source = source
-        rows.append(row)
-    return rows
+    return build_rows(jsonl_rows(path), lambda item: _row(tokenizer, item, max_len, max_new_tokens))
+
+
+def _row(tokenizer, item, max_len: int | None, max_new_tokens: int) -> PromptRow:
+    if not isinstance(item, PromptRow):
+        return prompt_row(tokenizer, item, max_len, max_new_tokens)
+    if max_len is not None and len(item.input_ids) + max_new_tokens > max_len:
+        raise ValueError(f"the prompt's {len(item.input_ids)} tokens leave no room for {max_new_tokens} new "
+                         f"tokens within max_len={max_len}")
+    return item
 
 
 def reward_name(function: Callable) -> str:
