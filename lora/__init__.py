@@ -7,6 +7,7 @@
     apply_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.05, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
     print(trainable_parameters(model))    # SmolLM2-135M: trainable 921,600 / 135,436,608 (0.68%)
     save_adapter(model, out_dir)          # adapter_model.safetensors + adapter_config.json
+    with adapters_disabled(model): ...    # the base alone answers (DPO's and GRPO's reference)
     export_merged(checkpoint, out_dir, merged_dir)   # a plain HF model, merged in full precision
     export_gguf(checkpoint, out_dir, "model.gguf", out_type="q8_0")   # one file for llama.cpp / Ollama
     export_gguf_adapter(checkpoint, out_dir, "adapter.gguf")          # llama.cpp's --lora over the base GGUF
