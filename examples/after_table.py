@@ -46,7 +46,7 @@ def run_missing(args, jobs: list[tuple[int, str]]) -> None:
     model, tokenizer, _ = load_model(None, "nf4", "cpu")
     items = load_source(None, tokenizer, PRESETS["demo"]["description"]).items
     for seed, objective in todo:
-        settings = dict(PRESETS[f"after-{objective}"])
+        settings = dict(PRESETS[f"after-{objective}"], **args.set.get(objective, {}))
         split = split_items(items, seed, settings["test_size"], settings["val_size"], settings["train_size"])
         load_adapter(model, os.path.join(args.sft.format(seed=seed), "adapter"))
         torch.manual_seed(seed)
@@ -110,7 +110,19 @@ def main(argv=None) -> int:
     p.add_argument("--objectives", nargs="+", choices=("dpo", "grpo"), default=["dpo", "grpo"])
     p.add_argument("--no-run", action="store_true", help="print the table of the runs already done")
     p.add_argument("--chart", help="a PNG of the rewards and margins over the steps")
+    p.add_argument("--set", action="append", default=[], metavar="OBJECTIVE.KEY=VALUE",
+                   help="change one value of an objective's preset, e.g. dpo.lr=2e-4 (recorded in after.json)")
     args = p.parse_args(argv)
+    changes: dict[str, dict] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        objective, _, name = key.partition(".")
+        if objective not in ("dpo", "grpo") or name not in PRESETS[f"after-{objective}"]:
+            p.error(f"--set {item}: expected dpo.KEY=VALUE or grpo.KEY=VALUE, KEY a key of the after-* preset")
+        now = PRESETS[f"after-{objective}"][name]
+        changes.setdefault(objective, {})[name] = type(now)(value) if now is not None else (
+            int(value) if value.isdigit() else float(value))
+    args.set = changes
     torch.set_num_threads(1)
     jobs = [(s, o) for s in args.seeds for o in args.objectives]
     if not args.no_run:

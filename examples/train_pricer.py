@@ -86,7 +86,10 @@ def add_after_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-size", type=int, help="training diamonds the DPO or GRPO stage uses [after-dpo: "
                                                   f"{PRESETS['after-dpo']['tune_size']}; after-grpo: "
                                                   f"{PRESETS['after-grpo']['tune_size']}]")
-    p.add_argument("--beta", type=float, help="DPO's beta; GRPO's KL weight [0.1; 0.0]")
+    p.add_argument("--beta", type=float, help="DPO's beta; GRPO's KL weight [after-dpo: "
+                                              f"{PRESETS['after-dpo']['beta']}; after-grpo: {PRESETS['after-grpo']['beta']}]")
+    p.add_argument("--sft-weight", type=float, help="DPO: weight of the chosen answers' negative log-likelihood "
+                                                    f"[{PRESETS['after-dpo']['sft_weight']}]")
     p.add_argument("--group-size", type=int, help="GRPO: answers sampled per diamond [4]")
     p.add_argument("--temperature", type=float, help="GRPO: sampling temperature [1.0]")
 

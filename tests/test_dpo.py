@@ -116,7 +116,7 @@ def test_dpo_loss_is_the_closed_form_of_sigmoid_and_ipo():
 
 
 # ------------------------------------------------------------------------------- equal to TRL
-def trl_dpo(policy, toks, rows, tmp_path, loss_type, reference):
+def trl_dpo(policy, toks, rows, tmp_path, loss_type, reference, sft_weight=0.0):
     """TRL's DPOTrainer on the twin of `policy`: reference "base" as TRL makes it for a new adapter (it
     wraps the model itself, the adapter switched off for the reference), "start" for an adapter it is
     given (it loads a frozen copy named "ref"). Its collator builds the batch from its own tokenization of
@@ -124,8 +124,10 @@ def trl_dpo(policy, toks, rows, tmp_path, loss_type, reference):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), beta=0.3,
-                     loss_type=[loss_type], report_to=[], use_cpu=True, bf16=False, max_length=None,
+    losses = dict(loss_type=[loss_type, "sft"], loss_weights=[1.0, sft_weight]) if sft_weight else dict(
+        loss_type=[loss_type])
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), beta=0.3, **losses,
+                     report_to=[], use_cpu=True, bf16=False, max_length=None,
                      precompute_ref_log_probs=False, dataset_num_proc=None, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -144,14 +146,17 @@ def trl_dpo(policy, toks, rows, tmp_path, loss_type, reference):
     return loss.item(), metrics, lora_grads(model), batch
 
 
-@pytest.mark.parametrize("loss_type,reference,rows", [
-    ("sigmoid", "base", "text"), ("sigmoid", "start", "chat"), ("ipo", "base", "chat"), ("ipo", "start", "text")])
-def test_dpo_loss_metrics_and_lora_gradients_equal_trl(loss_type, reference, rows, toks, tmp_path):
+@pytest.mark.parametrize("loss_type,reference,rows,sft_weight", [
+    ("sigmoid", "base", "text", 0.0), ("sigmoid", "start", "chat", 0.0), ("ipo", "base", "chat", 0.0),
+    ("ipo", "start", "text", 0.0), ("sigmoid", "start", "text", 0.5)])
+def test_dpo_loss_metrics_and_lora_gradients_equal_trl(loss_type, reference, rows, sft_weight, toks, tmp_path):
+    """sft_weight: TRL's loss_type=[loss_type, "sft"] with loss_weights=[1, sft_weight] (RPO)."""
     rows = TEXT_ROWS if rows == "text" else CHAT_ROWS
     policy = tiny_policy()
-    trl_loss, trl_metrics, trl_grads, trl_batch = trl_dpo(policy, toks, rows, tmp_path, loss_type, reference)
+    trl_loss, trl_metrics, trl_grads, trl_batch = trl_dpo(policy, toks, rows, tmp_path, loss_type, reference,
+                                                          sft_weight)
 
-    objective = DPO(beta=0.3, loss_type=loss_type, reference=reference)
+    objective = DPO(beta=0.3, loss_type=loss_type, reference=reference, sft_weight=sft_weight)
     pairs = preference_pairs(toks[0], rows)
     batch = preference_batch(pairs, pad_id=0)
     # the same rows, and only the completions labelled (TRL's completion_mask)
@@ -159,6 +164,8 @@ def test_dpo_loss_metrics_and_lora_gradients_equal_trl(loss_type, reference, row
     assert torch.equal(batch["labels"] != -100, trl_batch["completion_mask"].bool())
     ref = reference_logps(policy, pairs, reference)
     batch["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])
+    if sft_weight:  # the step's pairs over its chosen tokens, as DPO.batches gives it
+        batch["sft_scale"] = torch.tensor(len(pairs) / sum(len(p.chosen_ids) for p in pairs))
     loss_module = objective.loss_module(policy)
     loss = loss_module(**batch) / len(pairs)      # the step's mean over pairs
     loss.backward()

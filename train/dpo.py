@@ -8,7 +8,10 @@ adapter being trained) and π_ref the reference, with log-ratios
     sigmoid (DPO):  loss = −log σ(β (ρ_c − ρ_r))
     ipo (Azar et al. 2023):  loss = (ρ_c / |y_c| − ρ_r / |y_r| − 1 / (2β))²     |y|: the completion's tokens
 
-(IPO divided by the lengths as TRL's `DPOTrainer` does.) The implicit rewards are β ρ_c and β ρ_r; TRL's
+(IPO divided by the lengths as TRL's `DPOTrainer` does.) `sft_weight` w adds w times the mean negative
+log-likelihood of the chosen completions' tokens (TRL's loss_type=[..., "sft"], loss_weights=[1, w]; RPO):
+DPO alone may lower the likelihood of the chosen answer as long as it lowers the rejected one's more,
+and this term holds it up. The implicit rewards are β ρ_c and β ρ_r; TRL's
 metrics follow from them: rewards/chosen, rewards/rejected, their margin, the share of pairs whose
 chosen reward is the higher (accuracies), and the policy's log-probabilities logps/chosen, logps/rejected.
 
@@ -70,17 +73,19 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
 class PreferenceLoss(nn.Module):
     """The model with DPO's loss as its forward: steps 1 and 2 of a DPO step, in one module for DDP.
 
-    forward(input_ids, labels, lengths, ref_logps): rows (2B, T) as `preference_batch` lays them out
-    (the B chosen rows, then the B rejected), one pass through the model and the fused head; returns
-    the loss summed over the B pairs. The sums of TRL's metrics accumulate in `totals` (`take_totals`).
+    forward(input_ids, labels, lengths, ref_logps, sft_scale=None): rows (2B, T) as `preference_batch`
+    lays them out (the B chosen rows, then the B rejected), one pass through the model and the fused head;
+    returns the loss summed over the B pairs. With `sft_weight`, each pair also carries its share of the
+    chosen tokens' mean negative log-likelihood: sft_weight · sft_scale · (−log π(y_c)), sft_scale being
+    the step's pairs over its chosen tokens. The sums of TRL's metrics accumulate in `totals` (`take_totals`).
     """
 
-    def __init__(self, model: nn.Module, beta: float, loss_type: str):
+    def __init__(self, model: nn.Module, beta: float, loss_type: str, sft_weight: float = 0.0):
         super().__init__()
-        self.model, self.beta, self.loss_type = model, beta, loss_type
+        self.model, self.beta, self.loss_type, self.sft_weight = model, beta, loss_type, sft_weight
         self.totals = torch.zeros(len(METRICS) + 1, dtype=torch.float64)   # the metrics' sums, and the pairs
 
-    def forward(self, input_ids, labels, lengths, ref_logps):
+    def forward(self, input_ids, labels, lengths, ref_logps, sft_scale=None):
         logps = sequence_logps(self.model, input_ids, labels)                # (2B,): one forward for both
         chosen, rejected = logps.chunk(2)
         ref_chosen, ref_rejected = ref_logps.chunk(2)
@@ -91,6 +96,8 @@ class PreferenceLoss(nn.Module):
                              (r_chosen - r_rejected).sum(), chosen.detach().sum(), rejected.detach().sum(),
                              torch.tensor(float(len(chosen)), device=chosen.device)])
         self.totals = self.totals.to(stats.device) + stats.double()
+        if self.sft_weight:
+            return losses.sum() - self.sft_weight * sft_scale * chosen.sum()
         return losses.sum()
 
     def take_totals(self) -> torch.Tensor:
@@ -128,13 +135,15 @@ class DPO(Objective):
 
     beta: how far the policy may move from the reference (a larger β keeps it closer); loss_type:
     "sigmoid" (DPO) or "ipo"; reference: "start" (the model as training starts, its adapter frozen at
-    those values: a fresh adapter, B = 0, is the base exactly) or "base" (the adapter switched off).
+    those values: a fresh adapter, B = 0, is the base exactly) or "base" (the adapter switched off);
+    sft_weight: the weight of the chosen tokens' negative log-likelihood added to the loss (0: none).
     batch_size counts pairs (2 rows each).
     """
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
     reference: str = "start"
+    sft_weight: float = 0.0
     name: ClassVar[str] = "dpo"
     items: ClassVar[str] = "preference rows {'prompt', 'chosen', 'rejected'} or PreferencePairs"
 
@@ -143,21 +152,21 @@ class DPO(Objective):
             raise ValueError(f"DPO.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.reference not in REFERENCES:
             raise ValueError(f"DPO.reference must be one of {REFERENCES}, got {self.reference!r}")
-        if not self.beta > 0:
-            raise ValueError(f"DPO.beta must be positive, got {self.beta}")
+        if not self.beta > 0 or self.sft_weight < 0:
+            raise ValueError(f"DPO.beta must be positive and sft_weight at least 0, got {self.beta}, {self.sft_weight}")
         self.ref: dict[str, torch.Tensor] = {}
         self.loss: PreferenceLoss | None = None
 
     def summary(self):
         return {"objective": self.name, "dpo_beta": self.beta, "dpo_loss_type": self.loss_type,
-                "dpo_reference": self.reference}
+                "dpo_reference": self.reference, "dpo_sft_weight": self.sft_weight}
 
     def units(self, tokenizer, items, config, split):
         return preference_pairs(tokenizer, items, config.max_len, config.add_eos,
                                 "train_items" if split == "train" else "val_items"), 0
 
     def loss_module(self, model):
-        self.loss = PreferenceLoss(model, self.beta, self.loss_type)
+        self.loss = PreferenceLoss(model, self.beta, self.loss_type, self.sft_weight)
         return self.loss
 
     def begin(self, run, saved):
@@ -170,18 +179,21 @@ class DPO(Objective):
             self.ref[split] = reference_logps(run.model, pairs, self.reference, run.config.batch_size, run.pad_id,
                                               run.ctx.device)
 
-    def _batch(self, run, pairs_idx: list[int], split: str) -> dict[str, torch.Tensor]:
+    def _batch(self, run, pairs_idx: list[int], split: str, sft_scale: float) -> dict[str, torch.Tensor]:
         pairs = run.examples if split == "train" else run.val_examples
         batch = preference_batch([pairs[i] for i in pairs_idx], run.pad_id)
         ref = self.ref[split][pairs_idx]                                       # (b, 2)
         batch["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])                 # chosen rows, then rejected
+        if self.sft_weight:
+            batch["sft_scale"] = torch.tensor(sft_scale)
         return {k: v.to(run.ctx.device, non_blocking=True) for k, v in batch.items()}
 
     def batches(self, run, micro_rows, step):
         ctx = run.ctx
-        micro_batches = [self._batch(run, [row[0] for row in mb[ctx.rank::ctx.world_size]], "train")
-                         for mb in micro_rows]
         n_pairs = sum(len(mb) for mb in micro_rows)
+        scale = n_pairs / sum(len(run.examples[row[0]].chosen_ids) for mb in micro_rows for row in mb)
+        micro_batches = [self._batch(run, [row[0] for row in mb[ctx.rank::ctx.world_size]], "train", scale)
+                         for mb in micro_rows]
         n_tokens = sum(len(run.examples[row[0]].prompt_ids) * 2 + len(run.examples[row[0]].chosen_ids)
                        + len(run.examples[row[0]].rejected_ids) for mb in micro_rows for row in mb)
         return micro_batches, n_pairs, n_tokens
@@ -194,13 +206,15 @@ class DPO(Objective):
         ctx, model = run.ctx, run.model
         self.loss.take_totals()
         shard = list(range(len(run.val_examples)))[ctx.rank::ctx.world_size]
+        scale = len(run.val_examples) / sum(len(p.chosen_ids) for p in run.val_examples)
         was_training = model.training
         model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64)
         try:
             for i in range(0, len(shard), run.config.batch_size):
                 with run.autocast():
-                    loss_sum += self.loss(**self._batch(run, shard[i:i + run.config.batch_size], "val")).double().cpu()
+                    batch = self._batch(run, shard[i:i + run.config.batch_size], "val", scale)
+                    loss_sum += self.loss(**batch).double().cpu()
         finally:
             model.train(was_training)
         metrics = step_means(torch.cat([loss_sum[None], self.loss.take_totals().cpu()]), ("loss", *METRICS), ctx)

@@ -48,11 +48,11 @@ def tune_after(model, tokenizer, split: Split, settings: Mapping[str, Any], obje
         items = miss_pairs(tune, greedy_prices(model, tokenizer, [i.prompt for i in tune], max_new, eval_batch_size)[1])
         val = miss_pairs(split.val, greedy_prices(model, tokenizer, [i.prompt for i in split.val], max_new,
                                                   eval_batch_size)[1])
-        method = DPO(beta=settings["beta"], reference="start")
+        method = DPO(beta=settings["beta"], reference="start", sft_weight=settings["sft_weight"])
         print(f"DPO: {len(items)} pairs from the misses among {len(tune)} training diamonds, {len(val)} validation")
     elif objective == "grpo":
         items, val = reward_rows(tune), None
-        method = GRPO(rewards=price_reward, group_size=settings["group_size"], max_new_tokens=max_new + 2,
+        method = GRPO(rewards=price_reward, group_size=settings["group_size"], max_new_tokens=max_new + 4,
                       temperature=settings["temperature"], beta=settings["beta"])
     else:
         raise ValueError(f"objective {objective!r}: expected 'dpo' or 'grpo'")
