@@ -36,6 +36,8 @@ def add_objective_flags(p: argparse.ArgumentParser) -> None:
                         "price error's]")
     p.add_argument("--beta", type=float, help="dpo: how near the policy stays to the reference [0.1]; grpo: the KL "
                                               "weight [0.0]")
+    p.add_argument("--sft-weight", type=float, default=0.0,
+                   help="dpo: weight of the chosen completions' negative log-likelihood added to the loss [0]")
     p.add_argument("--group-size", type=int, default=4, help="grpo: completions sampled per prompt [4]")
     p.add_argument("--max-new-tokens", type=int,
                    help="grpo: new tokens at most per completion [the embedded diamonds: the longest answer's; else 32]")
@@ -61,7 +63,7 @@ def load_reward(spec: str) -> Callable:
 def make_objective(args: argparse.Namespace) -> Objective:
     """The --objective flags as the loop's Objective."""
     if args.objective == "dpo":
-        return DPO(beta=0.1 if args.beta is None else args.beta)
+        return DPO(beta=0.1 if args.beta is None else args.beta, sft_weight=args.sft_weight)
     if args.objective == "grpo":
         if args.data is not None and args.reward is None:
             raise ValueError("--objective grpo --data FILE needs --reward PATH.py:FUNCTION, the reward of a completion")
