@@ -70,15 +70,13 @@ def split_implicit_prompt(chosen, rejected) -> tuple:
     """(prompt, chosen, rejected) from two completions that share their start: the common messages of
     two conversations, or the common characters of two texts (a space before the split goes with the
     completions)."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
+    n = _common_prefix(chosen, rejected)
     if isinstance(chosen, str) and 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
         n -= 1
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def _common_prefix(a: Sequence, b: Sequence) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
