@@ -26,7 +26,8 @@ from lora import load_adapter  # noqa: E402
 from pricer import PRESETS, load_model, load_source, split_items  # noqa: E402
 from pricer.after import tune_after  # noqa: E402
 
-CURVES = {"dpo": ("rewards/margins", "rewards/accuracies"), "grpo": ("reward", "reward_std")}
+PANELS = [("dpo", "rewards/margins"), ("dpo", "rewards/chosen"), ("dpo", "rewards/rejected"), ("grpo", "reward")]
+SMOOTH = 8  # steps in the moving average drawn over each noisy curve
 
 
 def sft_cpu_seconds(log: str) -> float | None:
@@ -79,21 +80,24 @@ def table(args, jobs) -> str:
 
 
 def chart(args, jobs, path: str) -> str | None:
-    """Each objective's curves (per step, every seed) in one PNG."""
+    """Each objective's curves per step, every seed (faint: each step; solid: the mean of SMOOTH steps), one PNG."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    panels = [(o, name) for o in ("dpo", "grpo") for name in CURVES[o]]
-    for ax, (objective, name) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.5 * len(PANELS), 3.6))
+    for ax, (objective, name) in zip(axes, PANELS):
         for seed, o in jobs:
             file = os.path.join(args.out, f"{o}-s{seed}", "after.json")
             if o == objective and os.path.isfile(file):
                 metrics = json.load(open(file))["metrics"]
-                ax.plot([s for s, _ in metrics], [m[name] for _, m in metrics], label=f"seed {seed}")
+                steps, values = [s for s, _ in metrics], [m[name] for _, m in metrics]
+                line, = ax.plot(steps, values, alpha=0.3)
+                k = min(SMOOTH, len(values))
+                mean = [sum(values[i:i + k]) / k for i in range(len(values) - k + 1)]
+                ax.plot(steps[k - 1:], mean, color=line.get_color(), label=f"seed {seed}")
         ax.set_title(f"{objective.upper()}: {name}")
         ax.set_xlabel("step")
         ax.legend()
