@@ -56,26 +56,34 @@ def run_missing(args, jobs: list[tuple[int, str]]) -> None:
 
 
 def mean_range(values: list[float], fmt: str) -> str:
-    return f"{fmt.format(sum(values) / len(values))} ({fmt.format(min(values))} to {fmt.format(max(values))})"
+    return f"{fmt.format(sum(values) / len(values))} ({fmt.format(min(values))} to {fmt.format(max(values))}, {len(values)} seeds)"
 
 
 def table(args, jobs) -> str:
+    """One row per seed and stage (the SFT adapter once a seed), then each stage's mean and range."""
     records = {(s, o): json.load(open(os.path.join(args.out, f"{o}-s{s}", "after.json"))) for s, o in jobs
                if os.path.isfile(os.path.join(args.out, f"{o}-s{s}", "after.json"))}
     lines = ["| seed | stage | greedy hits | mean error | steps | CPU s: data + training (scoring) | CPU s of the SFT command |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    gains: dict[str, list[float]] = {}
-    for (seed, objective), r in sorted(records.items()):
+    stages: dict[str, list[dict]] = {}
+    for seed in sorted({s for s, _ in records}):
+        mine = [(o, r) for (s, o), r in sorted(records.items()) if s == seed]
         sft_cpu = sft_cpu_seconds(os.path.join(args.sft.format(seed=seed), "log"))
-        cpu = r["cpu_s"]
-        lines.append(f"| {seed} | SFT | {r['sft']['hits']:.1f}% | ${r['sft']['error']:,.0f} | | | "
+        sft = mine[0][1]["sft"]
+        stages.setdefault("SFT", []).append(sft)
+        lines.append(f"| {seed} | SFT | {sft['hits']:.1f}% | ${sft['error']:,.0f} | | | "
                      f"{'' if sft_cpu is None else f'{sft_cpu:,.0f}'} |")
-        lines.append(f"| {seed} | SFT + {objective.upper()} | {r['after']['hits']:.1f}% | ${r['after']['error']:,.0f} | "
-                     f"{r['steps']} | {cpu['data'] + cpu['train']:,.0f} ({cpu['score']:,.0f}) | |")
-        gains.setdefault(objective, []).append(r["after"]["hits"] - r["sft"]["hits"])
-    for objective, g in gains.items():
-        lines.append(f"\n{objective.upper()} over its SFT start, hits (points), mean and range over {len(g)} seeds: "
-                     f"{mean_range(g, '{:+.1f}')}")
+        for objective, r in mine:
+            cpu = r["cpu_s"]
+            stages.setdefault(f"SFT + {objective.upper()}", []).append({**r["after"], "gain": r["after"]["hits"] - sft["hits"]})
+            lines.append(f"| {seed} | SFT + {objective.upper()} | {r['after']['hits']:.1f}% | ${r['after']['error']:,.0f} | "
+                         f"{r['steps']} | {cpu['data'] + cpu['train']:,.0f} ({cpu['score']:,.0f}) | |")
+    lines += ["", "| stage | greedy hits, mean (range) | mean error, mean (range) | hits over the SFT start, points |",
+              "| --- | --- | --- | --- |"]
+    for stage, rows in stages.items():
+        gain = mean_range([r["gain"] for r in rows], "{:+.1f}") if "gain" in rows[0] else ""
+        lines.append(f"| {stage} | {mean_range([r['hits'] for r in rows], '{:.1f}%')} | "
+                     f"{mean_range([r['error'] for r in rows], '${:,.0f}')} | {gain} |")
     return "\n".join(lines)
 
 
