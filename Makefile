@@ -43,8 +43,10 @@ $(LLAMA_CPP_BUILT): $(SDIST) | $(STAMP)
 
 install: $(STAMP)
 
+# train, then write what was trained as one GGUF file (f16, merged into the weights training saw)
 demo: $(STAMP)
 	$(PY) examples/train_pricer.py --seed 0
+	$(PY) examples/export_gguf.py --adapter runs/pricer/adapter --out runs/pricer/pricer.gguf
 
 test: $(STAMP) $(LLAMA_MODELS)/.unpacked $(LLAMA_CPP_BUILT)
 	$(PY) -m pytest -q --durations=15 tests

@@ -43,7 +43,7 @@ from lora import apply_lora, save_adapter, trainable_parameters  # noqa: E402
 from model import CHATML  # noqa: E402
 from pricer import (  # noqa: E402
     CHAT_DEMO, DiamondChat, answer_budget, base_dtype, chat_replies, constant_baseline, evaluate_chat_prices,
-    load_diamond_chats, load_model, log_to_tensorboard, lora_config, results_table, split_items,
+    load_diamond_chats, load_model, log_to_tensorboard, lora_config, results_table, split_items, split_record,
     train_config, write_chats_jsonl,
 )
 from train import Example, chat_example, load_chat_jsonl, read_jsonl_conversations, train  # noqa: E402
@@ -238,8 +238,11 @@ def run(args: argparse.Namespace) -> int:
         if result.run_dir:
             log_to_tensorboard(after, result.run_dir, tag="diamonds", step=result.step, name="after training")
     adapter_dir = os.path.join(args.out, "adapter")
-    if is_main_process():
-        save_adapter(model, adapter_dir, base_model_name_or_path=model_path)
+    if is_main_process():  # the record of what it trained on: the diamonds' split, or the user's files
+        split = (split_record(None, "chat", args.seed, args.test_size, args.val_size, len(data.train))
+                 if args.data is None else {"data": os.path.abspath(args.data),
+                                            "val": args.val and os.path.abspath(args.val)})
+        save_adapter(model, adapter_dir, base_model_name_or_path=model_path, split=split)
     print(f"adapter: {adapter_dir}\nTensorBoard: {result.run_dir}")
     print(f"total {(time.perf_counter() - start) / 60:.1f} minutes")
     return 0

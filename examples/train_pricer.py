@@ -32,7 +32,7 @@ from lora import apply_lora, save_adapter, trainable_parameters  # noqa: E402
 from pricer import (  # noqa: E402
     DESCRIPTIONS, PRESETS, answer_tokens, constant_baseline, evaluate_greedy_and_top_k, evaluate_prices, load_model, load_source,
     log_to_tensorboard, lora_config, print_report, results_table, save_scatter,
-    split_items, base_dtype, train_config,
+    split_items, split_record, base_dtype, train_config,
 )
 from train import train  # noqa: E402
 from export_gguf import how_to_run  # noqa: E402
@@ -118,15 +118,17 @@ def run(args: argparse.Namespace) -> int:
         [("constant mean price", baseline), ("before training", before), *rows]))
 
     adapter_dir = os.path.join(args.out, "adapter")
-    save_adapter(model, adapter_dir, base_model_name_or_path=model_path)
+    save_adapter(model, adapter_dir, base_model_name_or_path=model_path,
+                 split=split_record(args.data, args.description, args.seed, args.test_size, args.val_size,
+                                    len(split.train)))
     chart = save_scatter(after, os.path.join(args.out, "pricer.png"), name="after training")
     if result.run_dir:
         log_to_tensorboard(after, result.run_dir, step=result.step, name="after training")
     print(f"adapter: {adapter_dir}\nchart: {chart}\nTensorBoard: {result.run_dir}\n"
           f"total {(time.perf_counter() - start) / 60:.1f} minutes")
     gguf = os.path.join(args.out, "pricer.gguf")
-    print(f"\nRun it in llama.cpp or Ollama (README: \"Run it in llama.cpp or Ollama\"):\n"
-          f"  python examples/export_gguf.py --adapter {adapter_dir} --out {gguf} --type q8_0\n"
+    print(f"\nTake it away as one file, merged into the weights it trained on (f16; --type q8_0 or q4_k_m for "
+          f"smaller ones):\n  python examples/export_gguf.py --adapter {adapter_dir} --out {gguf}\nthen\n"
           + how_to_run(gguf, os.path.splitext(gguf)[0] + ".Modelfile", tokenizer))
     return 0
 

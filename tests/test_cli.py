@@ -171,3 +171,35 @@ def test_export_gguf_answers_mistakes_with_one_line_and_writes_the_adapter_alone
     assert not os.path.exists(out)
     assert export_gguf.main(args + ["--adapter-only"]) == 0
     assert f"--lora {out}" in capsys.readouterr().out and os.path.getsize(out) > 0
+
+
+def test_eval_pricer_scores_only_items_the_adapter_never_trained_on(scripts, files, capsys, monkeypatch, tmp_path):
+    """The adapter's trained_on.json gives the split: its test and validation items are scored, a --seed
+    that disagrees or an --n that reaches into its training items is refused before the model loads."""
+    from lora import LoRAConfig, apply_lora, save_adapter
+    from model import load_pretrained
+    from pricer import load_source, split_items, split_record
+
+    eval_pricer = scripts[1]
+    model, _ = load_pretrained(files["model"])
+    apply_lora(model, LoRAConfig(r=2, alpha=4, target_modules=("q_proj",)))
+    adapter = str(tmp_path / "adapter")
+    save_adapter(model, adapter, split=split_record(files["data"], "four-cs", 3, 2, 2, 12))
+    scored = []
+
+    def evaluate_prices(model, tokenizer, items, *args, **kwargs):
+        from pricer import score
+
+        scored.append(list(items))
+        return score([1.0] * len(items), [i.price for i in items])
+
+    monkeypatch.setattr(eval_pricer, "evaluate_prices", evaluate_prices)
+    base = ["--adapter", adapter, "--model", files["model"], "--quant", "none", "--device", "cpu",
+            "--out", str(tmp_path / "eval")]
+    assert eval_pricer.main(base + ["--n", "4"]) == 0  # its own data, from the record
+    split = split_items(load_source(files["data"]).items, 3, 2, 2)
+    assert scored == [split.test + split.val]
+    one_error_line(capsys, eval_pricer.main(base + ["--n", "4", "--seed", "42"]), "--seed 42: ")
+    one_error_line(capsys, eval_pricer.main(base + ["--n", "5"]), "--n 5: ")
+    one_error_line(capsys, eval_pricer.main(base + ["--n", "4", "--data", "diamonds"]), "--data diamonds: ")
+    assert len(scored) == 1

@@ -334,3 +334,42 @@ def split_items(items: list[Item], seed: int, test_size: int, val_size: int,
     test, val = order[:test_size], order[test_size:test_size + val_size]
     train = order[test_size + val_size:]
     return Split(train[:train_size] if train_size else train, val, test)
+
+
+def split_record(data: str | None, description: str, seed: int, test_size: int, val_size: int,
+                 train_size: int) -> dict:
+    """What an adapter trained on, for its `trained_on.json` (lora.save_adapter's `split`): the data, the
+    seed of its order and the sizes of `split_items`' three parts."""
+    return {"data": _data_name(data), "description": description, "seed": seed, "test_size": test_size,
+            "val_size": val_size, "train_size": train_size}
+
+
+def _data_name(data: str | None) -> str:
+    """'diamonds' for the embedded data, else the file's absolute path."""
+    return "diamonds" if data in (None, "diamonds") else os.path.abspath(data)
+
+
+def held_out(items: list[Item], n: int, seed: int | None, split: dict | None, source: str = "the adapter",
+             data: str | None = None) -> tuple[list[Item], list[Item]]:
+    """(the first `n` items of the seed's order, which training never saw; the rest of that order).
+
+    With the adapter's recorded `split` the seed is its own: `seed` (a --seed flag) that disagrees with it
+    is an error, and so is an `n` reaching past its test and validation items into the ones it trained
+    on, or other data than it trained on. Without a record (a base model, an older adapter) `seed`
+    alone decides (0, the demo's, when None).
+    """
+    if split is None:
+        order = shuffled(items, 0 if seed is None else seed)
+        return order[:n], order[n:]
+    if seed is not None and seed != split["seed"]:
+        raise ValueError(f"--seed {seed}: {source} was trained on the split of seed {split['seed']}; another "
+                         f"seed's first {n} items include diamonds it trained on (leave --seed out)")
+    if data is not None and _data_name(data) != split.get("data", "diamonds"):
+        raise ValueError(f"--data {data}: {source} was trained on {split.get('data')}")
+    unseen = split["test_size"] + split["val_size"]
+    if n > unseen:
+        raise ValueError(f"--n {n}: {source} never saw only the first {unseen} items of seed {split['seed']} "
+                         f"(its {split['test_size']} test and {split['val_size']} validation items); the rest "
+                         f"include the {split['train_size']:,} it trained on")
+    order = shuffled(items, split["seed"])
+    return order[:n], order[n:]
