@@ -27,6 +27,7 @@ a failure leaves no file behind (folders made for out_path stay).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
 import tempfile
@@ -122,7 +123,7 @@ def _llama_quantized(checkpoint, adapter_dir: str, out_path: str, out_type: str,
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = K_QUANTS[out_type][0]
         params.nthread = os.cpu_count() or 1
-        if llama_cpp.llama_model_quantize(f16.encode(), quantized.encode(), params) != 0:
+        if llama_cpp.llama_model_quantize(f16.encode(), quantized.encode(), ctypes.byref(params)) != 0:
             raise RuntimeError(f"llama.cpp's quantizer failed to write {out_type} from {f16}")
         os.replace(quantized, out_path)
     return out_path
