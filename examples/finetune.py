@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora, train) and the examples' packages
 
-from cli import (add_recipe_flags, add_run_flags, fill_from_preset, is_main_process, start_run,  # noqa: E402
-                 reload_trained, run_command)
+from cli import (add_recipe_flags, add_run_flags, fill_from_preset, is_main_process, run_command,  # noqa: E402
+                 start_run, trained_model)
 from lora import apply_lora, save_adapter, trainable_parameters  # noqa: E402
 from model import CHATML  # noqa: E402
 from pricer import (  # noqa: E402
@@ -224,10 +224,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"training loss: {sum(losses[:k]) / k:.4f} over the first {k} steps, {sum(losses[-k:]) / k:.4f} over the "
           f"last {k} ({result.step} steps)" + (f"; validation loss {result.val_losses[-1][1]:.4f}"
                                                 if result.val_losses else ""))
-    if args.parallel == "fsdp":  # each process now holds only its shards: rank 0 reloads the base and the adapter
-        if not is_main_process():
-            return 0
-        model, tokenizer = reload_trained(args, device, template)
+    if (trained := trained_model(args, device, model, tokenizer, template)) is None:   # an FSDP rank other than 0
+        return 0
+    model, tokenizer = trained
 
     show_replies("after training", model, tokenizer, data, args)
     after = score_diamonds("after training", model, tokenizer, data, args)
