@@ -142,6 +142,27 @@ def test_user_errors_are_one_line_and_status_2(files, capsys, tmp_path):
                             str(tmp_path / "t.jinja"), *out], "t.jinja: no such file")
 
 
+def test_data_with_nothing_to_train_on_stops_before_the_model_loads_in_the_commands_terms(files, capsys, tmp_path,
+                                                                                          monkeypatch):
+    """An empty file, or one whose every conversation --max-len leaves out: one line naming the file, the
+    conversations read and left out and the flag, exit 2, and the model never loaded."""
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(finetune, "load_model", no_load)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    out = ["--model", files["model"], "--out", str(tmp_path / "out")]
+    one_error_line(capsys, [*out, "--data", str(empty)],
+                   f"error: --data {empty}: 0 conversations read (the file has no non-blank line): nothing to train on")
+    one_error_line(capsys, [*out, "--data", files["messages"], "--max-len", "3"],
+                   f"error: --data {files['messages']}: 8 conversations read, all 8 left out by --max-len 3 "
+                   "(none keeps an assistant token within that many tokens): nothing to train on; raise --max-len")
+    one_error_line(capsys, [*out, "--data", files["messages"], "--max-len", "20", "--overlong", "skip"],
+                   "8 conversations read, all 8 left out by --max-len 20 (longer than that, with --overlong skip)")
+    one_error_line(capsys, [*out, "--data", files["messages"], "--val", str(empty)], f"error: --val {empty}: 0 conversations")
+
+
 def test_a_model_without_a_template_is_the_librarys_error_until_one_is_given(files, capsys, tmp_path, smol_tok):
     base = ["--model", files["bare"], "--data", files["messages"], "--max-steps", "1"]
     one_error_line(capsys, [*base, "--out", str(tmp_path / "a")], "has no chat template")
