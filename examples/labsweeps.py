@@ -10,7 +10,7 @@ import math
 from typing import Any, Callable
 
 from labkit import Lab, field_of, markdown_table, new_figure, record, runs_cost, spread, stats, timed, where
-from labruns import RunSpec, stored_runs
+from labruns import DEVICES, RunSpec, stored_runs
 from pricer import ATTENTION, MLP
 
 RANKS = (2, 4, 8, 16, 32, 64)
@@ -257,9 +257,10 @@ def qlora_rows(lab: Lab) -> list[tuple[str, str, dict[str, Any]]]:
             ("nf4-single", "NF4, no double quantization", lab.settings(double_quant=False)),
             ("fp4", "FP4, double quantization", lab.settings(quant="fp4")),
             ("fp32", "unquantized, fp32", lab.settings(quant="none", dtype="float32"))]
-    if lab.device == "cuda" or has_bf16():
-        rows.append(("bf16", "unquantized, bf16", lab.settings(quant="none", dtype="bfloat16")))
-    return rows
+    bf16 = ("bf16", "unquantized, bf16", lab.settings(quant="none", dtype="bfloat16"))
+    stored = lab.stored_only and any(stored_runs(lab.specs(f"qlora-{bf16[0]}", bf16[2]), lab.out, device)
+                                     for device in DEVICES)   # `report` shows the runs stored on any machine
+    return rows + ([bf16] if lab.device == "cuda" or has_bf16() or stored else [])
 
 
 def qlora_specs(lab: Lab) -> list[RunSpec]:
@@ -290,7 +291,7 @@ def qlora(lab: Lab, started: float) -> str:
              "Held: the bytes the decoder's projections occupy while training (packed 4-bit codes, their scales as "
              "stored and the fp32 scales decoded from them once, the code books; or the plain weights); the whole "
              "model adds the embedding (tied to the head), the norms and the LoRA parameters."]
-    if lab.device == "cpu" and not has_bf16():
+    if all(name != "bf16" for name, _, _ in rows):
         notes.append("This CPU has no native bf16 (AVX512-BF16 or AMX): the bf16 row is left out.")
     return record(lab, "qlora", "qlora: NF4 against FP4, without double quantization, and the unquantized base",
                   table, fig, started, notes=notes, data={label: summary(r) for (_, label, _), r in zip(rows, results)},

@@ -1,7 +1,6 @@
-"""The house rules a reader relies on: imports run one way, examples use only the packages' small APIs,
-and the README's "read these first" line ranges still point at the definitions they name.
+"""The house rules a reader relies on: imports run one way, and examples use only the packages' small APIs.
 
-Imports (DESIGN.md, "Imports run one way"): `quant/` imports no other package of ours; `model/` uses
+Imports run one way: `quant/` imports no other package of ours; `model/` uses
 `quant/` only (to quantize while loading); `lora/` uses `quant/` (it wraps Linear4bit) and `model/`
 (export reads checkpoints); `train/` uses the three below it. So the packages stand in layers,
 quant < model < lora < train, and an import only ever points to a lower layer: no circle can form.
@@ -9,9 +8,6 @@ quant < model < lora < train, and an import only ever points to a lower layer: n
 import ast
 import importlib
 import os
-import re
-
-import pytest
 
 from conftest import ROOT
 
@@ -64,29 +60,3 @@ def test_examples_use_only_the_packages_apis():
             else:
                 wrong += [f"{where}: {name} is not in {top}.__all__" for name in names if name not in exported[top]]
     assert not wrong, "\n".join(wrong)
-
-
-# ---------------------------------------------------------------------------- the README's first reading
-FIRST_READS = [("train/loop.py", "training_step"), ("lora/layer.py", "LoRALinear.forward"),
-               ("quant/nf4.py", "quantize_nf4")]
-
-
-def definition_lines(path: str, qualified: str) -> tuple[int, int]:
-    """First and last line of a function, a class or a class's method (`Class.method`) in a file."""
-    body = ast.parse(open(os.path.join(ROOT, path), encoding="utf-8").read()).body
-    node = None
-    for part in qualified.split("."):
-        node = next(n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part)
-        body = node.body
-    start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-    return start, node.end_lineno
-
-
-@pytest.mark.parametrize("path,name", FIRST_READS)
-def test_the_readmes_line_ranges_point_at_what_they_name(path, name):
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    found = re.search(rf"\[`{re.escape(path)}:(\d+)-(\d+)`\]\({re.escape(path)}#L(\d+)-L(\d+)\) `{re.escape(name)}`", readme)
-    assert found, f"README.md names no line range of {path} {name}"
-    start, end = definition_lines(path, name)
-    assert [int(g) for g in found.groups()] == [start, end, start, end], \
-        f"README.md points {path} {name} at {found.group(1)}-{found.group(2)}; it stands at {start}-{end}"
