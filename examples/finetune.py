@@ -9,9 +9,10 @@ The data: JSON Lines, one conversation a line, in any of three shapes (train/jso
 {"messages": [{"role", "content"}, ...]}, {"prompt", "completion"}, or Alpaca's {"instruction",
 "input", "output"}. Each conversation is written by the model's own chat template and the loss sees
 the assistant's turns only (train/chat.py). A model without a template needs --chat-template chatml
-or --chat-template FILE.jinja. With neither --model nor --data: the embedded SmolLM2-135M-Instruct
-and the embedded diamonds as a chat (examples/pricer/chat.py), whose held-out diamonds are priced
-before and after training.
+or --chat-template FILE.jinja. With neither --model nor --data: the demo as a chat, the embedded
+SmolLM2-135M-Instruct and the embedded diamonds as conversations (examples/pricer/chat.py), with the
+demo's recipe (`PRESETS["demo"]`) and seed (0), whose held-out diamonds are priced before and after
+training. Your data is read and checked with the model's tokenizer before the model itself is loaded.
 
 Steps: load the base model (quantized to NF4 as it is read), read the conversations, wrap the target
 modules in LoRA, show the replies to a few validation prompts, train (forward, loss on the assistant's
