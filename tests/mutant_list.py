@@ -212,7 +212,7 @@ MUTANTS = [
            "        n_micro = sum(self._kept(size) for size in sizes)", "        n_micro = len(sizes)",
            k(DATA, "counts_exactly")),
     Mutant("the data plan lets batch_size < world_size through", "train/plan.py",
-           "        if bs < w:", "        if False:", k(DATA, "fewer_than")),
+           "        if bs < w:", "        if False:", k(DATA, "smaller_than_the_processes")),
     Mutant("overlong conversations kept whole", "train/jsonl.py",
            "        if max_len is not None and len(example.input_ids) > max_len:", "        if False:", k(CHAT, "overlong")),
     # ---------------------------------------------------------------- examples/finetune.py: one command, any chat data
