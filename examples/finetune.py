@@ -9,9 +9,10 @@ The data: JSON Lines, one conversation a line, in any of three shapes (train/jso
 {"messages": [{"role", "content"}, ...]}, {"prompt", "completion"}, or Alpaca's {"instruction",
 "input", "output"}. Each conversation is written by the model's own chat template and the loss sees
 the assistant's turns only (train/chat.py). A model without a template needs --chat-template chatml
-or --chat-template FILE.jinja. With neither --model nor --data: the embedded SmolLM2-135M-Instruct
-and the embedded diamonds as a chat (examples/pricer/chat.py), whose held-out diamonds are priced
-before and after training.
+or --chat-template FILE.jinja. With neither --model nor --data: the demo as a chat, the embedded
+SmolLM2-135M-Instruct and the embedded diamonds as conversations (examples/pricer/chat.py), with the
+demo's recipe (`PRESETS["demo"]`) and seed (0), whose held-out diamonds are priced before and after
+training. Your data is read and checked with the model's tokenizer before the model itself is loaded.
 
 Steps: load the base model (quantized to NF4 as it is read), read the conversations, wrap the target
 modules in LoRA, show the replies to a few validation prompts, train (forward, loss on the assistant's
@@ -37,10 +38,10 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora, train) and the examples' packages
 
-from cli import (add_recipe_flags, add_run_flags, fill_from_preset, is_main_process, start_run,  # noqa: E402
-                 reload_trained, run_command)
+from cli import (add_recipe_flags, add_run_flags, fill_from_preset, is_main_process, run_command,  # noqa: E402
+                 start_run, trained_model)
 from lora import apply_lora, save_adapter, trainable_parameters  # noqa: E402
-from model import CHATML  # noqa: E402
+from model import CHATML, default_checkpoint, load_tokenizer  # noqa: E402
 from pricer import (  # noqa: E402
     CHAT_DEMO, DiamondChat, answer_budget, base_dtype, chat_replies, constant_baseline, evaluate_chat_prices,
     load_diamond_chats, load_model, log_to_tensorboard, lora_config, results_table, split_items, split_record,
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @dataclass
-class ChatData:
+class RunData:
     """What a run trains on, and what it shows and scores before and after."""
 
     train: list[Example]
@@ -140,8 +141,11 @@ def use_template(tokenizer, template: str | None) -> None:
         raise ValueError(f"{e}. Here: --chat-template chatml or --chat-template FILE.jinja") from None
 
 
-def user_data(args: argparse.Namespace, tokenizer) -> ChatData:
-    """--data and --val read by `train.load_chat_jsonl` (the template, labels on the assistant turns)."""
+def user_data(args: argparse.Namespace, template: str | None) -> RunData:
+    """--data and --val read by `train.load_chat_jsonl` (the template, labels on the assistant turns) with the
+    model's tokenizer alone, before the model is loaded: a file with nothing to train on stops the run here."""
+    tokenizer = load_tokenizer(args.model or default_checkpoint())
+    use_template(tokenizer, template)
     data = {}
     for name in ("data", "val"):
         path = getattr(args, name)
@@ -150,14 +154,30 @@ def user_data(args: argparse.Namespace, tokenizer) -> ChatData:
             d = data[name]
             print(f"{path}: {len(d.examples):,} conversations, {d.truncated:,} cut to --max-len {args.max_len}, "
                   f"{d.skipped:,} left out")
+            check_left(f"--{name}", path, d, args)
     shown = args.val or args.data
     samples = [c for _, (_, c) in zip(range(args.samples), read_jsonl_conversations(shown))]
-    return ChatData(data["data"].examples, data["val"].examples if "val" in data else [], samples,
+    return RunData(data["data"].examples, data["val"].examples if "val" in data else [], samples,
                     f"the first {len(samples)} conversations of {shown}")
 
 
-def diamond_data(args: argparse.Namespace, tokenizer) -> ChatData:
-    """The embedded diamonds as a chat, split as `make demo` splits them; written out as JSON Lines."""
+def check_left(flag: str, path: str, data, args: argparse.Namespace) -> None:
+    """A file that leaves nothing to train on is the user's mistake, said in the command's terms: the file,
+    the conversations read and left out, and the flag that left them out."""
+    if data.examples:
+        return
+    if not data.skipped:
+        raise ValueError(f"{flag} {path}: 0 conversations read (the file has no non-blank line): nothing to "
+                         "train on; expected JSON Lines, one conversation a line")
+    why = ("longer than that, with --overlong skip" if args.overlong == "skip" else
+           "none keeps an assistant token within that many tokens")
+    raise ValueError(f"{flag} {path}: {data.skipped:,} conversations read, all {data.skipped:,} left out by "
+                     f"--max-len {args.max_len} ({why}): nothing to train on; raise --max-len")
+
+
+def diamond_data(args: argparse.Namespace, tokenizer) -> RunData:
+    """The embedded diamonds as a chat, split as `make demo` splits them (the default --seed and sizes are
+    the demo's); written out as JSON Lines."""
     split = split_items(load_diamond_chats(), args.seed, args.test_size, args.val_size, args.train_size)
     print(f"diamonds as a chat (seed {args.seed}): {len(split.train):,} train, {len(split.val):,} validation, "
           f"{len(split.test):,} held out")
@@ -166,7 +186,7 @@ def diamond_data(args: argparse.Namespace, tokenizer) -> ChatData:
             print(f"wrote {write_chats_jsonl(chats, os.path.join(args.out, 'data', f'{name}.jsonl'))}")
     examples = [[chat_example(tokenizer, c.messages) for c in chats] for chats in (split.train, split.val)]
     samples = [c.messages for c in split.test[:args.samples]]
-    return ChatData(*examples, samples, f"the first {len(samples)} held-out diamonds", split.test,
+    return RunData(*examples, samples, f"the first {len(samples)} held-out diamonds", split.test,
                     [c.price for c in split.train])
 
 
@@ -176,7 +196,7 @@ def ask(conversation: list[dict]) -> tuple[list[dict], str]:
     return conversation[:last], conversation[last].get("content") or ""
 
 
-def show_replies(when: str, model, tokenizer, data: ChatData, args: argparse.Namespace) -> None:
+def show_replies(when: str, model, tokenizer, data: RunData, args: argparse.Namespace) -> None:
     """The model's replies to the sample prompts, through its chat template, beside the data's answers."""
     if not data.samples:
         return
@@ -187,7 +207,7 @@ def show_replies(when: str, model, tokenizer, data: ChatData, args: argparse.Nam
         print(f"  user:   {prompt[-1]['content'][:300]!r}\n  reply:  {reply[:300]!r}\n  data:   {answer[:300]!r}")
 
 
-def score_diamonds(title: str, model, tokenizer, data: ChatData, args: argparse.Namespace):
+def score_diamonds(title: str, model, tokenizer, data: RunData, args: argparse.Namespace):
     """The held-out diamonds priced through the chat template (None without them)."""
     if not data.held_out:
         return None
@@ -208,10 +228,12 @@ def run(args: argparse.Namespace) -> int:
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such data file (expected JSON Lines, one conversation a line)")
     template = read_template(args.chat_template)
+    data = None if args.data is None else user_data(args, template)   # read and checked before the slow load
     model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=base_dtype(args, device),
                                               double_quant=args.double_quant)
     use_template(tokenizer, template)
-    data = diamond_data(args, tokenizer) if args.data is None else user_data(args, tokenizer)
+    if data is None:
+        data = diamond_data(args, tokenizer)
 
     apply_lora(model, lora_config(args, model, args.seed))
     print(trainable_parameters(model))
@@ -224,10 +246,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"training loss: {sum(losses[:k]) / k:.4f} over the first {k} steps, {sum(losses[-k:]) / k:.4f} over the "
           f"last {k} ({result.step} steps)" + (f"; validation loss {result.val_losses[-1][1]:.4f}"
                                                 if result.val_losses else ""))
-    if args.parallel == "fsdp":  # each process now holds only its shards: rank 0 reloads the base and the adapter
-        if not is_main_process():
-            return 0
-        model, tokenizer = reload_trained(args, device, template)
+    if (trained := trained_model(args, device, model, tokenizer, template)) is None:   # an FSDP rank other than 0
+        return 0
+    model, tokenizer = trained
 
     show_replies("after training", model, tokenizer, data, args)
     after = score_diamonds("after training", model, tokenizer, data, args)

@@ -1,6 +1,6 @@
 """Fine-tune a model to read a product description and answer its price, with QLoRA.
 
-    python examples/train_pricer.py                      # the demo: SmolLM2-135M, NF4 base, diamonds, CPU
+    python examples/train_pricer.py                      # the demo (`make demo`): SmolLM2-135M, NF4 base, diamonds, seed 0
     python examples/train_pricer.py --preset demo-full   # the slower demo: every attribute, half the layers
     python examples/train_pricer.py --preset llama31-8b --model ~/Llama-3.1-8B --data pricer_train.jsonl
     torchrun --nproc-per-node 2 examples/train_pricer.py --parallel fsdp ...   # the model sharded over 2 processes
@@ -26,13 +26,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora, train) and the pricer package
 
-from cli import (add_recipe_flags, add_run_flags, fill_from_preset, is_main_process, start_run,  # noqa: E402
-                 reload_trained, run_command)
+from cli import add_recipe_flags, add_run_flags, fill_from_preset, run_command, start_run, trained_model  # noqa: E402
 from lora import apply_lora, save_adapter, trainable_parameters  # noqa: E402
 from pricer import (  # noqa: E402
-    DESCRIPTIONS, PRESETS, answer_tokens, constant_baseline, evaluate_greedy_and_top_k, evaluate_prices, load_model, load_source,
-    log_to_tensorboard, lora_config, print_report, results_table, save_scatter,
-    split_items, split_record, base_dtype, train_config,
+    DESCRIPTIONS, PRESETS, answer_tokens, base_dtype, constant_baseline, evaluate_greedy_and_top_k,
+    evaluate_prices, load_model, load_source, log_to_tensorboard, lora_config, print_report, results_table,
+    save_scatter, split_items, split_record, train_config,
 )
 from train import train  # noqa: E402
 from export_gguf import how_to_run  # noqa: E402
@@ -97,21 +96,17 @@ def run(args: argparse.Namespace) -> int:
                    [(i.prompt, i.answer) for i in split.val], config, resume=args.resume)
     if result.val_losses:
         print(f"validation loss {result.val_losses[-1][1]:.4f} after {result.step} steps")
-    if args.parallel == "fsdp":  # each process now holds only its shards: rank 0 reloads the base and the adapter
-        if not is_main_process():
-            return 0
-        model, tokenizer = reload_trained(args, device)
+    if (trained := trained_model(args, device, model, tokenizer)) is None:   # an FSDP rank other than 0
+        return 0
+    model, tokenizer = trained
 
     t0 = time.perf_counter()
-    if args.top_k_average:  # one pass: the top-1 candidate finished greedily is the greedy answer
-        after, top = evaluate_greedy_and_top_k(model, tokenizer, split.test, max_new, args.top_k_average,
-                                               args.eval_batch_size)
-    else:
-        after = evaluate_prices(model, tokenizer, split.test, max_new, args.eval_batch_size)
+    after, top = evaluate_greedy_and_top_k(model, tokenizer, split.test, max_new, args.top_k_average,
+                                           args.eval_batch_size)
     print(f"after training ({time.perf_counter() - t0:.0f}s):")
     print_report(after)
     rows = [("after training", after)]
-    if args.top_k_average:
+    if top is not None:
         rows.append((f"after training, top-{args.top_k_average} average", top))
     baseline = constant_baseline([item.price for item in split.train], [item.price for item in split.test])
     print(f"\n{len(split.test)} held-out items\n" + results_table(
@@ -128,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
           f"total {(time.perf_counter() - start) / 60:.1f} minutes")
     gguf = os.path.join(args.out, "pricer.gguf")
     print(f"\nTake it away as one file, merged into the weights it trained on (f16; --type q8_0 or q4_k_m for "
-          f"smaller ones):\n  python examples/export_gguf.py --adapter {adapter_dir} --out {gguf}\nthen\n"
+          f"smaller ones; docs/export.md):\n  python examples/export_gguf.py --adapter {adapter_dir} --out {gguf}\n"
+          "then\n"
           + how_to_run(gguf, os.path.splitext(gguf)[0] + ".Modelfile", tokenizer))
     return 0
 

@@ -26,7 +26,7 @@ LAB, PRICER = "tests/test_lab.py", "tests/test_pricer.py"
 BACKWARD, FUSED, FAMILIES, DORA = ("tests/test_backward.py", "tests/test_lora_fused.py", "tests/test_families.py",
                                    "tests/test_dora.py")
 CHAT, PACKING, FINETUNE = "tests/test_chat.py", "tests/test_packing.py", "tests/test_finetune.py"
-EXPORT = "tests/test_export_gguf.py"
+EXPORT, DATA = "tests/test_export_gguf.py", "tests/test_data.py"
 
 
 def case(test: str, param: str = "") -> str:
@@ -203,11 +203,35 @@ MUTANTS = [
            (CHAT, "tests/test_properties.py", "-k", "labels or chat_example")),
     Mutant("Alpaca's input dropped", "train/jsonl.py", "        if extra.strip():", "        if False:",
            (CHAT, "tests/test_properties.py", "-k", "jsonl")),
+    Mutant("an Example is cut at its start", "train/data.py",
+           "return Example(self.input_ids[:max_len], self.labels[:max_len])",
+           "return Example(self.input_ids[-max_len:], self.labels[-max_len:])", (DATA, "-k", "cut")),
+    Mutant("a user message may leave its content out for tool_calls", "train/chat.py",
+           'calls_tools = m["role"] == ROLE_ASSISTANT and m.get("content") is None',
+           'calls_tools = m.get("content") is None', k(DATA, "tool_calls")),
+    Mutant("the data plan counts the micro-batches it drops", "train/plan.py",
+           "        n_micro = sum(self._kept(size) for size in sizes)", "        n_micro = len(sizes)",
+           k(DATA, "counts_exactly")),
+    Mutant("the data plan lets batch_size < world_size through", "train/plan.py",
+           "        if bs < w:", "        if False:", k(DATA, "smaller_than_the_processes")),
     Mutant("overlong conversations kept whole", "train/jsonl.py",
            "        if max_len is not None and len(example.input_ids) > max_len:", "        if False:", k(CHAT, "overlong")),
     # ---------------------------------------------------------------- examples/finetune.py: one command, any chat data
     Mutant("finetune ignores --packing", "examples/finetune.py",
            "parallel=args.parallel, packing=args.packing)", "parallel=args.parallel, packing=False)", k(FINETUNE, "packing")),
+    Mutant("finetune checks its data after the model loads", "examples/finetune.py",
+           '            check_left(f"--{name}", path, d, args)\n', "            pass\n", k(FINETUNE, "nothing_to_train")),
+    Mutant("--dora ignores the preset's value", "examples/cli.py",
+           'action=argparse.BooleanOptionalAction)\n    tuned("--layers"',
+           'action="store_true", default=False)\n    tuned("--layers"', k(CLI, "presets_value")),
+    Mutant("the scripts' default seed is not the demo's", "examples/cli.py",
+           '"--seed", type=int, default=DEMO_SEED,', '"--seed", type=int, default=42,',
+           (CLI, FINETUNE, "-k", "demo_seed")),
+    Mutant("the chat demo is the lab's recipe, not the demo's", "examples/pricer/recipe.py",
+           "CHAT_DEMO: dict[str, Any] = dict(DEMO,", "CHAT_DEMO: dict[str, Any] = dict(LAB,", k(FINETUNE, "demo_seed")),
+    Mutant("the figure check reads no figure", "tests/test_docs.py",
+           "        if found and not any(found <= unit for unit in units):", "        if False:",
+           k("tests/test_docs.py", "edited_by_hand")),
     Mutant("finetune ignores --resume", "examples/finetune.py",
            "config, resume=args.resume)", "config, resume=False)", k(FINETUNE, "resumes")),
     Mutant("replies not through the chat template", "examples/pricer/predict.py",
@@ -244,9 +268,14 @@ MUTANTS = [
            k(LAB, "two_processes")),
     Mutant("load_pretrained ignores double_quant=False", "model/load.py",
            "quant_type=quant, double_quant=double_quant,", "quant_type=quant, double_quant=True,", k(LAB, "qlora")),
-    Mutant("the nf4 experiment leaves the decoded scales out of the bits held", "examples/nf4lab.py",
-           "n_bytes += layer.quantized_nbytes() + (0 if decoded is None else decoded.numel() * decoded.element_size())",
-           "n_bytes += layer.quantized_nbytes()", k(LAB, "nf4")),
+    Mutant("the bits held leave the decoded scales out", "examples/labruns.py",
+           "tensors, weights = [module.weight, *module.buffers()], module.in_features * module.out_features",
+           "tensors, weights = [module.weight, *(b for b in module.buffers() if b is not module.decoded_absmax)], "
+           "module.in_features * module.out_features", k(LAB, "nf4 or qlora")),
+    Mutant("the lab scores the epochs runs", "examples/labepochs.py",
+           'for s in lab.specs(f"epochs-{name}", settings, score=False, top_k=None, curve_every=1)]',
+           'for s in lab.specs(f"epochs-{name}", settings, score=True, top_k=None, curve_every=1)]',
+           k(LAB, "epochs_runs_are_not")),
     # ---------------------------------------------------------------- GGUF export
     Mutant("GGUF export keeps HF's q/k row order", "model/gguf_write.py",
            'PERMUTED = ("llama",)', "PERMUTED = ()",

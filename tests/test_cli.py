@@ -3,6 +3,7 @@
 Each case runs the script's `main(argv)` in this process on a tiny model written to disk; a bug
 (any other exception) must still raise with its traceback.
 """
+import argparse
 import importlib.util
 import os
 import signal
@@ -17,6 +18,7 @@ sys.path.insert(0, HERE)
 
 from test_pricer import write_csv, write_tiny_checkpoint  # noqa: E402
 
+from pricer import DEMO_SEED  # noqa: E402
 from train import TrainingInterrupted  # noqa: E402
 
 
@@ -135,6 +137,23 @@ def test_the_course_preset_picks_fp16_where_the_gpu_has_no_bf16(scripts, monkeyp
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: has_bf16)
         assert train_pricer.base_dtype(train_pricer.PRESETS["llama31-8b"], "cuda") == want
     assert train_pricer.base_dtype(train_pricer.PRESETS["llama31-8b"], "cpu") is None
+
+
+def test_no_flags_is_the_demo_seed_and_recipe_and_each_flag_takes_its_presets_value(scripts):
+    """cli.add_recipe_flags: every recipe flag, --dora included, defaults to the preset's value and a flag
+    given overrides it; with no flags train_pricer.py is `make demo` (seed DEMO_SEED, PRESETS["demo"])."""
+    train_pricer = scripts[0]
+    args = train_pricer.parse_args([])
+    assert args.seed == DEMO_SEED == 0
+    assert {k: getattr(args, k) for k in train_pricer.PRESETS["demo"]} == train_pricer.PRESETS["demo"]
+    import cli
+
+    presets = {"plain": dict(train_pricer.PRESETS["demo"]), "dora": dict(train_pricer.PRESETS["demo"], dora=True)}
+    for preset, argv, want in (("plain", [], False), ("dora", [], True), ("plain", ["--dora"], True),
+                               ("dora", ["--no-dora"], False)):
+        p = argparse.ArgumentParser()
+        cli.add_recipe_flags(p, presets, "tokens")
+        assert cli.fill_from_preset(p.parse_args(argv), presets[preset]).dora is want, (preset, argv)
 
 
 def test_eval_pricer_describes_the_diamonds_as_the_demo_trained_on_them(scripts, files, monkeypatch):

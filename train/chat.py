@@ -48,8 +48,10 @@ def check_conversation(messages: object) -> None:
             raise ValueError(f"message {i} is a {type(m).__name__}, not an object with 'role' and 'content'")
         if not isinstance(m.get("role"), str):
             raise ValueError(f"message {i} has no 'role' string" + (f" (role: {m['role']!r})" if "role" in m else ""))
-        if not isinstance(m.get("content"), str) and not (m.get("content") is None and m.get("tool_calls")):
-            raise ValueError(f"message {i} ({m['role']}) has no 'content' string")
+        calls_tools = m["role"] == ROLE_ASSISTANT and m.get("content") is None and m.get("tool_calls")
+        if not isinstance(m.get("content"), str) and not calls_tools:
+            raise ValueError(f"message {i} ({m['role']}) has no 'content' string"
+                             + (" (only an assistant's may be left out, for tool_calls)" if m.get("tool_calls") else ""))
     if not any(m["role"] == ROLE_ASSISTANT for m in messages):
         raise ValueError("the conversation has no assistant message to learn from")
 
@@ -70,6 +72,4 @@ def chat_example(tokenizer, messages: Sequence[dict], max_len: int | None = None
         return any((lo < b and hi > a) or (lo == hi and a <= lo < b) for a, b in spans)
 
     labels = [t if learnt(lo, hi) else IGNORE_INDEX for t, (lo, hi) in zip(ids, offsets)]
-    if max_len is not None:
-        ids, labels = ids[:max_len], labels[:max_len]
-    return Example(ids, labels)
+    return Example(ids, labels).cut(max_len)

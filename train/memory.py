@@ -1,6 +1,6 @@
 """How many bytes one process holds in QLoRA training, by component, with the model sharded N ways (FSDP).
 
-    python -m train.memory            # the README's table: Llama-3.1 8B/70B/405B on 1, 2, 4, 8 processes
+    python -m train.memory            # the table of bench/RESULTS.md: Llama-3.1 8B/70B/405B on 1, 2, 4, 8 processes
 
 Per process, for a Llama of hidden size H, L layers, MLP width I, vocabulary V, query width Q = heads x
 head_dim, key/value width K = kv_heads x head_dim; P = L (2HQ + 2HK + 3HI) weights in the linear layers:
