@@ -35,11 +35,11 @@ from pricer import (answer_tokens, evaluate_prices, held_out, load_model, load_s
 AS_TRAINED = "ours: NF4 base + adapter, as trained"
 
 
-def llama_cpp_prices(path: str, tokenizer, prompts: list[str], max_new_tokens: int, threads: int = 2) -> list[float]:
+def llama_cpp_prices(path: str, tokenizer, prompts: list[str], max_new_tokens: int, threads: int = 1) -> list[float]:
     """Greedy answers of llama.cpp to the prompts, tokenized by us (BOS first, as the pricer does)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=threads, verbose=False)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False)
     answers = []
     for prompt in prompts:
         llm.reset()
@@ -116,7 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=200, help="held-out diamonds of each adapter's split [200]")
     p.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_k_m"],
                    help="GGUF types of the trained merge to score in llama.cpp [f16 q8_0 q4_k_m]")
-    p.add_argument("--threads", type=int, default=2, help="llama.cpp's threads [2]")
+    p.add_argument("--threads", type=int, default=1,
+                   help="llama.cpp's threads [1: more spin on a busy machine, and each prompt is small]")
     return p.parse_args(argv)
 
 

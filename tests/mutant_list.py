@@ -304,7 +304,8 @@ MUTANTS = [
     # ---------------------------------------------------------------- what a user takes away (lora/trained_on.py)
     Mutant("exports merge into the original weights, not the ones training saw", "lora/trained_on.py",
            'self.base = base if merge_into == "trained" else None', "self.base = None",
-           (k(LORA, "answers_as_the_nf4_model"), "tests/test_export_trained.py", "-k", "llama")),
+           (f"{LORA}::test_export_merged_answers_as_the_nf4_model_that_was_trained",
+            "tests/test_export_trained.py::test_every_familys_export_answers_as_its_nf4_base_and_adapter[llama]")),
     Mutant("an export takes any checkpoint for the adapter's own", "lora/trained_on.py",
            'if found["sha256"] != recorded.get("sha256"):', "if False:",
            ("tests/test_export_trained.py", "-k", "stale")),

@@ -20,6 +20,7 @@ from test_export_gguf import (EXPORT_FAMILIES, PROMPTS, family_checkpoint, llama
 from test_model import sp_model_file  # noqa: F401  (a fixture: a trained sentencepiece model)
 
 import transformers  # noqa: E402  (test extra: the reference)
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 
 def nf4_trained(folder: str, d: dict, adapter_dir, dora: bool = False):
@@ -54,7 +55,7 @@ def test_every_familys_export_answers_as_its_nf4_base_and_adapter(name, tmp_path
     trained = logits_of(model)
     merged = export_merged(str(folder), adapter, str(tmp_path / "merged"))
     original = export_merged(str(folder), adapter, str(tmp_path / "original"), merge_into="original")
-    gguf = export_gguf(str(folder), adapter, str(tmp_path / "merged.gguf"), "f32")
+    gguf = export_gguf(str(folder), adapter, str(folder / "merged.gguf"), "f32")  # beside its config.json
     errors = {
         "HF folder, transformers": relative_error(hf_folder_logits(merged), trained),
         "HF folder, ours": relative_error(logits_of(load_pretrained(merged)[0]), trained),
@@ -68,21 +69,27 @@ def test_every_familys_export_answers_as_its_nf4_base_and_adapter(name, tmp_path
 
 
 def test_every_familys_f32_gguf_runs_as_trained_in_llama_cpp(tmp_path, sp_model_file):
-    """llama.cpp's own kernels sum in another order (and skip what HF computes in fp64): its f32 file
-    is held to 1e-4 of the largest logit, the merge into the original weights measured beside it."""
-    for name in EXPORT_FAMILIES:
-        folder = tmp_path / name
+    """llama.cpp on the trained merge's f32 file against our NF4 base + adapter: within 1e-5 of the
+    largest logit, or, where llama.cpp's own graph is further from transformers' on that very file
+    (Gemma 2's soft-capped attention, about 5e-4), within twice that engine's gap: the merge adds
+    nothing to it. The merge into the original weights is measured beside it, and is far off."""
+    for i, name in enumerate(EXPORT_FAMILIES):
+        folder = tmp_path / f"model{i}"  # general.name: transformers reads a family into "mistral", say
         folder.mkdir()
         d = family_checkpoint(name, folder, sp_model_file)
         model, adapter = nf4_trained(str(folder), d, tmp_path / f"{name}-adapter")
         trained = logits_of(model)
         keep = [i for i, p in enumerate(PROMPTS) if name != "phi3" or len(p) > d["original_max_position_embeddings"]]
-        runs = {}
+        runs, files = {}, {}
         for into in ("trained", "original"):
-            path = export_gguf(str(folder), adapter, str(tmp_path / f"{name}-{into}.gguf"), "f32", merge_into=into)
-            runs[into] = relative_error(llama_cpp_logits(path, [PROMPTS[i] for i in keep]), [trained[i] for i in keep])
-        print(f"\n{name}: llama.cpp f32, trained merge {runs['trained']:.1e}, original merge {runs['original']:.1e}")
-        assert runs["trained"] <= 1e-4 and runs["original"] > 10 * runs["trained"], (name, runs)
+            files[into] = export_gguf(str(folder), adapter, str(folder / f"{into}.gguf"), "f32", merge_into=into)
+            runs[into] = llama_cpp_logits(files[into], [PROMPTS[i] for i in keep])
+        err = relative_error(runs["trained"], [trained[i] for i in keep])
+        apart = relative_error(runs["original"], [trained[i] for i in keep])
+        engine = relative_error(runs["trained"], [transformers_logits(files["trained"], name)[i] for i in keep])
+        print(f"\n{name}: llama.cpp f32, trained merge {err:.1e} (llama.cpp against transformers on the same file "
+              f"{engine:.1e}), original merge {apart:.1e}")
+        assert err <= max(1e-5, 2 * engine) and apart > 10 * err, (name, err, engine, apart)
 
 
 def test_a_dora_adapter_merges_into_the_nf4_weights_it_trained_on(tmp_path, sp_model_file):
@@ -123,7 +130,9 @@ def test_a_stale_or_foreign_checkpoint_is_refused_naming_both(tmp_path, sp_model
     folder.mkdir()
     other.mkdir()
     d = family_checkpoint("llama", folder, sp_model_file)
-    family_checkpoint("llama", other, sp_model_file)  # the same shapes, other random weights
+    family_checkpoint("llama", other, sp_model_file)
+    weights = other / "model.safetensors"  # the same shapes, other weights
+    save_file({n: t + 0.01 for n, t in load_file(str(weights)).items()}, str(weights), metadata={"format": "pt"})
     _, adapter = nf4_trained(str(folder), d, tmp_path / "adapter")
     with pytest.raises(ValueError, match=rf"{other} is not the checkpoint .* recorded {folder} "):
         export_merged(str(other), adapter, str(tmp_path / "x"))
