@@ -183,6 +183,28 @@ def test_training_loss_sees_the_soft_cap_and_the_window(name, tmp_path, tokenize
     assert abs(ours.item() - want.item()) <= 1e-5
 
 
+# ------------------------------------------------------------------------------------------ packed rows
+DOCUMENTS = (3001, 2048, 1500, 1024, 600, 19)  # 8,192 tokens, each document past every window and longrope's 8
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_packed_row_of_8192_tokens_gives_each_document_its_logits_alone(name, tmp_path, tokenizer_files):
+    """Six documents in one row (position ids restarting at 0) through the per-document kernel of each family's
+    attention (windows, soft-caps, GQA, partial and scaled RoPE): each document's logits are those it has alone."""
+    model, _ = load_pretrained(save(hf_model(FAMILIES[name]), tmp_path, tokenizer_files))
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, V, (n,), generator=g) for n in DOCUMENTS]
+    position_ids = torch.cat([torch.arange(n) for n in DOCUMENTS])[None]
+    worst, start = 0.0, 0
+    with torch.no_grad():
+        packed = model(torch.cat(docs)[None], position_ids=position_ids)[0]       # (8192, V)
+        for d in docs:
+            worst = max(worst, (packed[start:start + len(d)] - model(d[None])[0]).abs().max().item())
+            start += len(d)
+    print(f"\n{name}: max |packed - alone| = {worst:.1e} over {start:,} tokens")
+    assert worst <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------ generation
 @pytest.mark.parametrize("name", ["qwen3_tied_window", "mistral_window", "gemma2_gqa_tied", "gemma3_gqa_linear_rope",
                                   "phi3_gqa_longrope_partial"])

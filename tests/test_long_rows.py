@@ -1,0 +1,147 @@
+"""Long rows: packed documents at the cost of the documents alone (model/attention.py), and rows of 32k tokens.
+
+The reference for a packed row's attention is each document alone; for its kernels, autograd and the
+block-diagonal mask; for RoPE at long positions, transformers' rotary embeddings of the same config.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import tiny_hf_config
+from model import Llama, LlamaConfig
+from model.attention import (Documents, DocumentAttention, attend, attend_each_document, attend_varlen,
+                             attention_mask_4d, packed_documents, use_varlen)
+
+WINDOWED = {  # the kernel's three CPU paths: causal, a window shorter than the documents, a soft-cap
+    "llama": tiny_hf_config(),
+    "mistral_window": tiny_hf_config(model_type="mistral", sliding_window=5),
+    "gemma2_softcap_window": tiny_hf_config(model_type="gemma2", head_dim=16, sliding_window=6, query_pre_attn_scalar=16,
+                                            attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+}
+
+
+def qkv(B=2, T=40, nh=4, nkv=2, hs=8, seed=0, dtype=torch.float32):
+    """q (B, nh, T, hs), k, v (B, nkv, T, hs), stored (B, T, heads, hs) as the projections leave them."""
+    g = torch.Generator().manual_seed(seed)
+    make = lambda n: torch.randn(B, T, n, hs, generator=g).to(dtype).transpose(1, 2).requires_grad_()  # noqa: E731
+    return make(nh), make(nkv), make(nkv)
+
+
+def test_packed_documents_reads_the_lengths_from_the_position_ids():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7], [4, 5, 0, 1, 2, 3, 0, 0]])
+    docs = packed_documents(pos)
+    assert docs.lengths == ((3, 2, 3), (8,), (2, 4, 1, 1))
+    assert docs.cu_seqlens("cpu").tolist() == [0, 3, 5, 8, 16, 18, 22, 23, 24] and docs.max_len == 8
+    assert docs.ids("cpu")[0].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert packed_documents(torch.arange(8).expand(3, 8)) is None  # one document a row: the fused causal path
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_the_document_kernels_backward_equals_autograd_and_the_mask(window):
+    """DocumentAttention (SDPA's CPU kernels per document, gradients by hand) against autograd through the
+    per-document path, and its output against the block-diagonal mask of the dense path."""
+    q, k, v = qkv()
+    docs = Documents(((7, 1, 20, 12), (40,)), window)
+    y = DocumentAttention.apply(q, k, v, docs, 0.3)
+    ref = attend_each_document(q, k, v, docs, 0.3)
+    mask = attention_mask_4d(None, 40, 0, "cpu", window, docs.ids("cpu"))
+    dense = attend(q, k, v, mask, 0.3)
+    assert (y - ref).abs().max() <= 1e-6 and (y - dense).abs().max() <= 1e-6
+    assert y.stride() == (40 * 4 * 8, 8, 4 * 8, 1)  # stored (B, T, nh, hs): o_proj's input is a view of it
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (q, k, v), dy)
+    want = torch.autograd.grad(ref, (q, k, v), dy)
+    for name, a, b in zip("qkv", got, want):
+        assert (a - b).abs().max() <= 1e-5, name
+    crossed = attend(q, k, v, attention_mask_4d(None, 40, 0, "cpu", window), 0.3)  # one document a row
+    assert (crossed[0, :, 8:] - y[0, :, 8:]).abs().max() > 1e-2
+
+
+def flash_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """torch.nn.attention.varlen.varlen_attn as documented (and tested against SDPA in torch's own suite):
+    (N, heads, hs) rows cut at cu_seq; query i sees the keys j of its own sequence with
+    i - left <= j <= i + right (-1: no limit); written densely, for a test."""
+    doc = torch.repeat_interleave(torch.arange(len(cu_q) - 1), cu_q.diff().long())
+    i, j = torch.arange(len(doc))[:, None], torch.arange(len(doc))[None, :]
+    left, right = window_size
+    allowed = (doc[:, None] == doc[None, :]) & ((j >= i - left) if left >= 0 else True) & ((j <= i + right) if right >= 0 else True)
+    y = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                         attn_mask=allowed, scale=scale, enable_gqa=enable_gqa)
+    return y.transpose(0, 1)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_the_varlen_call_cuts_the_flattened_rows_at_each_document(window, monkeypatch):
+    """The CUDA entry point's arguments (flattened rows, cu_seqlens, window (w - 1, 0), GQA), proved on the CPU
+    with a stand-in that follows varlen_attn's documented semantics; the kernel itself runs on a GPU only."""
+    q, k, v = qkv()
+    docs = Documents(((7, 1, 20, 12), (25, 15)), window)
+    monkeypatch.setattr("model.attention.varlen_attn", flash_varlen_reference)
+    got = attend_varlen(q, k, v, docs, 0.3)
+    want = attend_each_document(q, k, v, docs, 0.3)
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-6
+    assert not use_varlen(q.detach(), None)  # the CPU keeps DocumentAttention
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an op makes, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.most = max(self.most, t.numel())
+        return out
+
+
+def packed_row(T=1024, n=8, vocab=128):
+    ids = torch.randint(3, vocab, (1, T), generator=torch.Generator().manual_seed(0))
+    return ids, torch.arange(T // n).repeat(n)[None]
+
+
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_a_packed_row_never_holds_or_computes_a_T_by_T_mask(name):
+    """1,024 tokens in 8 documents, forward and backward: no op makes a tensor of T² / 4 elements (a (T, T) mask,
+    or scores across documents), which the block-diagonal mask path does (checked: the detector works)."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_hf(WINDOWED[name])).train()
+    ids, pos = packed_row()
+    T = ids.shape[1]
+    for attention_mask, dense in ((None, False), (torch.ones_like(ids), True)):  # a padding mask keeps the mask
+        with LargestTensor() as seen:
+            model(ids, attention_mask, position_ids=pos).pow(2).mean().backward()
+        print(f"\n{name}, {'masked' if dense else 'per document'}: largest tensor {seen.most:,} elements, T² = {T * T:,}")
+        assert (seen.most >= T * T) if dense else (seen.most < T * T // 4)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd keeps for the backward pass of fn(), each storage once (bench/lean.py's count)."""
+    seen = {}
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_a_packed_row_saves_for_backward_what_one_document_of_its_length_saves():
+    from train_script import tiny_lora_model
+
+    model = tiny_lora_model(targets=("q_proj", "k_proj", "v_proj", "o_proj")).train()
+    ids, pos = packed_row(n=16)
+    one = saved_bytes(lambda: model.model(ids, None, torch.arange(ids.shape[1])[None]))
+    packed = saved_bytes(lambda: model.model(ids, None, pos))
+    masked = saved_bytes(lambda: model.model(ids, torch.ones_like(ids), pos))
+    print(f"\nsaved: one document {one:,} B, 16 packed {packed:,} B, with the block-diagonal mask {masked:,} B")
+    assert packed <= one and masked > 1.5 * one
