@@ -46,6 +46,10 @@ FAMILIES = {
     # GQA, longrope (long factors past 8 positions), partial rotary (Phi-4-mini)
     "phi3_gqa_longrope_partial": tiny_hf_config(model_type="phi3", pad_token_id=0, rope_scaling=LONGROPE, partial_rotary_factor=0.5,
                                                 max_position_embeddings=64, original_max_position_embeddings=8),
+    # YaRN, as Qwen2.5's and Qwen3's cards add it past 32k tokens (an original context of 8 positions here)
+    "qwen2_yarn": tiny_hf_config(model_type="qwen2", rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                                   "original_max_position_embeddings": 8},
+                                 max_position_embeddings=32),
     "phi3_tied_window": tiny_hf_config(model_type="phi3", pad_token_id=0, tie_word_embeddings=True, sliding_window=4,
                                        num_key_value_heads=4),
 }

@@ -145,3 +145,44 @@ def test_a_packed_row_saves_for_backward_what_one_document_of_its_length_saves()
     masked = saved_bytes(lambda: model.model(ids, torch.ones_like(ids), pos))
     print(f"\nsaved: one document {one:,} B, 16 packed {packed:,} B, with the block-diagonal mask {masked:,} B")
     assert packed <= one and masked > 1.5 * one
+
+
+# ------------------------------------------------------------------------------------------ RoPE at 32k
+LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
+ROPE = {  # each scaling as the family's own config.json states it (head size 64: 32 frequencies)
+    "plain": tiny_hf_config(head_dim=64, rope_theta=500000.0),
+    "llama3 (Llama 3.1)": tiny_hf_config(head_dim=64, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE,
+                                         max_position_embeddings=131072),
+    "linear (Gemma 3's global layers, Llama 2 long)": tiny_hf_config(head_dim=64, rope_theta=1e6,
+                                                                     rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    "longrope (Phi-3.5, 4k -> 128k)": tiny_hf_config(
+        model_type="phi3", hidden_size=256, pad_token_id=0, rope_theta=10000.0, max_position_embeddings=131072,
+        original_max_position_embeddings=4096, rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.02 * i for i in range(32)],
+                                                             "long_factor": [1.0 + 1.5 * i for i in range(32)]}),
+    "yarn (Qwen3, 32k -> 128k)": tiny_hf_config(model_type="qwen3", head_dim=64, rope_theta=1e6, max_position_embeddings=131072,
+                                                rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                              "original_max_position_embeddings": 32768}),
+    "yarn (Qwen2.5, mscale)": tiny_hf_config(model_type="qwen2", head_dim=64, rope_theta=1e6, max_position_embeddings=65536,
+                                             rope_scaling={"rope_type": "yarn", "factor": 8.0, "mscale": 0.707,
+                                                           "mscale_all_dim": 1.0, "original_max_position_embeddings": 8192}),
+}
+
+
+@pytest.mark.parametrize("name", list(ROPE))
+def test_rope_at_32k_positions_equals_transformers_for_each_scaling(name):
+    """cos and sin of a packed row of 32,768 positions (one document of 30,000, then 2,768) against
+    transformers' rotary embedding of the same config.json: frequencies, attention factor, longrope's switch."""
+    import transformers
+
+    d = ROPE[name]
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**d)).model.rotary_emb
+    ours = Llama(LlamaConfig.from_hf(d)).model.rotary_emb
+    pos = torch.cat([torch.arange(30000), torch.arange(2768)])[None]
+    cos, sin = ours(pos, torch.float32)                                               # (1, 1, T, 64)
+    ref_cos, ref_sin = hf(torch.zeros(1, dtype=torch.float32), pos)                   # (1, T, 64)
+    worst = max((cos[:, 0] - ref_cos).abs().max().item(), (sin[:, 0] - ref_sin).abs().max().item())
+    plain, _ = Llama(LlamaConfig.from_hf(ROPE["plain"])).model.rotary_emb(pos, torch.float32)
+    print(f"\n{name}: max |cos, sin - transformers'| = {worst:.1e} at positions to 29,999")
+    assert worst <= 1e-5
+    assert name == "plain" or (cos - plain).abs().max() > 1e-2  # the scaling changes the angles
