@@ -186,3 +186,37 @@ def test_rope_at_32k_positions_equals_transformers_for_each_scaling(name):
     print(f"\n{name}: max |cos, sin - transformers'| = {worst:.1e} at positions to 29,999")
     assert worst <= 1e-5
     assert name == "plain" or (cos - plain).abs().max() > 1e-2  # the scaling changes the angles
+
+
+# ------------------------------------------------------------------------------------------ finetune at 32k
+def test_finetune_trains_packed_rows_of_32768_tokens_with_offloaded_checkpointing(tmp_path, monkeypatch, capsys):
+    """`examples/finetune.py --packing --max-len 32768 --grad-checkpointing offload` on price lists of about
+    4,400 tokens: one optimizer step on a row of seven whole documents, about 31,000 tokens, each attending to
+    itself (their Documents), the layers recomputed with their inputs offloaded, an adapter written."""
+    from test_finetune import FLAGS, finetune, write_tiny_chat_model
+
+    from model import Tokenizer, default_checkpoint
+    from model.llama import LlamaModel
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from long_documents import write_long_documents
+
+    data = write_long_documents(str(tmp_path / "long.jsonl"), n=7, min_tokens=4400, max_tokens=4400)
+    folder = write_tiny_chat_model(tmp_path / "tiny", Tokenizer.from_gguf(default_checkpoint()))
+    rows, real = [], LlamaModel.forward
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, *args, **kwargs):
+        if torch.is_grad_enabled() and position_ids is not None:
+            rows.append((input_ids.shape[1], packed_documents(position_ids), self.gradient_checkpointing))
+        return real(self, input_ids, attention_mask, position_ids, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaModel, "forward", forward)
+    code = finetune.main([*FLAGS, "--model", folder, "--data", data, "--out", str(tmp_path / "out"), "--packing",
+                          "--max-len", "32768", "--grad-checkpointing", "offload", "--batch-size", "1",
+                          "--max-steps", "1", "--samples", "0"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    T, documents, checkpointing = rows[0]
+    print(f"\ntrained a row of {T:,} tokens: documents {documents.lengths[0]}, checkpointing {checkpointing!r}")
+    assert 29000 < T <= 32768 and len(documents.lengths[0]) == 7 and checkpointing == "offload"
+    assert os.path.isfile(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
