@@ -105,9 +105,26 @@ def per_process_bytes(shape: Shape, procs: int = 1, r: int = 32, targets=("q_pro
     else:
         out["gathered"] = 0.0
     rows = max(1, -(-batch // procs))
-    tokens = rows * seq
-    # the lean step's layer (the module docstring's a): each norm's x̂, q k v and the attention output for
-    # SDPA (also o's input), SwiGLU's gate and up; fp32 r of each norm and log-sum-exp of each head; each XA
+    layer_acts = layer_activations(shape, rows * seq, r, targets, act_bytes)
+    inputs = rows * seq * shape.hidden * act_bytes
+    if checkpointing == "offload":
+        acts = layer_acts + inputs           # the layer inputs wait in host memory
+    elif checkpointing:
+        acts = layer_acts + shape.layers * inputs
+    else:
+        acts = shape.layers * layer_acts
+    kept, working = head_bytes(shape, rows * answer_tokens, act_bytes)
+    out["activations"] = acts + inputs + kept + working  # + the final norm's input
+    return out
+
+
+def layer_activations(shape: Shape, tokens: int, r: int, targets, act_bytes: int) -> float:
+    """Bytes autograd keeps for one decoder layer over `tokens` tokens: the module docstring's a a token,
+    plus the compute-dtype copies of the adapters' A and B. Packed rows keep the same (model/attention.py
+    attends per document: no T x T mask)."""
+    per_layer = shape.linears()
+    # the lean step's layer: each norm's x̂, q k v and the attention output for SDPA (also o's input),
+    # SwiGLU's gate and up; fp32 r of each norm and log-sum-exp of each head; each XA
     adapted = sum(t in per_layer for t in targets)
     per_token = ((3 * shape.hidden + shape.q + 2 * shape.kv + 2 * shape.inter) * act_bytes
                  + 4 * (2 + shape.heads) + r * adapted * act_bytes)
@@ -115,17 +132,41 @@ def per_process_bytes(shape: Shape, procs: int = 1, r: int = 32, targets=("q_pro
                if all(g in targets for g in group) for t in group}
     low = act_bytes != 4  # fp32 A and B cast to the compute dtype: copies
     copies = act_bytes * sum(r * (i * (t in stacked or low) + o * low) for t, (i, o) in per_layer.items() if t in targets)
-    layer_acts = tokens * per_token + copies
-    inputs = tokens * shape.hidden * act_bytes
-    if checkpointing == "offload":
-        acts = layer_acts + inputs           # the layer inputs wait in host memory
-    elif checkpointing:
-        acts = layer_acts + shape.layers * inputs
-    else:
-        acts = shape.layers * layer_acts
-    logits = 2 * 4 * rows * answer_tokens * shape.vocab  # fp32 logits at the answer positions and their gradient
-    out["activations"] = acts + inputs + logits  # + the final norm's input
-    return out
+    return tokens * per_token + copies
+
+
+def head_bytes(shape: Shape, answers: int, act_bytes: int, chunk: int = 1024) -> tuple[float, float]:
+    """The fused head and loss (train/loss.py `LinearCrossEntropy`) over `answers` labelled positions:
+    (kept for the backward pass: the gradient of its input, A H e; working while it runs: the fp32 logits
+    and log-probabilities of one chunk of c = min(A, chunk) positions, 8 c V)."""
+    return answers * shape.hidden * act_bytes, 8 * min(answers, chunk) * shape.vocab
+
+
+def step_peak_bytes(shape: Shape, seq: int, batch: int = 1, r: int = 32, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                    checkpointing: bool | str = False, act_bytes: int = 2, answer_tokens: int | None = None) -> dict[str, float]:
+    """What one training step holds at its peak on top of the weights and the optimizer's moments, one process:
+
+        activations  what autograd keeps when the forward pass ends: every layer's (no checkpointing) or every
+                     layer's input (checkpointing; on the host with "offload"); the final norm's input, RoPE's
+                     cos and sin (2 hs e a token), the token ids (8 a token) and the head's kept gradient
+        working      the larger of two moments: the head running (the final hidden states, the labelled ones
+                     gathered, and a chunk's logits), or the last layer's backward pass (with checkpointing its
+                     activations made again, as the first to be recomputed), its residual gradient and SwiGLU's
+                     four (T, I) tensors (dh, dh ⊙ u, then dg, silu(g), du; its gate and up are already counted)
+        gradients    the LoRA weights' fp32 gradients
+
+    answer_tokens: labelled positions a row (default every one but the first)."""
+    tokens = batch * seq
+    answers = batch * (seq - 1 if answer_tokens is None else answer_tokens)
+    layer = layer_activations(shape, tokens, r, targets, act_bytes)
+    hidden = tokens * shape.hidden * act_bytes
+    kept, chunk = head_bytes(shape, answers, act_bytes)
+    acts = shape.layers * (hidden if checkpointing else layer)
+    acts += hidden + tokens * (2 * shape.q // shape.heads * act_bytes + 8) + kept
+    head = hidden + answers * shape.hidden * act_bytes + chunk
+    backward = (layer if checkpointing else 0) + hidden + 4 * tokens * shape.inter * act_bytes
+    lora = shape.layers * sum(4 * r * sum(shape.linears()[t]) for t in targets if t in shape.linears())
+    return {"activations": acts, "working": max(head, backward), "gradients": lora}
 
 
 def table(shapes: dict[str, Shape], procs: tuple[int, ...] = (1, 2, 4, 8), **kw: object) -> str:
