@@ -122,12 +122,13 @@ def test_a_packed_row_never_holds_or_computes_a_T_by_T_mask(name):
         assert (seen.most >= T * T) if dense else (seen.most < T * T // 4)
 
 
-def saved_bytes(fn) -> int:
-    """Bytes autograd keeps for the backward pass of fn(), each storage once (bench/lean.py's count)."""
+def saved_bytes(fn, skip=()) -> int:
+    """Bytes autograd keeps for the backward pass of fn(), each storage once (bench/lean.py's count), but `skip`'s."""
     seen = {}
 
     def pack(t):
-        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if t.untyped_storage().data_ptr() not in skip:
+            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -220,3 +221,22 @@ def test_finetune_trains_packed_rows_of_32768_tokens_with_offloaded_checkpointin
     print(f"\ntrained a row of {T:,} tokens: documents {documents.lengths[0]}, checkpointing {checkpointing!r}")
     assert 29000 < T <= 32768 and len(documents.lengths[0]) == 7 and checkpointing == "offload"
     assert os.path.isfile(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+
+
+def test_the_memory_model_counts_what_a_packed_long_step_keeps():
+    """`train.memory.step_peak_bytes`'s activations (every layer, the final norm's input, RoPE, the ids, the fused
+    head's kept gradient) against what autograd keeps at the end of answer_loss's forward pass on a packed row
+    of 4,096 tokens (saved_tensors_hooks, each storage once, weights apart): the figure behind its peak."""
+    from train import answer_loss
+    from train.memory import Shape, step_peak_bytes
+    from train_script import tiny_lora_model
+
+    model = tiny_lora_model(targets=("q_proj", "k_proj", "v_proj", "o_proj")).train()
+    ids, pos = packed_row(T=4096, n=8)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = saved_bytes(lambda: answer_loss(model, ids, ids, position_ids=pos), skip=weights)
+    shape = Shape.of(model.config)
+    predicted = step_peak_bytes(shape, 4096, r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj"), act_bytes=4,
+                                answer_tokens=4096 - 8)["activations"]
+    print(f"\nkept for backward: measured {kept:,} B, the memory model {predicted:,.0f} B")
+    assert predicted == pytest.approx(kept, rel=0.02)

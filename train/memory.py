@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from model import LlamaConfig
 
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CODE_BOOKS = 16 * 4 + 256 * 4 + 4   # quant_map, nested_quant_map (fp32) and the offset, per 4-bit layer
 LLAMA_31 = {  # config.json of meta-llama/Llama-3.1-*: hidden, layers, heads, kv heads, MLP width, vocabulary
     "Llama-3.1-8B": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -147,8 +148,9 @@ def step_peak_bytes(shape: Shape, seq: int, batch: int = 1, r: int = 32, targets
     """What one training step holds at its peak on top of the weights and the optimizer's moments, one process:
 
         activations  what autograd keeps when the forward pass ends: every layer's (no checkpointing) or every
-                     layer's input (checkpointing; on the host with "offload"); the final norm's input, RoPE's
-                     cos and sin (2 hs e a token), the token ids (8 a token) and the head's kept gradient
+                     layer's input (checkpointing); the final norm's input, RoPE's cos and sin (2 hs e a
+                     token), the token ids (8 a token) and the head's kept gradient
+        offloaded    with "offload", every layer's input, in host memory (the same memory on a CPU)
         working      the larger of two moments: the head running (the final hidden states, the labelled ones
                      gathered, and a chunk's logits), or the last layer's backward pass (with checkpointing its
                      activations made again, as the first to be recomputed), its residual gradient and SwiGLU's
@@ -161,12 +163,13 @@ def step_peak_bytes(shape: Shape, seq: int, batch: int = 1, r: int = 32, targets
     layer = layer_activations(shape, tokens, r, targets, act_bytes)
     hidden = tokens * shape.hidden * act_bytes
     kept, chunk = head_bytes(shape, answers, act_bytes)
-    acts = shape.layers * (hidden if checkpointing else layer)
+    acts = shape.layers * (hidden if checkpointing is True else 0 if checkpointing else layer)
     acts += hidden + tokens * (2 * shape.q // shape.heads * act_bytes + 8) + kept
     head = hidden + answers * shape.hidden * act_bytes + chunk
     backward = (layer if checkpointing else 0) + hidden + 4 * tokens * shape.inter * act_bytes
     lora = shape.layers * sum(4 * r * sum(shape.linears()[t]) for t in targets if t in shape.linears())
-    return {"activations": acts, "working": max(head, backward), "gradients": lora}
+    offloaded = shape.layers * hidden if checkpointing == "offload" else 0
+    return {"activations": acts, "offloaded": offloaded, "working": max(head, backward), "gradients": lora}
 
 
 def table(shapes: dict[str, Shape], procs: tuple[int, ...] = (1, 2, 4, 8), **kw: object) -> str:
@@ -188,6 +191,25 @@ def table(shapes: dict[str, Shape], procs: tuple[int, ...] = (1, 2, 4, 8), **kw:
     return "\n".join(rows)
 
 
+def long_rows_table(shape: Shape, lengths=(8192, 16384, 32768), r: int = 16, targets=ALL_PROJECTIONS) -> str:
+    """A markdown table: one process, one row of each length, every token labelled, without and with offload."""
+    gib = 2 ** 30
+    rows = ["| tokens | checkpointing | base + quant state | other frozen | LoRA + grads + AdamW | activations kept "
+            "| working set | total on the GPU, GiB | host (offloaded inputs) GiB | fits in |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for T in lengths:
+        for ckpt in (False, "offload"):
+            w = per_process_bytes(shape, 1, r=r, targets=targets, batch=1, seq=T)
+            a = step_peak_bytes(shape, T, 1, r, targets, ckpt)
+            lora = w["LoRA"] + w["optimizer"] + a["gradients"]
+            total = w["base"] + w["quant state"] + w["other frozen"] + lora + a["activations"] + a["working"]
+            fits = next((f"{g} GB" for g in (16, 24, 40, 48, 80, 141) if total * 1.1 <= g * 1e9), "none of 141 GB")
+            rows.append(f"| {T:,} | {'offload' if ckpt else 'none'} | {(w['base'] + w['quant state']) / gib:.2f} "
+                        f"| {w['other frozen'] / gib:.2f} | {lora / gib:.2f} | {a['activations'] / gib:.2f} "
+                        f"| {a['working'] / gib:.2f} | {total / gib:.2f} | {a['offloaded'] / gib:.2f} | {fits} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     shapes = {name: Shape.of(LlamaConfig.from_hf(dict(model_type="llama", **d))) for name, d in LLAMA_31.items()}
     print("Per-process memory of QLoRA training with the NF4 base sharded by FSDP (r=32 on q, k, v, o; bf16\n"
@@ -195,6 +217,9 @@ def main() -> None:
     print(table(shapes, batch=4, seq=182))
     print()
     print(table(shapes, batch=2, seq=2048, checkpointing="offload"))
+    print("\nOne Llama-3.1-8B step on a long row (one process, r=16 on all seven projections, every token labelled,\n"
+          "bf16 activations; `step_peak_bytes`: what the step holds at its peak beside the weights and AdamW):\n")
+    print(long_rows_table(shapes["Llama-3.1-8B"]))
 
 
 if __name__ == "__main__":
