@@ -16,7 +16,10 @@ backward pass of `model.model(ids, None, position_ids).pow(2).mean()` on one row
 Saved bytes: every tensor autograd keeps for the backward pass, through saved_tensors_hooks, each storage
 once (bench/lean.py's count), weights excluded; per token of the row. Time: CPU seconds of the process (user
 + system) for the forward and backward pass, one torch thread: a neighbour on the other core changes wall
-time more than CPU time. Median of --repeat runs (default 3 up to 2,048 tokens, 1 above).
+time more than CPU time. Median of --repeat runs (default 3 up to 2,048 tokens, 1 above). The system part is
+mostly page faults: glibc maps every tensor over 32 MiB afresh and the kernel zeroes its pages, which a
+long row pays whatever its attention (one document of the same length too) and short rows do not; the
+user part alone is shown beside the ratio.
 
     python bench/long_rows.py                        # 512 to 32,768 tokens (about 15 minutes)
     python bench/long_rows.py --lengths 512 2048 --theirs-max 2048 --masked-max 2048   # a quick look
@@ -24,9 +27,9 @@ time more than CPU time. Median of --repeat runs (default 3 up to 2,048 tokens, 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
-import time
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
@@ -69,8 +72,8 @@ def build(sides: list[str], layers: int) -> dict:
     return out
 
 
-def step(body, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[int, float]:
-    """One forward and backward pass: (bytes saved for backward, CPU seconds)."""
+def step(body, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[int, float, float]:
+    """One forward and backward pass: (bytes saved for backward, CPU seconds, of which user seconds)."""
     seen: dict[int, torch.UntypedStorage] = {}  # held to the end, so no address is reused meanwhile
     weights = step.weights
 
@@ -80,12 +83,12 @@ def step(body, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None =
             seen.setdefault(s.data_ptr(), s)
         return t
 
-    c0 = time.process_time()
+    t0 = os.times()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         h = body(ids, pos, mask)
     h.pow(2).mean().backward()
-    seconds = time.process_time() - c0
-    return sum(s.nbytes() for s in seen.values()), seconds
+    t1 = os.times()
+    return sum(s.nbytes() for s in seen.values()), t1.user + t1.system - t0.user - t0.system, t1.user - t0.user
 
 
 def documents(T: int, n: int) -> torch.Tensor:
@@ -100,13 +103,15 @@ def measure(body, T: int, n: int, repeat: int, alone: bool = True, masked: bool 
     mask = torch.ones_like(ids) if masked else None
     row, each = [], []
     for _ in range(repeat):
-        saved, s = step(body, ids, pos, mask)
-        row.append(s)
+        saved, s, user = step(body, ids, pos, mask)
+        row.append((s, user))
         if alone and n > 1:
-            each.append(sum(step(body, d, torch.arange(T // n)[None])[1] for d in ids.split(T // n, dim=1)))
-    out = {"kib": saved / T / 1024, "s": statistics.median(row)}
+            runs = [step(body, d, torch.arange(T // n)[None]) for d in ids.split(T // n, dim=1)]
+            each.append((sum(r[1] for r in runs), sum(r[2] for r in runs)))
+    pick = lambda xs: min(xs, key=lambda x: abs(x[0] - statistics.median(y[0] for y in xs)))  # noqa: E731  median run
+    out = {"kib": saved / T / 1024, "s": pick(row)[0], "user": pick(row)[1]}
     if each:
-        out["alone"] = statistics.median(each)
+        out["alone"], out["alone_user"] = pick(each)
     return out
 
 
@@ -164,13 +169,13 @@ def report(args, threads: int, ours: dict, theirs: dict, gap: float | None, argv
         rows.append([f"{T:,}", f"{ours[T, 1]['kib']:.1f}", *[f"{ours[T, n]['kib']:.1f}" for n in n1],
                      f"{worst:.3f}x", f"{masked['kib']:.1f}" if masked else "-"])
     lines += [table(rows), "", "CPU seconds of the forward + backward pass:", ""]
-    rows = [["tokens", "one document", *[f"{n} packed / {n} alone (ratio)" for n in n1],
+    rows = [["tokens", "one document", *[f"{n} packed / {n} alone (ratio; user time only)" for n in n1],
              f"{n1[0]} packed, T x T mask (before)"]]
     for T in args.lengths:
         masked = ours.get((T, "masked"))
         rows.append([f"{T:,}", f"{ours[T, 1]['s']:.2f}",
-                     *[f"{ours[T, n]['s']:.2f} / {ours[T, n]['alone']:.2f} ({ours[T, n]['s'] / ours[T, n]['alone']:.2f}x)"
-                       for n in n1], f"{masked['s']:.2f}" if masked else "-"])
+                     *[f"{o['s']:.2f} / {o['alone']:.2f} ({o['s'] / o['alone']:.2f}x; {o['user'] / o['alone_user']:.2f}x)"
+                       for o in (ours[T, n] for n in n1)], f"{masked['s']:.2f}" if masked else "-"])
     lines.append(table(rows))
     if theirs:
         lines += ["", f"Beside transformers + PEFT (padding-free: the same position ids, no attention mask; SDPA), "
