@@ -28,9 +28,14 @@ and SDPA computes every block of it that it masks away. So a packed row without 
 builds one: `packed_documents` reads the documents' lengths once per forward pass, and `attend`, the
 one place that picks the kernel, runs each document as if it were alone:
 
-    CUDA, bf16 or fp16, no soft-cap    varlen_attn (flash attention over the flattened rows, cu_seqlens)
-    otherwise (the CPU, fp32, soft-cap) causal SDPA per document; a sliding window or a soft-cap keeps
-                                        a mask or the scores of that document alone (L x L, not T x T)
+    the CPU, no soft-cap            `DocumentAttention`: SDPA's own CPU flash kernel, document by document,
+                                    into one output; it saves what SDPA saves for one document of T tokens
+    CUDA, bf16 or fp16, no soft-cap  `attend_varlen`: flash attention's variable-length kernel, one call over
+                                    the rows laid end to end, cut where each document ends
+    a soft-cap (Gemma 2), or CUDA    `attend_each_document`: each document through the path above with
+    in fp32                         autograd; a window or a soft-cap makes that document's own L x L band
+                                    or scores, never T x T (one copy of the output more is kept)
+A sliding window applies inside each document, as in a row of its own.
 
 A packed row that also has padding (an attention mask) keeps the block-diagonal mask below.
 """
@@ -42,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # flash attention over variable-length documents, CUDA only (torch >= 2.10)
+try:  # flash attention over variable-length documents, CUDA only (recent torch)
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover
     varlen_attn = None
@@ -132,7 +137,8 @@ class Documents:
 
     def ids(self, device: torch.device | str) -> torch.Tensor:
         """(B, T) the document of each token, [3, 2, 3] -> [0 0 0 1 1 2 2 2]: for the masked path."""
-        return torch.stack([torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in self.lengths]).to(device)
+        rows = [torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in self.lengths]
+        return torch.stack(rows).to(device)
 
 
 def packed_documents(position_ids: torch.Tensor) -> Documents | None:

@@ -3,7 +3,6 @@
 The reference for a packed row's attention is each document alone; for its kernels, autograd and the
 block-diagonal mask; for RoPE at long positions, transformers' rotary embeddings of the same config.
 """
-import json
 import os
 import sys
 

@@ -151,10 +151,11 @@ def step_peak_bytes(shape: Shape, seq: int, batch: int = 1, r: int = 32, targets
                      layer's input (checkpointing); the final norm's input, RoPE's cos and sin (2 hs e a
                      token), the token ids (8 a token) and the head's kept gradient
         offloaded    with "offload", every layer's input, in host memory (the same memory on a CPU)
-        working      the larger of two moments: the head running (the final hidden states, the labelled ones
-                     gathered, and a chunk's logits), or the last layer's backward pass (with checkpointing its
-                     activations made again, as the first to be recomputed), its residual gradient and SwiGLU's
-                     four (T, I) tensors (dh, dh ⊙ u, then dg, silu(g), du; its gate and up are already counted)
+        working      what the peak adds to those, at the larger of two moments: the head running (the final
+                     hidden states, the labelled ones gathered, a chunk's logits), or the last layer's backward
+                     pass, once the head's gradient and the final norm's input are freed (with checkpointing
+                     that layer's activations made again, the first to be recomputed): its residual gradient
+                     and SwiGLU's four (T, I) tensors (dh, dh ⊙ u, then dg, silu(g), du)
         gradients    the LoRA weights' fp32 gradients
 
     answer_tokens: labelled positions a row (default every one but the first)."""
@@ -166,7 +167,7 @@ def step_peak_bytes(shape: Shape, seq: int, batch: int = 1, r: int = 32, targets
     acts = shape.layers * (hidden if checkpointing is True else 0 if checkpointing else layer)
     acts += hidden + tokens * (2 * shape.q // shape.heads * act_bytes + 8) + kept
     head = hidden + answers * shape.hidden * act_bytes + chunk
-    backward = (layer if checkpointing else 0) + hidden + 4 * tokens * shape.inter * act_bytes
+    backward = (layer if checkpointing else 0) + hidden + 4 * tokens * shape.inter * act_bytes - kept - hidden
     lora = shape.layers * sum(4 * r * sum(shape.linears()[t]) for t in targets if t in shape.linears())
     offloaded = shape.layers * hidden if checkpointing == "offload" else 0
     return {"activations": acts, "offloaded": offloaded, "working": max(head, backward), "gradients": lora}
