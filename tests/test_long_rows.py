@@ -86,6 +86,29 @@ def test_the_varlen_call_cuts_the_flattened_rows_at_each_document(window, monkey
     assert not use_varlen(q.detach(), None)  # the CPU keeps DocumentAttention
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["llama", "mistral_window"])
+def test_on_cuda_a_packed_row_runs_the_varlen_kernel_and_each_document_has_its_logits_alone(name, monkeypatch):
+    """bf16 on a GPU: the documents go through varlen_attn (counted), and each one's logits are those it has
+    alone (SDPA's flash kernel), within bf16 rounding; the backward pass runs through it."""
+    import model.attention as attention
+
+    calls = []
+    real = attention.varlen_attn
+    monkeypatch.setattr(attention, "varlen_attn", lambda *a, **kw: calls.append(kw["window_size"]) or real(*a, **kw))
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_hf(dict(WINDOWED[name], hidden_size=256, num_attention_heads=4, head_dim=64)))
+    model = model.to("cuda", torch.bfloat16).train()
+    ids, pos = (t.cuda() for t in packed_row(T=2048, n=8))
+    packed = model(ids, position_ids=pos)
+    packed.float().pow(2).mean().backward()
+    with torch.no_grad():
+        alone = torch.cat([model(d) for d in ids.split(256, dim=1)], dim=1)
+    scale = alone.float().abs().max().item()
+    assert calls and (packed.detach().float() - alone.float()).abs().max().item() <= 2e-2 * scale
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 class LargestTensor(TorchDispatchMode):
     """The most elements of any tensor an op makes, forward and backward."""
 
