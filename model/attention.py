@@ -273,8 +273,8 @@ def attend_each_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docu
         outs = []
         for qd, kd, vd in zip(qb.split(lengths, 1), kb.split(lengths, 1), vb.split(lengths, 1)):  # (nh, L, hs)
             L, w = qd.shape[1], documents.window
-            band = attention_mask_4d(None, L, 0, q.device, w) if w is not None and w < L else None  # (1, 1, L, L)
-            outs.append(attend(qd[None], kd[None], vd[None], band, scale, cap))                     # (1, nh, L, hs)
+            mask = attention_mask_4d(None, L, 0, q.device, w) if w is not None and w < L else None  # (1, 1, L, L)
+            outs.append(attend(qd[None], kd[None], vd[None], mask, scale, cap))                     # (1, nh, L, hs)
         rows.append(torch.cat(outs, dim=2) if len(outs) > 1 else outs[0])
     return torch.cat(rows) if len(rows) > 1 else rows[0]
 
