@@ -1,6 +1,7 @@
 """How many bytes one process holds in QLoRA training, by component, with the model sharded N ways (FSDP).
 
-    python -m train.memory            # the README's table: Llama-3.1 8B/70B/405B on 1, 2, 4, 8 processes
+    python -m train.memory            # the README's table: Llama-3.1 8B/70B/405B on 1, 2, 4, 8 processes,
+                                      # and a Llama-3.1-8B step on one row of 8k, 16k, 32k tokens
 
 Per process, for a Llama of hidden size H, L layers, MLP width I, vocabulary V, query width Q = heads x
 head_dim, key/value width K = kv_heads x head_dim; P = L (2HQ + 2HK + 3HI) weights in the linear layers:
@@ -29,8 +30,13 @@ head_dim, key/value width K = kv_heads x head_dim; P = L (2HQ + 2HK + 3HI) weigh
                   + per layer the compute-dtype copies of A and B that the fused function keeps: the stacked
                   A of q, k, v (and of gate, up), and in bf16 every A and B (r (in + out) values an adapter).
                   Not counted: the dropout masks when LoRA dropout is on (one per adapted input).
-                  + the final norm b T H e, + 8 b A V for the fp32 logits of A answer tokens a row and their
-                  gradient (the head runs at answer positions only)
+                  + the final norm b T H e, + the fused head at the b A answer positions (it runs there
+                  only): the gradient of its input, b A H e, and one chunk of c = min(b A, 1024) fp32 logits
+                  and log-probabilities, 8 c V. Packed rows keep the same: they attend per document, with
+                  no T x T mask (model/attention.py).
+    a step's peak (`step_peak_bytes`, long rows): what autograd keeps, plus the working set of the head or
+                  of the last layer's backward pass, plus the LoRA gradients (its docstring; bench/long_memory.py
+                  measures it)
 """
 from __future__ import annotations
 
@@ -121,8 +127,7 @@ def per_process_bytes(shape: Shape, procs: int = 1, r: int = 32, targets=("q_pro
 
 def layer_activations(shape: Shape, tokens: int, r: int, targets, act_bytes: int) -> float:
     """Bytes autograd keeps for one decoder layer over `tokens` tokens: the module docstring's a a token,
-    plus the compute-dtype copies of the adapters' A and B. Packed rows keep the same (model/attention.py
-    attends per document: no T x T mask)."""
+    plus the compute-dtype copies of the adapters' A and B."""
     per_layer = shape.linears()
     # the lean step's layer: each norm's x̂, q k v and the attention output for SDPA (also o's input),
     # SwiGLU's gate and up; fp32 r of each norm and log-sum-exp of each head; each XA
