@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
           action=argparse.BooleanOptionalAction)
     tuned("--overlong", "a conversation longer than --max-len: cut to its first --max-len tokens, or left out",
           choices=("truncate", "skip"))
+    p.add_argument("--grad-checkpointing", choices=("off", "on", "offload"), default="off",
+                   help="recompute each decoder layer in the backward pass (on), its input kept in host memory "
+                        "meanwhile (offload): what rows of many thousand tokens need [off]")
     diamonds = "the embedded diamonds only"
     p.add_argument("--train-size", type=int, default=CHAT_DEMO["train_size"],
                    help=f"training diamonds, 0: all that remain ({diamonds}) [{CHAT_DEMO['train_size']}]")
@@ -223,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     device = start_run(args)
     config = train_config(args, device, args.out, args.seed, progress=not args.no_progress, compile=args.compile,
+                          grad_checkpointing={"off": False, "on": True}.get(args.grad_checkpointing, "offload"),
                           parallel=args.parallel, packing=args.packing)
     for path in (args.data, args.val):  # before the slow load
         if path and not os.path.isfile(path):

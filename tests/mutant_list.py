@@ -26,7 +26,7 @@ LAB, PRICER = "tests/test_lab.py", "tests/test_pricer.py"
 BACKWARD, FUSED, FAMILIES, DORA = ("tests/test_backward.py", "tests/test_lora_fused.py", "tests/test_families.py",
                                    "tests/test_dora.py")
 CHAT, PACKING, FINETUNE = "tests/test_chat.py", "tests/test_packing.py", "tests/test_finetune.py"
-EXPORT, DATA = "tests/test_export_gguf.py", "tests/test_data.py"
+EXPORT, DATA, LONG = "tests/test_export_gguf.py", "tests/test_data.py", "tests/test_long_rows.py"
 
 
 def case(test: str, param: str = "") -> str:
@@ -313,4 +313,23 @@ MUTANTS = [
            "    if split is None:\n        order = shuffled(items, 0 if seed is None else seed)",
            "    if True:\n        order = shuffled(items, 0 if seed is None else seed)",
            k(CLI, "never_trained_on")),
+    # ---------------------------------------------------------------- long rows: packed documents, 32k tokens
+    Mutant("packed rows ignore the document boundaries (one document a row)", "model/attention.py",
+           "    return Documents(tuple(tuple(e - s for s, e in zip(c, c[1:] + [T])) for c in cols))",
+           "    return Documents(tuple((T,) for c in cols))", k(PACKING, "alone")),
+    Mutant("a packed row silently falls back to the T x T mask", "model/llama.py",
+           "        if documents is not None and attention_mask is None:  # packed rows",
+           "        if False:  # packed rows", k(LONG, "T_by_T or one_document")),
+    Mutant("the document kernel ignores the sliding window", "model/attention.py",
+           "    if window is None or window >= L:\n        return None", "    if True:\n        return None",
+           k(LONG, "kernels_backward")),
+    Mutant("the varlen call forgets the sliding window", "model/attention.py",
+           "    window = (-1, 0) if documents.window is None else (documents.window - 1, 0)", "    window = (-1, 0)",
+           k(LONG, "varlen")),
+    Mutant("YaRN's attention factor is dropped", "model/rope.py",
+           'if not s or s["rope_type"] not in ("longrope", "yarn"):', 'if not s or s["rope_type"] not in ("longrope",):',
+           k(LONG, "rope")),
+    Mutant("the memory model forgets the fused head's kept gradient", "train/memory.py",
+           "    return answers * shape.hidden * act_bytes, 8 * min(answers, chunk) * shape.vocab",
+           "    return 0, 8 * min(answers, chunk) * shape.vocab", k(LONG, "memory_model")),
 ]
