@@ -309,7 +309,7 @@ MUTANTS = [
     Mutant("an export takes any checkpoint for the adapter's own", "lora/trained_on.py",
            'if found["sha256"] != recorded.get("sha256"):', "if False:",
            ("tests/test_export_trained.py", "-k", "stale")),
-    Mutant("scoring ignores the adapter's split", "examples/pricer/data.py",
+    Mutant("scoring ignores the adapter's split", "examples/pricer/split.py",
            "    if split is None:\n        order = shuffled(items, 0 if seed is None else seed)",
            "    if True:\n        order = shuffled(items, 0 if seed is None else seed)",
            k(CLI, "never_trained_on")),

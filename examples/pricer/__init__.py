@@ -15,21 +15,17 @@ from .data import (
     DESCRIPTIONS,
     Item,
     Loaded,
-    Split,
     describe_diamond,
     describe_four_cs,
     diamond_rows,
     diamonds_csv,
-    held_out,
     load_amazon_meta,
     load_diamonds,
     load_source,
     load_text_price,
     scrub,
-    shuffled,
-    split_items,
-    split_record,
 )
+from .split import Split, held_out, shuffled, split_items, split_record
 from .metrics import GREEN, ORANGE, RED, PriceReport, color_for, constant_baseline, parse_price, score
 from .predict import chat_replies, end_of_turn_ids, greedy_and_top_k_prices, greedy_prices, top_k_average_prices
 from .recipe import (ALL_PROJECTIONS, ATTENTION, CHAT_DEMO, DEMO_SEED, MLP, PRESETS, all_projections, base_dtype, compute_dtype,
