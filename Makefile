@@ -17,7 +17,7 @@ LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMP
                    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF \
                    -DGGML_BLAS=OFF
 
-.PHONY: demo test mutants bench install clean
+.PHONY: demo test docs-check mutants bench install clean
 
 $(PY):
 	python3 -m venv .venv
@@ -43,8 +43,14 @@ $(LLAMA_CPP_BUILT): $(SDIST) | $(STAMP)
 
 install: $(STAMP)
 
+# train, then write what was trained as one GGUF file (f16, merged into the weights training saw)
 demo: $(STAMP)
 	$(PY) examples/train_pricer.py --seed 0
+	$(PY) examples/export_gguf.py --adapter runs/pricer/adapter --out runs/pricer/pricer.gguf
+
+# the pages alone: every figure of README.md and docs/ has its home in a results page, every link resolves
+docs-check: $(STAMP)
+	$(PY) -m pytest -q tests/test_docs.py
 
 test: $(STAMP) $(LLAMA_MODELS)/.unpacked $(LLAMA_CPP_BUILT)
 	$(PY) -m pytest -q --durations=15 tests

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 from lora import LoRAConfig, load_adapter
 import torch
 
-from pricer import base_dtype, load_model, resolve_device
+from pricer import DEMO_SEED, base_dtype, load_model, resolve_device
 from train import OPTIMIZERS, TrainingInterrupted, latest_checkpoint
 
 # a flag set to 0 means "none" (no step limit, no length limit, ...)
@@ -56,8 +56,8 @@ def add_recipe_flags(p: argparse.ArgumentParser, presets: Mapping[str, Mapping[s
     tuned("--dropout", "dropout on the LoRA path's input", type=float)
     tuned("--target", "comma-separated module names to adapt, or 'all' (every projection of a decoder layer: "
                       "q, k, v, o, gate, up, down; Phi-3's fused qkv_proj and gate_up_proj)")
-    p.add_argument("--dora", action="store_true", help="DoRA: train each output feature's length apart from "
-                                                       "the direction of W0 + B A")
+    tuned("--dora", "DoRA: train each output feature's length apart from the direction of W0 + B A",
+          action=argparse.BooleanOptionalAction)
     tuned("--layers", "decoder layers to adapt: 'all', '15-' (15 to the last), '10-19' or '3,5,7'")
     tuned("--epochs", "passes over the training data, when --max-steps is not set", type=int)
     tuned("--max-steps", "optimizer steps; overrides --epochs (0: run the epochs)", type=int)
@@ -77,7 +77,8 @@ def add_recipe_flags(p: argparse.ArgumentParser, presets: Mapping[str, Mapping[s
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     """How a run goes, whatever the recipe: resuming, the seed, the device, the progress bar, torchrun, compile."""
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-<step>/ under --out")
-    p.add_argument("--seed", type=int, default=42, help="seed of the split, the LoRA initialisation and the order [42]")
+    p.add_argument("--seed", type=int, default=DEMO_SEED,
+                   help=f"seed of the split, the LoRA initialisation and the order [{DEMO_SEED}: the demo's]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="[auto: cuda when there is one]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
@@ -138,10 +139,17 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def reload_trained(args: argparse.Namespace, device: str, chat_template: str | None = None):
-    """(model, tokenizer) after an FSDP run, whose processes hold only their shards: the base model read
-    again (--model, --quant), the adapter of the last checkpoint under --out loaded into it, and
-    `chat_template` given to the tokenizer when the run replaced the model's own."""
+def trained_model(args: argparse.Namespace, device: str, model, tokenizer, chat_template: str | None = None):
+    """(model, tokenizer) to score and save after training, or None on a process that has no more to do.
+
+    After DDP or one process: the trained model as it is. After FSDP each process holds only its shards:
+    rank 0 reads the base model again (--model, --quant), loads the adapter of the last checkpoint under
+    --out into it and gives the tokenizer `chat_template` when the run replaced the model's own; the
+    other ranks get None."""
+    if args.parallel != "fsdp":
+        return model, tokenizer
+    if not is_main_process():
+        return None
     model, tokenizer, _ = load_model(args.model, args.quant, device, dtype=base_dtype(args, device),
                                      double_quant=args.double_quant)
     load_adapter(model, latest_checkpoint(args.out))

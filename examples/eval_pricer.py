@@ -1,10 +1,12 @@
 """Score a model, with or without a trained adapter, on held-out items: the course's Tester.
 
-    python examples/eval_pricer.py --adapter runs/pricer/adapter           # the demo's adapter, 250 diamonds
+    python examples/eval_pricer.py --adapter runs/pricer/adapter           # the demo's 200 held-out diamonds
     python examples/eval_pricer.py --adapter runs/pricer/adapter --top-k-average 3
 
 The items are the first --n of the seed's shuffled order: the training script's test split, then
-its validation split (never trained on), so use the seed the adapter was trained with. Prints the
+its validation split, never trained on. An adapter's `trained_on.json` gives the seed and the sizes
+of its split: a --seed that disagrees, or an --n that reaches into its training items, is an error
+(exit 2). Without an adapter (the base model) --seed picks the order [0, the demo's]. Prints the
 first 20 items coloured by verdict, then error, RMSLE and hit rate beside a constant-mean baseline,
 and writes the truth-vs-guess chart (PNG and TensorBoard). A mistake in the flags or files
 prints `error: <message>` and exits with status 2.
@@ -22,10 +24,10 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora) and th
 
 
 from cli import run_command  # noqa: E402
-from lora import load_adapter, read_adapter_config  # noqa: E402
+from lora import load_adapter, read_trained_on, recorded_checkpoint  # noqa: E402
 from pricer import (  # noqa: E402
     DESCRIPTIONS, PRESETS, answer_tokens, constant_baseline, evaluate_prices, load_model, load_source,
-    log_to_tensorboard, print_report, resolve_device, results_table, save_scatter, shuffled,
+    held_out, log_to_tensorboard, print_report, resolve_device, results_table, save_scatter,
 )
 
 
@@ -36,11 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapter", help="a PEFT-layout adapter folder (adapter_config.json + "
                                      "adapter_model.safetensors) [none: score the base model]")
     p.add_argument("--data", help="as train_pricer.py: meta_<Category>.jsonl[.gz], a .jsonl/.csv with text and "
-                                  "price, or 'diamonds' [the embedded diamonds]")
+                                  "price, or 'diamonds' [the data the adapter recorded, else the embedded diamonds]")
     demo = PRESETS["demo"]["description"]
     p.add_argument("--description", choices=tuple(DESCRIPTIONS), default=demo,
-                   help=f"how a diamond is described: the training run's --description [{demo}, the demo's]")
-    p.add_argument("--n", type=int, default=250, help="items to score [250, the course's Tester]")
+                   help=f"how a diamond is described [the adapter's recorded one, else {demo}, the demo's]")
+    p.add_argument("--n", type=int, default=200, help="items to score [200, the demo's held-out diamonds]")
     p.add_argument("--top-k-average", type=int, metavar="K",
                    help="price = probability-weighted average of the K most likely next tokens read as "
                         "numbers [greedy generation]")
@@ -53,21 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=100, help="prompts per generation batch [100]")
     p.add_argument("--max-new-tokens", type=int,
                    help="tokens generated per answer [enough for the longest price in the data]")
-    p.add_argument("--seed", type=int, default=42, help="seed of the shuffled order: the training run's --seed [42]")
+    p.add_argument("--seed", type=int, help="seed of the shuffled order [the adapter's recorded seed; 0, the demo's, "
+                                            "for the base model]")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be at least 1, got {args.n}")
     if args.top_k_average is not None and args.top_k_average < 1:
         p.error(f"--top-k-average must be at least 1, got {args.top_k_average}")
     return args
-
-
-def adapter_base(adapter_dir: str) -> str | None:
-    """The base model an adapter names, when that path exists on this machine."""
-    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
-    if base is not None and not isinstance(base, str):
-        raise ValueError(f"{adapter_dir}/adapter_config.json: base_model_name_or_path must be a string, got {base!r}")
-    return base if base and os.path.exists(base) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,16 +77,20 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     device = resolve_device(args.device)
-    model_path = args.model or (adapter_base(args.adapter) if args.adapter else None)
+    record = (read_trained_on(args.adapter) or {}) if args.adapter else {}
+    split = record.get("split")
+    if split is not None:  # the seed, --n and --data checked against it before the slow load
+        held_out([], args.n, args.seed, split, args.adapter, args.data)
+    model_path = args.model or (recorded_checkpoint(args.adapter) if args.adapter else None)
     model, tokenizer, model_path = load_model(model_path, args.quant, device)
     if args.adapter:
         modules = load_adapter(model, args.adapter)
         print(f"adapter {args.adapter}: LoRA on {len(modules)} modules")
 
-    loaded = load_source(args.data, tokenizer, args.description)
+    data = args.data or (split or {}).get("data")  # the adapter's own data, unless told
+    loaded = load_source(data, tokenizer, (split or {}).get("description", args.description))
     print(loaded.summary())
-    order = shuffled(loaded.items, args.seed)
-    items, rest = order[:args.n], order[args.n:]
+    items, rest = held_out(loaded.items, args.n, args.seed, split, args.adapter, args.data)
     max_new = args.max_new_tokens or answer_tokens(tokenizer, [item.price for item in loaded.items])
 
     t0 = time.perf_counter()

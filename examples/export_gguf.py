@@ -3,9 +3,12 @@
     python examples/export_gguf.py --adapter runs/pricer/adapter --out pricer.gguf --type q8_0
     python examples/export_gguf.py --adapter runs/pricer/adapter --out pricer-lora.gguf --adapter-only
 
-The adapter is merged into the base model's original weights (not the NF4 copy it trained against)
-and written with the architecture's metadata, the tokenizer and its chat template; beside it an
-Ollama Modelfile that points at the file. --adapter-only writes the adapter alone, llama.cpp's LoRA
+The adapter is merged into the weights it was trained against (an NF4-trained adapter into the NF4
+copy of the base, dequantized: the file answers as the model that was evaluated; --merge-into original
+for W0 + s·BA) and written with the architecture's metadata, the tokenizer and its chat template;
+beside it an Ollama Modelfile that points at the file and stops at the template's end of turn.
+--type q4_k_m, q5_k_m or q6_k: llama.cpp's own quantizer makes it from the f16 file (llama-cpp-python),
+or the command prints the `llama-quantize` line to run on the f16 file it wrote. --adapter-only writes the adapter alone, llama.cpp's LoRA
 GGUF, to run over the unchanged base GGUF with `--lora`. Prints the commands that run the result.
 A mistake in the flags or files prints `error: <message>` and exits with status 2.
 """
@@ -22,8 +25,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora) and the pricer package
 
 from cli import run_command  # noqa: E402
-from lora import GGUF_TYPES, export_gguf, export_gguf_adapter, read_adapter_config  # noqa: E402
-from model import default_checkpoint, load_tokenizer  # noqa: E402
+from lora import (GGUF_TYPES, MERGE_INTO, LlamaQuantizerMissing, export_gguf, export_gguf_adapter,  # noqa: E402
+                  recorded_checkpoint)
+from model import default_checkpoint, end_of_turn_ids, load_tokenizer  # noqa: E402
 from pricer import describe_four_cs, make_prompt  # noqa: E402
 
 EXAMPLE = make_prompt(describe_four_cs({"carat": "1.01", "cut": "Ideal", "color": "G", "clarity": "VS1"}))
@@ -36,29 +40,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", required=True, help="a PEFT-layout adapter folder, e.g. runs/pricer/adapter")
     p.add_argument("--out", required=True, help="the .gguf file to write")
-    p.add_argument("--model", help="the base model: HF checkpoint folder or .gguf file [the adapter's "
-                                   "base_model_name_or_path when it exists here, else the embedded SmolLM2-135M-Instruct]")
+    p.add_argument("--model", help="the base model: HF checkpoint folder or .gguf file [the checkpoint the adapter "
+                                   "recorded, when it exists here, else the embedded SmolLM2-135M-Instruct]")
     p.add_argument("--type", choices=GGUF_TYPES, default="f16",
-                   help="of the weights: f32, f16, bf16 (2 bytes), q8_0 (8.5 bits), q4_0 (4.5 bits) [f16]")
+                   help="of the weights: f32, f16, bf16 (2 bytes), q8_0 (8.5 bits), q4_0 (4.5 bits); q4_k_m, q5_k_m, "
+                        "q6_k by llama.cpp's quantizer [f16]")
+    p.add_argument("--merge-into", choices=MERGE_INTO, default="trained",
+                   help="trained: the weights training saw (the NF4 copy of a QLoRA base), so the file answers as "
+                        "the trained model; original: W0 + s·BA [trained]")
+    p.add_argument("--allow-other-checkpoint", action="store_true",
+                   help="merge into --model even when it is not the checkpoint the adapter recorded")
     p.add_argument("--adapter-only", action="store_true",
                    help="write the adapter alone as llama.cpp's LoRA GGUF (f32), not the merged model")
     return p.parse_args(argv)
 
 
-def base_model(args: argparse.Namespace) -> str:
-    if args.model:
-        return args.model
-    base = read_adapter_config(args.adapter).get("base_model_name_or_path")
-    return base if isinstance(base, str) and os.path.exists(base) else default_checkpoint()
-
-
 def ollama_modelfile(gguf_path: str) -> str:
-    """An Ollama Modelfile beside the GGUF: FROM the file, and the chat template in Ollama's syntax
-    where it is ChatML (otherwise Ollama reads `tokenizer.chat_template` from the GGUF itself)."""
-    template = load_tokenizer(gguf_path).chat_template or ""
+    """An Ollama Modelfile beside the GGUF: FROM the file, the chat template in Ollama's syntax where it
+    is ChatML (otherwise Ollama reads `tokenizer.chat_template` from the GGUF itself), and a stop at
+    every token that ends a turn in the template, EOS included (Llama 3's <|eot_id|> and <|end_of_text|>)."""
+    tok = load_tokenizer(gguf_path)
     lines = [f"FROM ./{os.path.basename(gguf_path)}"]
-    if "<|im_start|>" in template:
-        lines += [f'TEMPLATE """{CHATML}"""', 'PARAMETER stop "<|im_end|>"']
+    if "<|im_start|>" in (tok.chat_template or ""):
+        lines.append(f'TEMPLATE """{CHATML}"""')
+    lines += [f"PARAMETER stop {json.dumps(tok.decode([i]))}" for i in end_of_turn_ids(tok)]
     return "\n".join(lines + ["PARAMETER temperature 0", ""])
 
 
@@ -93,23 +98,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    model = base_model(args)
+    model = args.model or recorded_checkpoint(args.adapter) or default_checkpoint()
     tok = load_tokenizer(model)
     out = args.out
     if args.adapter_only:
-        export_gguf_adapter(model, args.adapter, args.out)
+        export_gguf_adapter(model, args.adapter, args.out, args.allow_other_checkpoint)
         print(f"wrote {out}: the adapter {args.adapter} alone, llama.cpp's LoRA GGUF "
               f"({os.path.getsize(args.out) / 1e6:.1f} MB, {time.perf_counter() - t0:.0f}s)")
         base = model if model.endswith(".gguf") else "<the base model>.gguf"
         print(f"\nRun it over the base model in llama.cpp:\n"
               f"  llama-completion -m {shlex.quote(base)} --lora {shlex.quote(out)} {completion_flags(tok)}")
         return 0
-    export_gguf(model, args.adapter, args.out, args.type)
+    try:
+        export_gguf(model, args.adapter, args.out, args.type, args.merge_into, args.allow_other_checkpoint)
+    except LlamaQuantizerMissing as e:  # the f16 file is written: llama.cpp's own tool makes the k-quant
+        print(f"wrote {e.f16_path} (f16). {args.type} is made by llama.cpp's quantizer; llama-cpp-python is not "
+              f"installed here, so run:\n  {e.command}")
+        return 0
     modelfile = os.path.splitext(out)[0] + ".Modelfile"
     with open(modelfile + ".tmp", "w") as f:
         f.write(ollama_modelfile(args.out))
     os.replace(modelfile + ".tmp", modelfile)
-    print(f"wrote {out}: {os.path.basename(os.path.normpath(model))} + {args.adapter}, merged, {args.type} "
+    print(f"wrote {out}: {os.path.basename(os.path.normpath(model))} + {args.adapter}, merged into the "
+          f"{args.merge_into} weights, {args.type} "
           f"({os.path.getsize(args.out) / 1e6:.1f} MB, {time.perf_counter() - t0:.0f}s), and {modelfile}")
     print("\nRun it in llama.cpp (a prompt as the pricer writes it, greedy) or Ollama:\n"
           + how_to_run(out, modelfile, tok))

@@ -11,9 +11,10 @@ The data: JSON Lines, one conversation a line, in any of three shapes (train/jso
 {"messages": [{"role", "content"}, ...]}, {"prompt", "completion"}, or Alpaca's {"instruction",
 "input", "output"}. Each conversation is written by the model's own chat template and the loss sees
 the assistant's turns only (train/chat.py). A model without a template needs --chat-template chatml
-or --chat-template FILE.jinja. With neither --model nor --data: the embedded SmolLM2-135M-Instruct
-and the embedded diamonds as a chat (examples/pricer/chat.py), whose held-out diamonds are priced
-before and after training.
+or --chat-template FILE.jinja. With neither --model nor --data: the demo as a chat, the embedded
+SmolLM2-135M-Instruct and the embedded diamonds as conversations (examples/pricer/chat.py), with the
+demo's recipe (`PRESETS["demo"]`) and seed (0), whose held-out diamonds are priced before and after
+training. Your data is read and checked with the model's tokenizer before the model itself is loaded.
 
 Steps: load the base model (quantized to NF4 as it is read), read the conversations, wrap the target
 modules in LoRA, show the replies to a few validation prompts, train (forward, loss on the assistant's
@@ -39,14 +40,14 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora, train) and the examples' packages
 
-from cli import (add_recipe_flags, add_run_flags, fill_from_preset, is_main_process, start_run,  # noqa: E402
-                 reload_trained, run_command)
+from cli import (add_recipe_flags, add_run_flags, fill_from_preset, is_main_process, run_command,  # noqa: E402
+                 start_run, trained_model)
 from lora import apply_lora, save_adapter, trainable_parameters  # noqa: E402
-from model import CHATML  # noqa: E402
+from model import CHATML, default_checkpoint, load_tokenizer  # noqa: E402
 from objectives import DIAMOND_STEPS, add_objective_flags, diamond_rows, make_objective, user_rows  # noqa: E402
 from pricer import (  # noqa: E402
     CHAT_DEMO, DiamondChat, answer_budget, base_dtype, chat_replies, constant_baseline, evaluate_chat_prices,
-    load_diamond_chats, load_model, log_to_tensorboard, lora_config, results_table, split_items,
+    load_diamond_chats, load_model, log_to_tensorboard, lora_config, results_table, split_items, split_record,
     train_config, write_chats_jsonl,
 )
 from train import Example, chat_example, load_chat_jsonl, read_jsonl_conversations, train  # noqa: E402
@@ -82,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
           action=argparse.BooleanOptionalAction)
     tuned("--overlong", "a conversation longer than --max-len: cut to its first --max-len tokens, or left out",
           choices=("truncate", "skip"))
+    p.add_argument("--grad-checkpointing", choices=("off", "on", "offload"), default="off",
+                   help="recompute each decoder layer in the backward pass (on), its input kept in host memory "
+                        "meanwhile (offload): what rows of many thousand tokens need [off]")
     diamonds = "the embedded diamonds only"
     p.add_argument("--train-size", type=int, default=CHAT_DEMO["train_size"],
                    help=f"training diamonds, 0: all that remain ({diamonds}) [{CHAT_DEMO['train_size']}]")
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @dataclass
-class ChatData:
+class RunData:
     """What a run trains on, and what it shows and scores before and after."""
 
     train: list[Example]
@@ -147,8 +151,11 @@ def use_template(tokenizer, template: str | None) -> None:
         raise ValueError(f"{e}. Here: --chat-template chatml or --chat-template FILE.jinja") from None
 
 
-def user_data(args: argparse.Namespace, tokenizer) -> ChatData:
-    """--data and --val read by `train.load_chat_jsonl` (the template, labels on the assistant turns)."""
+def user_data(args: argparse.Namespace, template: str | None) -> RunData:
+    """--data and --val read by `train.load_chat_jsonl` (the template, labels on the assistant turns) with the
+    model's tokenizer alone, before the model is loaded: a file with nothing to train on stops the run here."""
+    tokenizer = load_tokenizer(args.model or default_checkpoint())
+    use_template(tokenizer, template)
     data = {}
     for name in ("data", "val"):
         path = getattr(args, name)
@@ -157,14 +164,30 @@ def user_data(args: argparse.Namespace, tokenizer) -> ChatData:
             d = data[name]
             print(f"{path}: {len(d.examples):,} conversations, {d.truncated:,} cut to --max-len {args.max_len}, "
                   f"{d.skipped:,} left out")
+            check_left(f"--{name}", path, d, args)
     shown = args.val or args.data
     samples = [c for _, (_, c) in zip(range(args.samples), read_jsonl_conversations(shown))]
-    return ChatData(data["data"].examples, data["val"].examples if "val" in data else [], samples,
+    return RunData(data["data"].examples, data["val"].examples if "val" in data else [], samples,
                     f"the first {len(samples)} conversations of {shown}")
 
 
-def diamond_data(args: argparse.Namespace, tokenizer) -> ChatData:
-    """The embedded diamonds as a chat, split as `make demo` splits them; written out as JSON Lines."""
+def check_left(flag: str, path: str, data, args: argparse.Namespace) -> None:
+    """A file that leaves nothing to train on is the user's mistake, said in the command's terms: the file,
+    the conversations read and left out, and the flag that left them out."""
+    if data.examples:
+        return
+    if not data.skipped:
+        raise ValueError(f"{flag} {path}: 0 conversations read (the file has no non-blank line): nothing to "
+                         "train on; expected JSON Lines, one conversation a line")
+    why = ("longer than that, with --overlong skip" if args.overlong == "skip" else
+           "none keeps an assistant token within that many tokens")
+    raise ValueError(f"{flag} {path}: {data.skipped:,} conversations read, all {data.skipped:,} left out by "
+                     f"--max-len {args.max_len} ({why}): nothing to train on; raise --max-len")
+
+
+def diamond_data(args: argparse.Namespace, tokenizer) -> RunData:
+    """The embedded diamonds as a chat, split as `make demo` splits them (the default --seed and sizes are
+    the demo's); written out as JSON Lines."""
     split = split_items(load_diamond_chats(), args.seed, args.test_size, args.val_size, args.train_size)
     print(f"diamonds as a chat (seed {args.seed}): {len(split.train):,} train, {len(split.val):,} validation, "
           f"{len(split.test):,} held out")
@@ -173,7 +196,7 @@ def diamond_data(args: argparse.Namespace, tokenizer) -> ChatData:
             print(f"wrote {write_chats_jsonl(chats, os.path.join(args.out, 'data', f'{name}.jsonl'))}")
     examples = [[chat_example(tokenizer, c.messages) for c in chats] for chats in (split.train, split.val)]
     samples = [c.messages for c in split.test[:args.samples]]
-    return ChatData(*examples, samples, f"the first {len(samples)} held-out diamonds", split.test,
+    return RunData(*examples, samples, f"the first {len(samples)} held-out diamonds", split.test,
                     [c.price for c in split.train])
 
 
@@ -183,7 +206,7 @@ def ask(conversation: list[dict]) -> tuple[list[dict], str]:
     return conversation[:last], conversation[last].get("content") or ""
 
 
-def show_replies(when: str, model, tokenizer, data: ChatData, args: argparse.Namespace) -> None:
+def show_replies(when: str, model, tokenizer, data: RunData, args: argparse.Namespace) -> None:
     """The model's replies to the sample prompts, through its chat template, beside the data's answers."""
     if not data.samples:
         return
@@ -194,7 +217,7 @@ def show_replies(when: str, model, tokenizer, data: ChatData, args: argparse.Nam
         print(f"  user:   {prompt[-1]['content'][:300]!r}\n  reply:  {reply[:300]!r}\n  data:   {answer[:300]!r}")
 
 
-def score_diamonds(title: str, model, tokenizer, data: ChatData, args: argparse.Namespace):
+def score_diamonds(title: str, model, tokenizer, data: RunData, args: argparse.Namespace):
     """The held-out diamonds priced through the chat template (None without them)."""
     if not data.held_out:
         return None
@@ -210,24 +233,27 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     device = start_run(args)
     config = train_config(args, device, args.out, args.seed, progress=not args.no_progress, compile=args.compile,
+                          grad_checkpointing={"off": False, "on": True}.get(args.grad_checkpointing, "offload"),
                           parallel=args.parallel, packing=args.packing)
     for path in (args.data, args.val):  # before the slow load
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such data file (expected JSON Lines, one conversation a line)")
     template = read_template(args.chat_template)
+    sft_file = args.objective == "sft" and args.data is not None   # read and checked before the slow load
+    data = user_data(args, template) if sft_file else None
     model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=base_dtype(args, device),
                                               double_quant=args.double_quant)
     use_template(tokenizer, template)
-    if args.objective == "sft":
-        data = diamond_data(args, tokenizer) if args.data is None else user_data(args, tokenizer)
+    if args.objective == "sft" and data is None:
+        data = diamond_data(args, tokenizer)
     elif args.data is None:  # the embedded diamonds as pairs or prompt rows; the held-out ones scored
         train_rows, val_rows, split = diamond_rows(args, load_diamond_chats())
-        data = ChatData(train_rows, val_rows, [c.messages for c in split.test[:args.samples]],
-                        f"the first {min(args.samples, len(split.test))} held-out diamonds", split.test,
-                        [c.price for c in split.train])
+        data = RunData(train_rows, val_rows, [c.messages for c in split.test[:args.samples]],
+                       f"the first {min(args.samples, len(split.test))} held-out diamonds", split.test,
+                       [c.price for c in split.train])
         args.max_new_tokens = args.max_new_tokens or answer_budget(tokenizer, split.train)
-    else:
-        data = ChatData(*user_rows(args, tokenizer), [], "")
+    elif data is None:
+        data = RunData(*user_rows(args, tokenizer), [], "")
     objective = make_objective(args)
 
     apply_lora(model, lora_config(args, model, args.seed))
@@ -244,10 +270,9 @@ def run(args: argparse.Namespace) -> int:
     if result.metrics:  # DPO's rewards and margins, GRPO's reward: the first and the last steps
         first, last = result.metrics[0][1], result.metrics[-1][1]
         print("  ".join(f"{name} {first[name]:.4f} -> {last[name]:.4f}" for name in first))
-    if args.parallel == "fsdp":  # each process now holds only its shards: rank 0 reloads the base and the adapter
-        if not is_main_process():
-            return 0
-        model, tokenizer = reload_trained(args, device, template)
+    if (trained := trained_model(args, device, model, tokenizer, template)) is None:   # an FSDP rank other than 0
+        return 0
+    model, tokenizer = trained
 
     show_replies("after training", model, tokenizer, data, args)
     after = score_diamonds("after training", model, tokenizer, data, args)
@@ -258,8 +283,11 @@ def run(args: argparse.Namespace) -> int:
         if result.run_dir:
             log_to_tensorboard(after, result.run_dir, tag="diamonds", step=result.step, name="after training")
     adapter_dir = os.path.join(args.out, "adapter")
-    if is_main_process():
-        save_adapter(model, adapter_dir, base_model_name_or_path=model_path)
+    if is_main_process():  # the record of what it trained on: the diamonds' split, or the user's files
+        split = (split_record(None, "chat", args.seed, args.test_size, args.val_size, len(data.train))
+                 if args.data is None else {"data": os.path.abspath(args.data),
+                                            "val": args.val and os.path.abspath(args.val)})
+        save_adapter(model, adapter_dir, base_model_name_or_path=model_path, split=split)
     print(f"adapter: {adapter_dir}\nTensorBoard: {result.run_dir}")
     print(f"total {(time.perf_counter() - start) / 60:.1f} minutes")
     return 0

@@ -12,9 +12,10 @@
     python examples/lab.py report      # examples/LAB.md from the runs stored so far, nothing run
 
 Every training run is the lab's base recipe (`PRESETS["lab"]`) with one or two values changed, trained
-for all its steps and scored on the 200 held-out diamonds, once per seed (0, 1, 2: the split, the LoRA
-initialisation and the order of the examples); each table row gives the mean and the range of the
-seeds. Finished runs are stored in `<out>/runs/` and never run twice: a row shared by experiments runs
+for all its steps, once per seed (0, 1, 2: the split, the LoRA initialisation and the order of the
+examples); the runs of rank, alpha, targets and qlora are scored on the 200 held-out diamonds, those
+of epochs are not (they watch the training and validation losses); each table row gives the mean and
+the range of the seeds. Finished runs are stored in `<out>/runs/` and never run twice: a row shared by experiments runs
 once, and an interrupted command picks up where it stopped. Before it starts, each command states
 how long its runs will take, from measured CPU seconds per step.
 
@@ -22,7 +23,8 @@ Each experiment writes `<out>/<name>.png`, `<name>.json` and `<name>.md` (a frag
 command, machine, commit, cost, table and figure); `report` writes the training experiments' fragments
 again from the runs stored so far (a row not finished says how many of its seeds are in), runs
 nothing, and pastes each fragment between the `<!-- lab:<name> -->` markers of LAB.md, with the
-lab's total (`<!-- lab:total -->`: runs, CPU hours, wall time, commits). `--tiny` runs every
+lab's total (`<!-- lab:total -->`: runs, CPU hours, wall time, commits) and the page's first table,
+each claim of the lectures beside what the runs found (`<!-- lab:claims -->`, examples/labclaims.py). `--tiny` runs every
 experiment for a few steps on a few diamonds (with `--model`, a tiny checkpoint): the plumbing, in
 seconds.
 """
@@ -43,6 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library, the pricer package and the lab's modules
 
 import labepochs  # noqa: E402
+from labclaims import claims  # noqa: E402
 import labsweeps  # noqa: E402
 from labkit import TINY, Budget, Lab, machine  # noqa: E402
 from labruns import DEVICES, Estimate, RunSpec, load_result, stored_runs  # noqa: E402
@@ -140,10 +143,10 @@ def whole_lab_on_cpu(lab: Lab, specs: list[RunSpec], cpu_runs: list[dict]) -> st
 
 def report(out: str, page: str) -> str:
     """Paste each `<out>/<name>.md` fragment between `<!-- lab:<name> -->` and `<!-- /lab:<name> -->` of `page`
-    (the experiments, then `total`)."""
+    (the experiments, then `total` and `claims`)."""
     with open(page) as f:
         text = f.read()
-    for name in [*EXPERIMENTS, "total"]:
+    for name in [*EXPERIMENTS, "total", "claims"]:
         path = os.path.join(out, f"{name}.md")
         body = open(path).read().strip() if os.path.isfile(path) else f"*Not run yet: `python examples/lab.py {name}`.*"
         pattern = re.compile(rf"(<!-- lab:{name} -->\n)(?:.*?\n)?(<!-- /lab:{name} -->)", re.S)
@@ -187,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in SPECS:
             EXPERIMENTS[name](lab)
         total(lab)
+        claims(lab.out)
         print(f"wrote {report(args.out, args.page)}")
         return 0
     names = list(EXPERIMENTS) if "all" in args.experiment else list(dict.fromkeys(args.experiment))
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         EXPERIMENTS[name](lab)
     if "all" in args.experiment:
         total(lab)
+        claims(lab.out)
         print(f"all experiments in {(time.perf_counter() - t0) / 60:.1f} minutes; wrote {report(args.out, args.page)}")
     return 0
 

@@ -4,8 +4,9 @@ same seed, same curves (seed).
 The lecture's chart: the training loss falls through epoch 1, drops again as epoch 2 starts (the model
 has seen these examples), and again at epoch 3; the validation loss shows when overfitting starts.
 That needs a training set the adapter can memorise: `epochs` trains several epochs of a small set and,
-as the contrast, of a set too large to memorise in as many epochs, at each seed, validating a few
-times an epoch.
+as the contrast, of a set too large to memorise in as many epochs, at each seed, validating
+`EVALS_PER_EPOCH` times an epoch. Its runs are not scored on the held-out diamonds: they watch the
+losses, not the prices.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from labkit import Lab, markdown_table, new_figure, record, runs_cost, timed
 from labruns import RunSpec, run_one
 from train import cosine_with_warmup
 
-EVALS_PER_EPOCH = 2
+EVALS_PER_EPOCH = 2   # validation losses an epoch: at its middle and its end
 
 
 def epochs_rows(lab: Lab) -> list[tuple[str, dict[str, Any]]]:
@@ -60,7 +61,8 @@ def analyse(run: dict[str, Any], n_epochs: int) -> dict[str, Any]:
 
 @timed
 def epochs(lab: Lab, started: float) -> str:
-    """Several epochs of a small training set and of a larger one, validated a few times an epoch, each seed."""
+    """Several epochs of a small training set and of a larger one, validated EVALS_PER_EPOCH times an epoch,
+    each seed; not scored on the held-out diamonds."""
     n_epochs = lab.budget.n_epochs
     rows, data, table_rows, all_runs = epochs_rows(lab), {}, [], []
     fig, axes = new_figure(2, 6.5)
@@ -75,7 +77,7 @@ def epochs(lab: Lab, started: float) -> str:
             continue
         for seed, f in zip(lab.seeds, found):
             pair = lambda e: f"{f['drops'][e][0]:.3f} → {f['drops'][e][1]:.3f}" if len(f["drops"]) > e else "-"  # noqa: E731
-            table_rows.append((f"{settings['train_size']} diamonds", seed, f["steps_per_epoch"], pair(0), pair(1),
+            table_rows.append((f"{settings['train_size']} diamonds", seed, pair(0), pair(1),
                                f"{sum(a > b for a, b in f['drops'])} of {len(f['drops'])}",
                                f"{f['epoch_means'][0]:.3f} → {f['epoch_means'][-1]:.3f}",
                                f"{f['best_val'][1]:.3f} (step {f['best_val'][0]}, epoch {f['best_epoch']})",
@@ -97,10 +99,14 @@ def epochs(lab: Lab, started: float) -> str:
                                          for s in range(1, total + 1)], color="grey", linewidth=1)
         lr_ax.set_ylabel("learning rate (grey)")
         ax.legend(loc="upper right", fontsize=8)
-    table = markdown_table(("training set", "seed", "steps / epoch", "train loss, epoch 1 → 2", "epoch 2 → 3",
+    table = markdown_table(("training set", "seed", "train loss, epoch 1 → 2", "epoch 2 → 3",
                             "boundaries with a drop", "mean train loss, first → last epoch", "lowest validation loss",
                             "last validation loss"), table_rows)
-    notes = [note(name, d, n_epochs) for name, d in data.items()]
+    notes = [f"Each run: {n_epochs} epochs, the validation loss ({rows[0][1]['val_size']} diamonds, answer tokens) taken {EVALS_PER_EPOCH} "
+             f"times an epoch; the runs are not scored on the held-out diamonds. Steps an epoch: "
+             + ", ".join(f"{d['seeds'][0]['steps_per_epoch']} for {d['train_items']} diamonds" for d in data.values()
+                         if d["seeds"]) + "."]
+    notes += [note(name, d, n_epochs) for name, d in data.items()]
     left = [f"{d['train_items']} diamonds ({len(d['seeds'])} of {len(lab.seeds)} seeds)" for d in data.values()
             if len(d["seeds"]) < len(lab.seeds)]
     notes += [f"**Not finished**: {', '.join(left)}."] if left else []

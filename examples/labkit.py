@@ -22,7 +22,8 @@ from pricer import PRESETS
 
 # Every training run of the lab is this recipe (examples/pricer/recipe.py) with one or two values changed:
 # SmolLM2-135M with an NF4 base, the four Cs, r 8 / alpha 16 on all seven projections of layers 20 to 29,
-# 1,100 steps of 2, lr 2e-3; each run goes to its last step and is scored on the 200 held-out diamonds.
+# 1,100 steps of 2, lr 2e-3; each run goes to its last step, and the sweeps' runs (rank, alpha, targets,
+# qlora) are scored on the 200 held-out diamonds (the epochs runs watch the losses and are not).
 BASE = "lab"
 
 
@@ -74,8 +75,7 @@ class Lab:
     _results: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from model import read_config
-        from model.load import default_checkpoint
+        from model import default_checkpoint, read_config
 
         self.n_layers = read_config(self.model_path or default_checkpoint()).num_hidden_layers
 

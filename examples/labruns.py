@@ -3,9 +3,11 @@
     spec = RunSpec(settings=dict(PRESETS["lab"], r=16, alpha=32), seed=1)
     results = run_all([spec, ...], out="examples/lab", jobs=2)   # {spec.key: the stored result}
 
-A run's file, `<out>/runs/<name>-s<seed>-<key>.json`, is keyed by everything that decides its
-numbers: the whole recipe, the seed (which draws the split, the LoRA initialisation and the order of
-the examples), the training-set size, the model and what is scored. A run that is already stored is
+A run's file, `<out>/runs/<label>-s<seed>-<key>.json`, is named by what its recipe changes from the
+lab's base (`label(settings)`: 'r16_alpha32', 'base') and keyed by everything that decides its numbers
+(`RunSpec.key`): the whole recipe (the training-set size among its values), the seed (which draws the
+split, the LoRA initialisation and the order of the examples), the model, the device and what is
+scored; never by the run's `name`, which only the log and the stored result show. A run that is already stored is
 never run again: experiments share runs (the lab's base recipe is a row of rank, alpha, targets and
 qlora, run once), and an interrupted lab resumes from the runs it finished. Each run is one process
 with one torch thread; `jobs` of them run side by side, each writing its own file (written to a
@@ -33,9 +35,9 @@ DEVICES = ("cpu", "cuda")  # where a run can train; each device's runs are store
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What decides a run's numbers. `train_size` None: the recipe's; `score`: greedy (and the top-k
-    average when `top_k`) on the held-out diamonds; `curve_every`: training losses kept as means of
-    this many steps (1: every step)."""
+    """What decides a run's numbers: the recipe (`settings`, a preset's keys), the seed, the model (None:
+    the embedded SmolLM2) and the device; `score`: greedy (and the top-k average when `top_k`) on the
+    held-out diamonds; `curve_every`: training losses kept as means of this many steps (1: every step)."""
 
     settings: dict[str, Any]
     seed: int
@@ -43,7 +45,7 @@ class RunSpec:
     score: bool = True
     top_k: int | None = 3
     curve_every: int = 10
-    name: str = "run"   # for the file name and the log only; not part of the key
+    name: str = "run"   # for the log and the stored result only: neither the key nor the file name
     device: str = "cpu"  # where it trains, in the CPU's precision (fp32 unless the recipe's dtype says bf16)
 
     @property
@@ -60,7 +62,7 @@ class RunSpec:
 
 
 def label(settings: dict[str, Any]) -> str:
-    """What a recipe changes from the lab's base, for file names: 'r16-alpha32', 'base' when nothing."""
+    """What a recipe changes from the lab's base, for file names: 'r16_alpha32', 'base' when nothing."""
     from pricer import ATTENTION, MLP, PRESETS
 
     short = {ATTENTION: "attention", MLP: "mlp", None: "none", True: "yes", False: "no"}
@@ -106,24 +108,30 @@ def commit() -> str:
         return "unknown"
 
 
-def base_memory(model) -> dict[str, float]:
-    """Bytes the frozen decoder projections hold in memory (packed codes, scales stored and decoded,
-    code books; or the plain weights) and bits per weight; and the whole model's bytes."""
+def held_bytes(module) -> tuple[int, int]:
+    """(bytes, weights) of one frozen projection while training: a 4-bit layer's packed codes and every
+    buffer it holds (the scales as stored, the fp32 scales decoded from them once, the code books); a
+    plain layer's weight and bias. (0, 0) for any other module. The one count of "bits a weight, held"."""
     from torch import nn
 
     from quant import Linear4bit
 
+    if isinstance(module, Linear4bit):
+        tensors, weights = [module.weight, *module.buffers()], module.in_features * module.out_features
+    elif isinstance(module, nn.Linear):
+        tensors, weights = [module.weight] + ([module.bias] if module.bias is not None else []), module.weight.numel()
+    else:
+        return 0, 0
+    return sum(t.numel() * t.element_size() for t in tensors), weights
+
+
+def base_memory(model) -> dict[str, float]:
+    """Bytes the frozen decoder projections hold in memory (`held_bytes`) and bits per weight; and the
+    whole model's bytes."""
     held = weights = 0
     for module in model.model.layers.modules():
-        if isinstance(module, Linear4bit):
-            tensors = [module.weight, *module.buffers()]
-            weights += module.in_features * module.out_features
-        elif isinstance(module, nn.Linear):
-            tensors = [module.weight] + ([module.bias] if module.bias is not None else [])
-            weights += module.weight.numel()
-        else:
-            continue
-        held += sum(t.numel() * t.element_size() for t in tensors)
+        nbytes, n = held_bytes(module)
+        held, weights = held + nbytes, weights + n
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in [*model.parameters(), *model.buffers()]}
     return {"projection_bytes": held, "projection_weights": weights, "bits_per_weight": 8 * held / weights,
@@ -141,8 +149,8 @@ def run_one(spec: RunSpec, out: str | None, threads: int = 1) -> dict[str, Any]:
     On a GPU the run keeps the CPU's precision (an fp32 base and no autocast unless the recipe's dtype
     says otherwise), so that a GPU's rows answer the same question as the CPU's."""
     from lora import apply_lora, lora_state_dict, trainable_parameters
-    from pricer import (answer_tokens, base_dtype, constant_baseline, evaluate_greedy_and_top_k, evaluate_prices,
-                        load_model, load_source, lora_config, split_items, train_config)
+    from pricer import (answer_tokens, base_dtype, constant_baseline, evaluate_greedy_and_top_k, load_model,
+                        load_source, lora_config, split_items, train_config)
     from train import train
 
     before = torch.get_num_threads()
@@ -175,11 +183,9 @@ def run_one(spec: RunSpec, out: str | None, threads: int = 1) -> dict[str, Any]:
             "train_curve": curve(result.train_losses, spec.curve_every)}
         if spec.score:
             truths, max_new = [i.price for i in split.test], answer_tokens(tokenizer, [i.price for i in split.train])
-            if spec.top_k:  # one pass: the top-1 candidate finished greedily is the greedy answer
-                greedy, top = evaluate_greedy_and_top_k(model, tokenizer, split.test, max_new, spec.top_k, batch_size=50)
+            greedy, top = evaluate_greedy_and_top_k(model, tokenizer, split.test, max_new, spec.top_k, batch_size=50)
+            if top is not None:
                 data[f"top{spec.top_k}"] = scores(top)
-            else:
-                greedy = evaluate_prices(model, tokenizer, split.test, max_new, batch_size=50)
             data["greedy"] = scores(greedy) | {"guesses": [round(g, 2) for g in greedy.guesses]}
             data["constant"] = scores(constant_baseline([i.price for i in split.train], truths))
         data["cpu_s"], data["wall_s"] = time.process_time() - cpu0, time.perf_counter() - wall0

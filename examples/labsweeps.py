@@ -10,7 +10,7 @@ import math
 from typing import Any, Callable
 
 from labkit import Lab, field_of, markdown_table, new_figure, record, runs_cost, spread, stats, timed, where
-from labruns import RunSpec, stored_runs
+from labruns import DEVICES, RunSpec, stored_runs
 from pricer import ATTENTION, MLP
 
 RANKS = (2, 4, 8, 16, 32, 64)
@@ -26,25 +26,41 @@ def steps_of(settings: dict[str, Any]) -> int:
 
 
 def score_cells(lab: Lab, results: list[dict[str, Any]], top_k: int | None) -> list[str]:
-    """Hit rate, mean error, RMSLE (greedy), the final validation loss (64 diamonds, answer tokens: steadier
-    than the hit rate), the top-k average's hit rate and error, CPU s per step on
-    this machine (* when measured over a few steps because the row ran on a GPU), and where it ran."""
+    """The first table's cells of a row: hit rate and mean error (greedy), the final validation loss (64
+    diamonds, answer tokens: steadier than the hit rate), the top-k average's hit rate, and CPU s per step on
+    this machine (* when measured over a few steps because the row ran on a GPU)."""
     cells = [spread(field_of(results, "greedy.hit_rate"), unit="%"),
              spread(field_of(results, "greedy.mean_error"), "{:,.0f}", "$"),
-             spread(field_of(results, "greedy.rmsle"), "{:.2f}"),
              spread([r["val_losses"][-1][1] for r in results if r["val_losses"]], "{:.3f}")]
     if top_k:
-        cells += [spread(field_of(results, f"top{top_k}.hit_rate"), unit="%"),
-                  spread(field_of(results, f"top{top_k}.mean_error"), "{:,.0f}", "$")]
+        cells.append(spread(field_of(results, f"top{top_k}.hit_rate"), unit="%"))
     if not results:
-        return cells + ["-", "-"]
+        return cells + ["-"]
     step, whole = lab.step_cpu_s(results)
-    return cells + [f"{step:.3f}" + ("" if whole else "*"), where(results[0])]
+    return cells + [f"{step:.3f}" + ("" if whole else "*")]
 
 
 def score_header(top_k: int | None) -> tuple[str, ...]:
-    top = (f"hits, top-{top_k} average", f"error, top-{top_k} average") if top_k else ()
-    return ("hit rate", "mean error", "RMSLE", "validation loss", *top, "CPU s / step", "ran on")
+    top = (f"hits, top-{top_k} average",) if top_k else ()
+    return ("hit rate", "mean error", "validation loss", *top, "CPU s / step")
+
+
+def more_cells(lab: Lab, results: list[dict[str, Any]], top_k: int | None) -> list[str]:
+    """The second table's cells of a row: RMSLE (greedy), the top-k average's mean error, where the row ran
+    and how many of its seeds are in."""
+    cells = [spread(field_of(results, "greedy.rmsle"), "{:.2f}")]
+    if top_k:
+        cells.append(spread(field_of(results, f"top{top_k}.mean_error"), "{:,.0f}", "$"))
+    return cells + [where(results[0]) if results else "-", lab.seeds_cell(results)]
+
+
+def more_header(top_k: int | None) -> tuple[str, ...]:
+    return ("RMSLE", *((f"error, top-{top_k} average",) if top_k else ()), "ran on", "seeds")
+
+
+def two_tables(first: str, second: str) -> str:
+    """A row's scores, then the rest of its numbers: two tables, neither wider than 8 columns."""
+    return f"{first}\n\nThe same rows, more of their numbers:\n\n{second}"
 
 
 def device_notes(lab: Lab, names: list[str], rows: list[list[dict[str, Any]]]) -> list[str]:
@@ -77,6 +93,7 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ["greedy.hit_rate", "greedy.mean_error", "greedy.rmsle", "constant.hit_rate", "constant.mean_error",
             "cpu_s_per_step"] + [f"{k}.{m}" for k in ("top3", "top2") for m in ("hit_rate", "mean_error")]
     values = {k: field_of(results, k) for k in keys}
+    values["val_loss"] = [r["val_losses"][-1][1] if r["val_losses"] else math.nan for r in results]
     out = {k: stats(v) | {"seeds": v} for k, v in values.items() if not any(math.isnan(x) for x in v)}
     return out | {"runs": [r["key"] for r in results], "trainable": results[0]["trainable"],
                   "adapter_bytes": results[0]["adapter_bytes"], "base_memory": results[0]["base_memory"]}
@@ -149,9 +166,11 @@ def rank(lab: Lab, started: float) -> str:
     two_r, fixed = results[:len(RANKS)], results[len(RANKS):]
     k = lab.budget.top_k
     pairs = [(r, 2 * r) for r in RANKS] + [(r, FIXED_ALPHA) for r in RANKS]
-    table = markdown_table(("r", "alpha", *score_header(k), "trainable parameters", "seeds"),
-                           [(r, a, *score_cells(lab, res, k), n, lab.seeds_cell(res))
-                            for (r, a), res, n in zip(pairs, results, first(results, "trainable", "{:,}".format))])
+    table = two_tables(
+        markdown_table(("r", "alpha", *score_header(k), "trainable parameters"),
+                       [(r, a, *score_cells(lab, res, k), n)
+                        for (r, a), res, n in zip(pairs, results, first(results, "trainable", "{:,}".format))]),
+        markdown_table(("r", "alpha", *more_header(k)), [(r, a, *more_cells(lab, res, k)) for (r, a), res in zip(pairs, results)]))
     fig = sweep_figure(lab, "r", [str(r) for r in RANKS], {"alpha = 2r": two_r, f"alpha = {FIXED_ALPHA}": fixed})
     names = [f"r={r}, alpha={a}" for r, a in pairs]
     return record(lab, "rank", f"rank: r = 2 to 64, alpha = 2r and alpha = {FIXED_ALPHA}", table, fig, started,
@@ -174,8 +193,10 @@ def alpha(lab: Lab, started: float) -> str:
     """r = 8 with alpha = 2 .. 64: the scaling alpha / r from 0.25 to 8, the parameters unchanged."""
     results = results_of(lab, alpha_rows(lab), "alpha")
     k = lab.budget.top_k
-    table = markdown_table(("alpha", "alpha / r", *score_header(k), "seeds"),
-                           [(a, f"{a / 8:g}", *score_cells(lab, res, k), lab.seeds_cell(res)) for a, res in zip(ALPHAS, results)])
+    table = two_tables(
+        markdown_table(("alpha", "alpha / r", *score_header(k)),
+                       [(a, f"{a / 8:g}", *score_cells(lab, res, k)) for a, res in zip(ALPHAS, results)]),
+        markdown_table(("alpha", *more_header(k)), [(a, *more_cells(lab, res, k)) for a, res in zip(ALPHAS, results)]))
     fig = sweep_figure(lab, "alpha (r = 8)", [str(a) for a in ALPHAS], {"r = 8": results})
     names = [f"alpha={a}" for a in ALPHAS]
     return record(lab, "alpha", "alpha: r = 8, alpha = 2 to 64", table, fig, started,
@@ -204,9 +225,12 @@ def targets(lab: Lab, started: float) -> str:
     rows = targets_rows(lab)
     results = results_of(lab, [(n, s) for n, _, _, s in rows], "targets")
     k = lab.budget.top_k
-    table = markdown_table(("modules", "layers", *score_header(k), "trainable parameters", "seeds"),
-                           [(m, layers, *score_cells(lab, res, k), n, lab.seeds_cell(res))
-                            for (_, m, layers, _), res, n in zip(rows, results, first(results, "trainable", "{:,}".format))])
+    table = two_tables(
+        markdown_table(("modules", "layers", *score_header(k), "trainable parameters"),
+                       [(m, layers, *score_cells(lab, res, k), n)
+                        for (_, m, layers, _), res, n in zip(rows, results, first(results, "trainable", "{:,}".format))]),
+        markdown_table(("modules", "layers", *more_header(k)),
+                       [(m, layers, *more_cells(lab, res, k)) for (_, m, layers, _), res in zip(rows, results)]))
     fig = sweep_figure(lab, "targets", [f"{m.split(' (')[0]}, {layers.split(' (')[0]}" for _, m, layers, _ in rows],
                        {"": results})
     names = [f"{m}, {layers}" for _, m, layers, _ in rows]
@@ -233,9 +257,10 @@ def qlora_rows(lab: Lab) -> list[tuple[str, str, dict[str, Any]]]:
             ("nf4-single", "NF4, no double quantization", lab.settings(double_quant=False)),
             ("fp4", "FP4, double quantization", lab.settings(quant="fp4")),
             ("fp32", "unquantized, fp32", lab.settings(quant="none", dtype="float32"))]
-    if lab.device == "cuda" or has_bf16():
-        rows.append(("bf16", "unquantized, bf16", lab.settings(quant="none", dtype="bfloat16")))
-    return rows
+    bf16 = ("bf16", "unquantized, bf16", lab.settings(quant="none", dtype="bfloat16"))
+    stored = lab.stored_only and any(stored_runs(lab.specs(f"qlora-{bf16[0]}", bf16[2]), lab.out, device)
+                                     for device in DEVICES)   # `report` shows the runs stored on any machine
+    return rows + ([bf16] if lab.device == "cuda" or has_bf16() or stored else [])
 
 
 def qlora_specs(lab: Lab) -> list[RunSpec]:
@@ -254,17 +279,19 @@ def qlora(lab: Lab, started: float) -> str:
     memory = zip(first(results, "base_memory", mib("projection_bytes")),
                  first(results, "base_memory", lambda m: f"{m['bits_per_weight']:.3f}"),
                  first(results, "base_memory", mib("model_bytes")))
-    table = markdown_table(("frozen base", *score_header(k), "projections held, MiB", "bits a weight, held",
-                            "whole model, MiB", "seeds"),
-                           [(label, *score_cells(lab, res, k), *held, lab.seeds_cell(res))
-                            for (_, label, _), res, held in zip(rows, results, memory)])
+    table = two_tables(
+        markdown_table(("frozen base", *score_header(k)),
+                       [(label, *score_cells(lab, res, k)) for (_, label, _), res in zip(rows, results)]),
+        markdown_table(("frozen base", *more_header(k), "projections held, MiB", "bits a weight, held",
+                        "whole model, MiB"),
+                       [(label, *more_cells(lab, res, k), *held) for (_, label, _), res, held in zip(rows, results, memory)]))
     fig = sweep_figure(lab, "frozen base", [n for n, _, _ in rows], {"": results})
     labels = [label for _, label, _ in rows]
     notes = [baseline_note(results), *running_note(lab, labels, results), *device_notes(lab, labels, results),
              "Held: the bytes the decoder's projections occupy while training (packed 4-bit codes, their scales as "
              "stored and the fp32 scales decoded from them once, the code books; or the plain weights); the whole "
              "model adds the embedding (tied to the head), the norms and the LoRA parameters."]
-    if lab.device == "cpu" and not has_bf16():
+    if all(name != "bf16" for name, _, _ in rows):
         notes.append("This CPU has no native bf16 (AVX512-BF16 or AMX): the bf16 row is left out.")
     return record(lab, "qlora", "qlora: NF4 against FP4, without double quantization, and the unquantized base",
                   table, fig, started, notes=notes, data={label: summary(r) for (_, label, _), r in zip(rows, results)},

@@ -1,12 +1,17 @@
-"""The pricer's adapter, exported to GGUF, scored in llama.cpp beside ours on the same diamonds.
+"""The pricer's adapters exported and scored beside ours on their own held-out diamonds: what a user
+takes away against what they trained.
 
-    python examples/llamacpp_pricer.py --adapter runs/pricer/adapter          # 200 diamonds, f32 and q8_0
+    python examples/llamacpp_pricer.py --adapter runs/pricer/adapter                 # the demo's adapter
+    python examples/llamacpp_pricer.py --adapter runs/s0/adapter runs/s1/adapter runs/s2/adapter
 
-Ours, twice: the NF4 base with the adapter (as it trained and as eval_pricer scores it), and the
-adapter merged into the original weights in fp32 (what the GGUF holds). llama.cpp: the export of each
---type, and (for a GGUF base) the base file itself with the adapter's LoRA GGUF, each with the same
-token ids in (BOS first), greedy, the answer decoded and read the same way. Needs llama.cpp's Python
-binding (`make test` builds it). Prints a Markdown table and how many answers agree with ours merged.
+For each adapter, greedy on the first --n diamonds of its recorded split (never trained on):
+  - ours as trained: the NF4 base + the adapter, as the training script scores it;
+  - the trained merge (`export_merged`, into the weights training saw) read back by our loader;
+  - llama.cpp on the trained merge's GGUF of each --types (f16 and q8_0 written here, q4_k_m by
+    llama.cpp's own quantizer), and on the merge into the original weights at f16, as exports were.
+Every engine gets the same token ids (BOS first, as the pricer trained) and its answer is read the same
+way. Prints one table per adapter, then the mean (range) over the adapters and each row's distance
+from ours as trained. Needs llama.cpp's Python binding (`make test` builds it).
 """
 from __future__ import annotations
 
@@ -21,18 +26,20 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora) and the pricer package
 
-from lora import export_gguf, export_gguf_adapter, load_adapter, merge_lora  # noqa: E402
-from pricer import (PRESETS, answer_tokens, evaluate_prices, load_model, load_source, parse_price,  # noqa: E402
-                    results_table, score, shuffled)
-from export_gguf import base_model  # noqa: E402
+from cli import run_command  # noqa: E402
+from lora import export_gguf, export_merged, load_adapter, read_trained_on, recorded_checkpoint  # noqa: E402
+from model import default_checkpoint  # noqa: E402
+from pricer import (answer_tokens, evaluate_prices, held_out, load_model, load_source, parse_price,  # noqa: E402
+                    results_table, score)
+
+AS_TRAINED = "ours: NF4 base + adapter, as trained"
 
 
-def llama_cpp_prices(path: str, tokenizer, prompts: list[str], max_new_tokens: int, lora: str | None = None,
-                     threads: int = 2) -> tuple[list[float], list[str]]:
+def llama_cpp_prices(path: str, tokenizer, prompts: list[str], max_new_tokens: int, threads: int = 1) -> list[float]:
     """Greedy answers of llama.cpp to the prompts, tokenized by us (BOS first, as the pricer does)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, lora_path=lora, n_ctx=256, n_threads=threads, verbose=False)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False)
     answers = []
     for prompt in prompts:
         llm.reset()
@@ -47,54 +54,88 @@ def llama_cpp_prices(path: str, tokenizer, prompts: list[str], max_new_tokens: i
             llm.eval([token])
         answers.append(tokenizer.decode(new))
     llm.close()
-    return [parse_price(a) for a in answers], answers
+    return [parse_price(a) for a in answers]
+
+
+def score_adapter(adapter: str, n: int, types: list[str], threads: int, tmp: str) -> list[tuple[str, object, float]]:
+    """[(row name, PriceReport, seconds)] for one adapter, ours as trained first."""
+    record = read_trained_on(adapter) or {}
+    checkpoint = recorded_checkpoint(adapter) or default_checkpoint()
+    base = record.get("base") or {"quant": "nf4"}
+    model, tokenizer, _ = load_model(checkpoint, base["quant"], "cpu", double_quant=base.get("double_quant", True))
+    load_adapter(model, adapter)
+    split = record.get("split")
+    loaded = load_source(None if split is None else split["data"], tokenizer,
+                         "four-cs" if split is None else split["description"])
+    items, _ = held_out(loaded.items, n, None, split, adapter)
+    truths, prompts = [i.price for i in items], [i.prompt for i in items]
+    max_new = answer_tokens(tokenizer, [item.price for item in loaded.items])
+    rows = []
+
+    def timed(name: str, run) -> None:
+        t0 = time.perf_counter()
+        report = run()
+        rows.append((name, report, time.perf_counter() - t0))
+        print(f"  {name}: {report.hit_rate:.1f}% hits, ${report.mean_error:,.0f} ({rows[-1][2]:.0f}s)", flush=True)
+
+    timed(AS_TRAINED, lambda: evaluate_prices(model, tokenizer, items, max_new, batch_size=100))
+    merged = export_merged(checkpoint, adapter, os.path.join(tmp, "merged"))
+    del model
+    merged_model, _, _ = load_model(merged, "none", "cpu")
+    timed("ours: trained merge, HF folder (fp32)", lambda: evaluate_prices(merged_model, tokenizer, items, max_new,
+                                                                             batch_size=100))
+    del merged_model
+    ggufs = [(f"llama.cpp: trained merge, {t}", t, "trained") for t in types] + [
+        ("llama.cpp: original merge, f16", "f16", "original")]
+    for name, out_type, into in ggufs:
+        path = export_gguf(checkpoint, adapter, os.path.join(tmp, f"{into}-{out_type}.gguf"), out_type, merge_into=into)
+        timed(name, lambda: score(llama_cpp_prices(path, tokenizer, prompts, max_new, threads), truths))
+        os.remove(path)
+    return rows
+
+
+def summary(per_adapter: list[list[tuple[str, object, float]]]) -> str:
+    """Markdown: each row's mean (range) hits and mean error over the adapters, and its distance from ours
+    as trained (mean, and the largest over the adapters)."""
+    lines = ["| model | hits: mean (range) | mean error | hits − as trained: mean | largest |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    trained = [rows[0][1].hit_rate for rows in per_adapter]
+    for i, (name, _, _) in enumerate(per_adapter[0]):
+        hits = [rows[i][1].hit_rate for rows in per_adapter]
+        errors = [rows[i][1].mean_error for rows in per_adapter]
+        gaps = [h - t for h, t in zip(hits, trained)]
+        worst = max(gaps, key=abs)
+        lines.append(f"| {name} | {np.mean(hits):.1f}% ({min(hits):.1f}–{max(hits):.1f}%) | ${np.mean(errors):,.0f} "
+                     f"| {np.mean(gaps):+.1f} | {worst:+.1f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--adapter", nargs="+", required=True, help="the pricer's adapter folders, e.g. runs/pricer/adapter")
+    p.add_argument("--n", type=int, default=200, help="held-out diamonds of each adapter's split [200]")
+    p.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_k_m"],
+                   help="GGUF types of the trained merge to score in llama.cpp [f16 q8_0 q4_k_m]")
+    p.add_argument("--threads", type=int, default=1,
+                   help="llama.cpp's threads [1: more spin on a busy machine, and each prompt is small]")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    per_adapter = []
+    for adapter in args.adapter:
+        print(f"{adapter}:", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            per_adapter.append(score_adapter(adapter, args.n, args.types, args.threads, tmp))
+        rows = per_adapter[-1]
+        print(f"\n{adapter}: {len(rows[0][1].truths)} held-out diamonds, greedy\n"
+              + results_table([(name, report) for name, report, _ in rows]) + "\n", flush=True)
+    print(f"{len(per_adapter)} adapters, {args.n} held-out diamonds each, greedy\n" + summary(per_adapter))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--adapter", required=True, help="the pricer's adapter folder, e.g. runs/pricer/adapter")
-    p.add_argument("--model", help="the base model [the adapter's base_model_name_or_path, else the embedded SmolLM2]")
-    p.add_argument("--n", type=int, default=200, help="held-out diamonds, eval_pricer's first N [200]")
-    p.add_argument("--types", nargs="+", default=["f32", "q8_0"], help="GGUF types to score [f32 q8_0]")
-    p.add_argument("--seed", type=int, default=42, help="the training run's --seed [42]")
-    p.add_argument("--threads", type=int, default=2, help="llama.cpp's threads [2]")
-    args = p.parse_args(argv)
-    model_path = base_model(args)
-    description = PRESETS["demo"]["description"]
-
-    rows, answers = [], {}
-    for quant, name in (("nf4", "ours: NF4 base + adapter"), ("none", "ours: merged, fp32")):
-        model, tokenizer, _ = load_model(model_path, quant, "cpu")
-        load_adapter(model, args.adapter)
-        if quant == "none":
-            merge_lora(model)
-        if not rows:
-            loaded = load_source(None, tokenizer, description)
-            items = shuffled(loaded.items, args.seed)[:args.n]
-            max_new = answer_tokens(tokenizer, [item.price for item in loaded.items])
-        t0 = time.perf_counter()
-        rows.append((name, evaluate_prices(model, tokenizer, items, max_new, batch_size=100)))
-        print(f"{name}: {rows[-1][1].hit_rate:.1f}% hits ({time.perf_counter() - t0:.0f}s)", flush=True)
-        answers[name] = rows[-1][1].guesses
-        del model
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = [(f"llama.cpp: GGUF {t}", export_gguf(model_path, args.adapter, os.path.join(tmp, f"{t}.gguf"), t), None)
-                for t in args.types]
-        if model_path.endswith(".gguf"):  # the base file itself, the adapter applied by llama.cpp's LoRA path
-            lora = export_gguf_adapter(model_path, args.adapter, os.path.join(tmp, "lora.gguf"))
-            runs.append((f"llama.cpp: {os.path.basename(model_path)} + LoRA GGUF", model_path, lora))
-        for name, path, lora in runs:
-            t0 = time.perf_counter()
-            guesses, _ = llama_cpp_prices(path, tokenizer, [item.prompt for item in items], max_new, lora, args.threads)
-            rows.append((name, score(guesses, [item.price for item in items])))
-            answers[name] = guesses
-            print(f"{name}: {rows[-1][1].hit_rate:.1f}% hits ({time.perf_counter() - t0:.0f}s)", flush=True)
-    print(f"\n{len(items)} held-out diamonds, greedy\n" + results_table(rows))
-    merged = answers["ours: merged, fp32"]
-    for name, guesses in answers.items():
-        same = sum(a == b for a, b in zip(guesses, merged))
-        print(f"{name}: the same price as ours merged on {same} of {len(items)}")
-    return 0
+    return run_command(run, parse_args(argv), __file__, argv)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ has 15 evenly spaced levels, -7/7 .. 7/7 of the absmax (round(7 w / absmax) / 7)
 grid with an exact 0 leaves one of the 16 codes unused. All three use blocks of 64 weights sharing
 one absmax here.
 
-Bits a weight: on disk (the packed codes and the stored quant state) 4.5 without double quantization
-and about 4.127 with it; held in memory while training, `quant.Linear4bit` adds the fp32 scales it
-decodes once from the 8-bit codes (0.5 bit a weight, quant/linear4bit.py), about 4.627: double
-quantization saves disk and download here, not training memory.
+Bits a weight, over the decoder's projections (what training holds in 4 bits): on disk (the packed
+codes and the stored quant state) 4.5 without double quantization and about 4.127 with it; held in
+memory while training, counted as the qlora experiment counts them (`labruns.held_bytes`: every
+buffer of the `quant.Linear4bit`), the fp32 scales it decodes once from the 8-bit codes (0.5 bit a
+weight, quant/linear4bit.py) and the code books come on top: double quantization saves disk and
+download here, and costs training memory.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from collections import defaultdict
 import torch
 
 from labkit import Lab, markdown_table, new_figure, record, timed
+from labruns import held_bytes
 from pricer import load_model
 from quant import NF4_CODE, Linear4bit, dequantize_fp4, dequantize_nf4, quantize_fp4, quantize_nf4
 
@@ -69,14 +72,14 @@ def bits_per_parameter(weights: list[torch.Tensor], double_quant: bool) -> float
 
 
 def bits_held(weights: list[torch.Tensor], double_quant: bool) -> float:
-    """Bits in memory while training, measured on the layer training uses (`quant.Linear4bit`): its
-    stored bytes plus the fp32 scales it decodes once for the kernels (none without double quant)."""
+    """Bits in memory while training, measured on the layer training uses (`quant.Linear4bit`) and counted
+    as the qlora experiment counts its base (`labruns.held_bytes`): the stored bytes, the fp32 scales
+    decoded once for the kernels (none without double quant) and the code books."""
     n_bytes = n = 0
     for w in weights:
-        layer = Linear4bit.from_weight(w, quant_type="nf4", double_quant=double_quant, blocksize=BLOCK)
-        decoded = layer.decoded_absmax
-        n_bytes += layer.quantized_nbytes() + (0 if decoded is None else decoded.numel() * decoded.element_size())
-        n += w.numel()
+        nbytes, weights_held = held_bytes(Linear4bit.from_weight(w, quant_type="nf4", double_quant=double_quant,
+                                                                 blocksize=BLOCK))
+        n_bytes, n = n_bytes + nbytes, n + weights_held
     return 8 * n_bytes / n
 
 
@@ -87,7 +90,7 @@ def nf4(lab: Lab, started: float) -> str:
     model, _, path = load_model(lab.model_path, "none", "cpu")
     control = torch.randn(576, 1536, generator=torch.Generator().manual_seed(0))  # N(0, 1) weights
     sq_err, sq_w, wins, hist = defaultdict(float), defaultdict(float), defaultdict(int), torch.zeros(BINS)
-    weights, n_matrices = [], 0
+    weights, kinds_seen, n_matrices = [], [], 0   # every real matrix, for the errors; the projections among them for the bits
     for kind, _, w in [*weight_matrices(model, lab.budget.nf4_matrices), ("N(0,1) control", "control", control)]:
         errors = {}
         for method, round_trip in ROUND_TRIPS.items():
@@ -101,6 +104,7 @@ def nf4(lab: Lab, started: float) -> str:
         sq_w["all real matrices"] += float((w ** 2).sum())
         n_matrices += 1
         weights.append(w)
+        kinds_seen.append(kind)
         wins["FP4"] += errors["NF4"] < errors["FP4"]
         wins[INT4] += errors["NF4"] < errors[INT4]
         blocks = w.reshape(-1, BLOCK)
@@ -111,8 +115,9 @@ def nf4(lab: Lab, started: float) -> str:
     rel = {(k, m): (sq_err[k, m] / sq_w[k]) ** 0.5 for k in kinds for m in ROUND_TRIPS}
     rows = [(k, *(f"{rel[k, m]:.4f}" for m in ROUND_TRIPS)) for k in kinds]
     table = markdown_table(("weights", *(f"{m}: RMSE / RMS" for m in ROUND_TRIPS)), rows)
-    bits = {dq: bits_per_parameter(weights, dq) for dq in (False, True)}
-    held = {dq: bits_held(weights, dq) for dq in (False, True)}
+    projections = [w for kind, w in zip(kinds_seen, weights) if kind.endswith("_proj")]
+    bits = {dq: bits_per_parameter(projections, dq) for dq in (False, True)}
+    held = {dq: bits_held(projections, dq) for dq in (False, True)}
     table += "\n\n" + markdown_table(
         ("NF4, blocks of 64", "bits a weight on disk", "bits a weight held in memory while training"),
         [("with double quantization (QLoRA)", f"{bits[True]:.3f}", f"{held[True]:.3f}"),
@@ -124,14 +129,17 @@ def nf4(lab: Lab, started: float) -> str:
         f"NF4's error is lower than FP4's on {wins['FP4']} of {n_matrices} matrices and lower than int4's on "
         f"{wins[INT4]} of {n_matrices}. The int4 baseline is symmetric absmax rounding, round(7 w / absmax) / 7: "
         f"15 levels from -7 to 7, not 16 (an exact 0 and a symmetric grid leave one 4-bit code unused).",
-        f"Bits on disk: the packed codes and the quant state `quant.quantize_nf4` stores ({bits[False]:.3f} without "
-        f"double quantization, {bits[True]:.3f} with it). Held in memory while training: `quant.Linear4bit` "
-        f"also keeps the fp32 scales it decodes once from the 8-bit codes, so that each use of a weight is one "
-        f"dequantization ({held[True]:.3f} bits with double quantization, {held[False]:.3f} without). Double "
-        f"quantization saves {bits[False] - bits[True]:.3f} bits a weight on disk; in memory during training it "
+        f"Bits a weight over the {len(projections)} projection matrices of the decoder ({sum(w.numel() for w in projections):,} "
+        f"weights: what training holds in 4 bits). On disk: the packed codes and the quant state "
+        f"`quant.quantize_nf4` stores ({bits[False]:.3f} without double quantization, {bits[True]:.3f} with it). "
+        f"Held in memory while training, counted as the qlora table counts its base (every buffer of each "
+        f"`quant.Linear4bit`): besides, the fp32 scales it decodes once from the 8-bit codes, so that each use of a "
+        f"weight is one dequantization, and the code books ({held[True]:.3f} bits with double quantization, "
+        f"{held[False]:.3f} without). Double quantization saves {bits[False] - bits[True]:.3f} bits a weight on disk; "
+        "in memory during training it "
         + (f"saves {held[False] - held[True]:.3f}." if held[True] < held[False] else
-           f"saves nothing here: it holds {held[True] - held[False]:.3f} bits a weight more than the plain fp32 "
-           f"scales, the 8-bit codes kept beside the scales decoded from them."),
+           f"costs {held[True] - held[False]:.3f} bits a weight: the 8-bit codes are kept beside the fp32 scales "
+           f"decoded from them."),
         ("The embedded SmolLM2 is a GGUF stored in Q4_1 (blocks of 32, 16 even levels from a minimum and a "
          "scale): the 'real' weights here are those dequantized values, already on a 4-bit grid, not the "
          "original bf16 weights. " if gguf_q4_1 else "")
@@ -155,6 +163,7 @@ def nf4(lab: Lab, started: float) -> str:
     data = {"relative_rmse": {f"{k} / {m}": v for (k, m), v in rel.items()}, "bits_per_parameter": {
         "without double quantization": bits[False], "with double quantization": bits[True]}, "bits_held": {
         "without double quantization": held[False], "with double quantization": held[True]},
-        "nf4_beats": dict(wins), "matrices": n_matrices, "histogram": hist.tolist()}
+        "nf4_beats": dict(wins), "matrices": n_matrices, "projections": len(projections),
+        "projection_weights": sum(w.numel() for w in projections), "histogram": hist.tolist()}
     return record(lab, "nf4", "nf4: the 16 NF4 levels over real weights; NF4 against FP4 and int4", table, fig,
                   started, notes=notes, data=data)

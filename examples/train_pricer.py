@@ -1,6 +1,6 @@
 """Fine-tune a model to read a product description and answer its price, with QLoRA.
 
-    python examples/train_pricer.py                      # the demo: SmolLM2-135M, NF4 base, diamonds, CPU
+    python examples/train_pricer.py                      # the demo (`make demo`): SmolLM2-135M, NF4 base, diamonds, seed 0
     python examples/train_pricer.py --preset demo-full   # the slower demo: every attribute, half the layers
     python examples/train_pricer.py --preset llama31-8b --model ~/Llama-3.1-8B --data pricer_train.jsonl
     torchrun --nproc-per-node 2 examples/train_pricer.py --parallel fsdp ...   # the model sharded over 2 processes
@@ -14,10 +14,11 @@ AdamW step), score the test split again, save the adapter in PEFT's layout and t
 Writes under --out: checkpoint-<step>/ (every --save-every steps), adapter/ (the final adapter),
 runs/<run name>/ (TensorBoard) and pricer.png (truth against guess on the test split).
 
---after ADAPTER --objective dpo|grpo starts from a trained pricer adapter (the same --seed: the same split)
-and trains it further (examples/pricer/after.py): DPO on pairs from its misses on its training diamonds
-(chosen: the true price, rejected: its answer), or GRPO with a reward from the price error; the held-out
-diamonds are scored before and after, with the CPU seconds of each stage, into --out/after.json.
+--after ADAPTER --objective dpo|grpo starts from a trained pricer adapter (its recorded split: the same
+held-out diamonds) and trains it further (examples/pricer/after.py): DPO on pairs from its misses on its
+training diamonds (chosen: the true price, rejected: its answer), or GRPO with a reward from the price
+error; the held-out diamonds are scored before and after, with the CPU seconds of each stage, into
+--out/after.json.
 
 SIGTERM or Ctrl-C finishes the step, writes a checkpoint and exits (143 or 130) with the command
 that resumes; run it (the same flags plus --resume) to continue exactly where the run stopped.
@@ -33,13 +34,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora, train) and the pricer package
 
-from cli import (add_recipe_flags, add_run_flags, fill_from_preset, is_main_process, start_run,  # noqa: E402
-                 reload_trained, run_command)
-from lora import apply_lora, load_adapter, save_adapter, trainable_parameters  # noqa: E402
+from cli import add_recipe_flags, add_run_flags, fill_from_preset, run_command, start_run, trained_model  # noqa: E402
+from lora import apply_lora, load_adapter, read_trained_on, save_adapter, trainable_parameters  # noqa: E402
 from pricer import (  # noqa: E402
-    DESCRIPTIONS, PRESETS, answer_tokens, constant_baseline, evaluate_greedy_and_top_k, evaluate_prices, load_model, load_source,
-    log_to_tensorboard, lora_config, print_report, results_table, save_scatter,
-    split_items, base_dtype, train_config,
+    DESCRIPTIONS, PRESETS, answer_tokens, base_dtype, constant_baseline, evaluate_greedy_and_top_k,
+    evaluate_prices, load_model, load_source, log_to_tensorboard, lora_config, print_report, results_table,
+    save_scatter, split_items, split_record, train_config,
 )
 from pricer.after import tune_after  # noqa: E402
 from train import train  # noqa: E402
@@ -129,44 +129,50 @@ def run(args: argparse.Namespace) -> int:
                    [(i.prompt, i.answer) for i in split.val], config, resume=args.resume)
     if result.val_losses:
         print(f"validation loss {result.val_losses[-1][1]:.4f} after {result.step} steps")
-    if args.parallel == "fsdp":  # each process now holds only its shards: rank 0 reloads the base and the adapter
-        if not is_main_process():
-            return 0
-        model, tokenizer = reload_trained(args, device)
+    if (trained := trained_model(args, device, model, tokenizer)) is None:   # an FSDP rank other than 0
+        return 0
+    model, tokenizer = trained
 
     t0 = time.perf_counter()
-    if args.top_k_average:  # one pass: the top-1 candidate finished greedily is the greedy answer
-        after, top = evaluate_greedy_and_top_k(model, tokenizer, split.test, max_new, args.top_k_average,
-                                               args.eval_batch_size)
-    else:
-        after = evaluate_prices(model, tokenizer, split.test, max_new, args.eval_batch_size)
+    after, top = evaluate_greedy_and_top_k(model, tokenizer, split.test, max_new, args.top_k_average,
+                                           args.eval_batch_size)
     print(f"after training ({time.perf_counter() - t0:.0f}s):")
     print_report(after)
     rows = [("after training", after)]
-    if args.top_k_average:
+    if top is not None:
         rows.append((f"after training, top-{args.top_k_average} average", top))
     baseline = constant_baseline([item.price for item in split.train], [item.price for item in split.test])
     print(f"\n{len(split.test)} held-out items\n" + results_table(
         [("constant mean price", baseline), ("before training", before), *rows]))
 
     adapter_dir = os.path.join(args.out, "adapter")
-    save_adapter(model, adapter_dir, base_model_name_or_path=model_path)
+    save_adapter(model, adapter_dir, base_model_name_or_path=model_path,
+                 split=split_record(args.data, args.description, args.seed, args.test_size, args.val_size,
+                                    len(split.train)))
     chart = save_scatter(after, os.path.join(args.out, "pricer.png"), name="after training")
     if result.run_dir:
         log_to_tensorboard(after, result.run_dir, step=result.step, name="after training")
     print(f"adapter: {adapter_dir}\nchart: {chart}\nTensorBoard: {result.run_dir}\n"
           f"total {(time.perf_counter() - start) / 60:.1f} minutes")
     gguf = os.path.join(args.out, "pricer.gguf")
-    print(f"\nRun it in llama.cpp or Ollama (README: \"Run it in llama.cpp or Ollama\"):\n"
-          f"  python examples/export_gguf.py --adapter {adapter_dir} --out {gguf} --type q8_0\n"
+    print(f"\nTake it away as one file, merged into the weights it trained on (f16; --type q8_0 or q4_k_m for "
+          f"smaller ones; docs/export.md):\n  python examples/export_gguf.py --adapter {adapter_dir} --out {gguf}\n"
+          "then\n"
           + how_to_run(gguf, os.path.splitext(gguf)[0] + ".Modelfile", tokenizer))
     return 0
 
 
 def run_after(args: argparse.Namespace) -> int:
-    """--after ADAPTER --objective dpo|grpo: the adapter scored, trained further, scored again, saved."""
+    """--after ADAPTER --objective dpo|grpo: the adapter scored, trained further, scored again, saved; on the
+    split the adapter recorded, so the held-out diamonds are the ones it never trained on."""
     if not os.path.isdir(args.after):
         raise FileNotFoundError(f"--after {args.after}: no such adapter folder (a run's adapter/)")
+    recorded = (read_trained_on(args.after) or {}).get("split")
+    if recorded:
+        if recorded["seed"] != args.seed:
+            raise ValueError(f"--seed {args.seed}: {args.after} was trained on the split of seed {recorded['seed']} "
+                             f"(pass --seed {recorded['seed']})")
+        args.test_size, args.val_size, args.train_size = (recorded[k] for k in ("test_size", "val_size", "train_size"))
     device = start_run(args)
     model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=base_dtype(args, device),
                                               double_quant=args.double_quant)
@@ -175,7 +181,9 @@ def run_after(args: argparse.Namespace) -> int:
     load_adapter(model, args.after)
     record = tune_after(model, tokenizer, split, vars(args), args.objective, args.out, args.seed, device,
                         not args.no_progress, args.eval_batch_size)
-    save_adapter(model, os.path.join(args.out, "adapter"), base_model_name_or_path=model_path)
+    save_adapter(model, os.path.join(args.out, "adapter"), base_model_name_or_path=model_path,
+                 split=recorded or split_record(args.data, args.description, args.seed, args.test_size,
+                                                args.val_size, len(split.train)))
     cpu = ", ".join(f"{k} {v:.0f}" for k, v in record["cpu_s"].items())
     print(f"{args.objective.upper()} after {args.after}: hits {record['sft']['hits']:.1f}% -> "
           f"{record['after']['hits']:.1f}%, mean error ${record['sft']['error']:,.0f} -> ${record['after']['error']:,.0f} "

@@ -1,9 +1,15 @@
-"""export_merged: the adapter folded into the original full-precision weights, as a plain HF folder.
+"""export_merged: the adapter folded into the base weights, as a plain HF folder that answers as the
+model that was trained.
 
-QLoRA trains A and B against an NF4 copy of W0. Merging into that copy would bake NF4's rounding
-into the result (the trap PEFT warns about), so the checkpoint is read again, tensor by tensor, and
-each adapted weight becomes W0 + scaling · B A in full precision. The folder that comes out is an
-ordinary model: transformers, vLLM and llama.cpp's converter load it with no adapter code at all.
+QLoRA trains A and B against an NF4 copy of W0: the function it learned is
+dequantize(quantize(W0)) x + s · B A x. Folded into the original W0 the adapter corrects rounding
+errors that are no longer there, and the merged model answers differently (on the pricer's demo,
+6.5 points fewer hits). So by default (`merge_into="trained"`) the checkpoint is read again, tensor by
+tensor, each weight rebuilt as training held it (the NF4 codes recomputed from the checkpoint are the
+bytes training used: lora/trained_on.py), and each adapted weight becomes that plus s · B A in fp32:
+the very function that was trained and evaluated. `merge_into="original"` gives W0 + s · B A, for an
+adapter meant for the full-precision base. Either way the folder is an ordinary model:
+transformers, vLLM and llama.cpp's converter load it with no adapter code at all.
 
     out_dir/
       config.json                          LlamaConfig.to_hf()
@@ -18,12 +24,17 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
 
+from model import Checkpoint, open_checkpoint
+
 from .dora import MAGNITUDE, merge_into
 from .io import PEFT_PREFIX, read_adapter
+from .trained_on import TrainedWeights, check_checkpoint, read_trained_on
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -66,29 +77,95 @@ def adapter_deltas(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[str,
     return A, B, config.scaling, M
 
 
+@dataclass
+class Merge:
+    """An adapter to fold into a checkpoint's weights: what export_merged and export_gguf share.
+
+    `tensors()` streams the checkpoint's weights with the adapter merged: each one first made the
+    tensor training computed with (`merge_into="trained"`: the NF4 copy of W0, lora/trained_on.py;
+    "original": W0 itself), then W + scaling · B A in fp32 where the adapter adapts it (DoRA:
+    m/‖W + s·BA‖ ⊙ (W + s·BA)). A tied head is the embedding: it is neither adapted nor written.
+    """
+
+    checkpoint: Checkpoint
+    adapter_dir: str
+    A: dict[str, torch.Tensor]                   # {weight name: (r, in)}
+    B: dict[str, torch.Tensor]                   # {weight name: (out, r)}
+    scaling: float
+    M: dict[str, torch.Tensor]                   # DoRA's {weight name: (out,)}, {} for plain LoRA
+    as_trained: TrainedWeights
+
+    @classmethod
+    def open(cls, checkpoint: str | Checkpoint, adapter_dir: str, merge_into: str = "trained",
+             allow_other_checkpoint: bool = False) -> "Merge":
+        """Read the adapter and its record, and check both against the checkpoint before any work."""
+        checkpoint = open_checkpoint(checkpoint)
+        A, B, scaling, M = adapter_deltas(adapter_dir)
+        if checkpoint.config.tie_word_embeddings and "lm_head.weight" in A:
+            raise ValueError(f"{adapter_dir}: the adapter changes lm_head, which this model ties to the embedding; "
+                             "a merged head would no longer be tied")
+        record = read_trained_on(adapter_dir)  # None, with one warning, for an adapter saved without one
+        if not allow_other_checkpoint:
+            check_checkpoint(record, checkpoint, adapter_dir)
+        as_trained = TrainedWeights(checkpoint.config, record and record["base"], merge_into)
+        return cls(checkpoint, adapter_dir, A, B, scaling, M, as_trained)
+
+    def _kept(self, name: str) -> bool:
+        return not (self.checkpoint.config.tie_word_embeddings and name == "lm_head.weight")
+
+    def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every tensor `tensors` yields, from the headers; an adapted weight the
+        checkpoint lacks is an error here, before anything is written."""
+        shapes = [(n, s) for n, s in self.checkpoint.shapes() if self._kept(n)]
+        unused = sorted(set(self.A) - {n for n, _ in shapes})
+        if unused:
+            raise ValueError(f"{self.adapter_dir}: adapted weights {unused[:4]} are not in the checkpoint "
+                             f"{self.checkpoint.path}")
+        return shapes
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor, torch.dtype]]:
+        """(name, merged tensor, the dtype the checkpoint stores it in), one at a time."""
+        for name, W in self.checkpoint.tensors():
+            if self._kept(name):
+                yield name, self.merged(name, self.as_trained(name, W)), W.dtype
+
+    def merged(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """W + scaling · B A in fp32 where the adapter adapts `name`; any other tensor as it is."""
+        if name not in self.A:
+            return W
+        A, B = self.A[name], self.B[name]
+        if tuple(W.shape) != (B.shape[0], A.shape[1]):
+            raise ValueError(f"{self.checkpoint.path}: tensor {name!r} has shape {tuple(W.shape)} but the adapter's "
+                             f"B @ A has shape {(B.shape[0], A.shape[1])}")
+        if self.M:
+            return merge_into(W, A, B, self.scaling, self.M[name])[0]
+        return W.float() + self.scaling * (B @ A)                               # (out, in)
+
+
 def export_merged(
-    checkpoint: str,
+    checkpoint: str | Checkpoint,
     adapter_dir: str,
     out_dir: str,
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
+    merge_into: str = "trained",
+    allow_other_checkpoint: bool = False,
 ) -> str:
     """Merge the adapter in `adapter_dir` into the weights of `checkpoint` and write an HF folder.
 
     checkpoint: an HF folder or a .gguf file (GGUF tensors come dequantized, in HF layout).
-    dtype: of the written weights; None keeps each tensor's stored dtype (the delta is added in fp32).
+    merge_into: "trained" (default), the weights as training saw them (an NF4-trained adapter merges
+    into dequantize(quantize(W0)): the folder answers as the model that was evaluated); "original",
+    into W0 itself. A checkpoint whose fingerprint differs from the adapter's record is an error
+    unless `allow_other_checkpoint`.
+    dtype: of the written weights; None keeps each tensor's stored dtype (the merge is in fp32).
     The folder is built under a temporary name beside `out_dir` and renamed at the end, replacing
     any earlier export. Returns out_dir.
     """
-    from model import load as model_load  # checkpoint reading only
-
     limit = parse_size(max_shard_size)
-    config = model_load.read_config(checkpoint)
-    hf_config = config.to_hf()  # before any work: a config that config.json cannot state fails here
-    A, B, scaling, M = adapter_deltas(adapter_dir)
-    if config.tie_word_embeddings and "lm_head.weight" in A:
-        raise ValueError(f"{adapter_dir}: the adapter changes lm_head, which this model ties to the embedding; "
-                         "a merged head would no longer be tied")
+    merge = Merge.open(checkpoint, adapter_dir, merge_into, allow_other_checkpoint)
+    hf_config = merge.checkpoint.config.to_hf()  # before any work: a config that config.json cannot state fails here
+    merge.shapes()
 
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -97,15 +174,11 @@ def export_merged(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".", suffix=".tmp", dir=parent)
     try:
-        shards = _write_shards(model_load.iter_tensors(checkpoint), A, B, scaling, M, dtype, limit, tmp,
-                               checkpoint)
-        unused = sorted(set(A) - {n for shard in shards for n in shard})
-        if unused:
-            raise ValueError(f"{adapter_dir}: adapted weights {unused[:4]} are not in the checkpoint {checkpoint}")
+        shards = _write_shards(merge.tensors(), dtype, limit, tmp)
         _write_index(shards, tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
-        model_load.load_tokenizer(checkpoint).save_pretrained(tmp)
+        merge.checkpoint.tokenizer.save_pretrained(tmp)
         _replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -113,21 +186,9 @@ def export_merged(
     return out_dir
 
 
-def merged_weight(name: str, W: torch.Tensor, A: dict, B: dict, scaling: float, M: dict, checkpoint: str) -> torch.Tensor:
-    """W0 + scaling · B A in fp32 where the adapter adapts `name` (DoRA: m/‖W0 + s·BA‖ ⊙ (W0 + s·BA));
-    any other tensor as it was read."""
-    if name not in A:
-        return W
-    delta = scaling * (B[name] @ A[name])                                   # (out, in)
-    if tuple(W.shape) != tuple(delta.shape):
-        raise ValueError(f"{checkpoint}: tensor {name!r} has shape {tuple(W.shape)} but the adapter's "
-                         f"B @ A has shape {tuple(delta.shape)}")
-    return merge_into(W, A[name], B[name], scaling, M[name])[0] if M else W.float() + delta
-
-
-def _write_shards(tensors, A, B, scaling, M, dtype, limit, folder, checkpoint) -> list[dict[str, int]]:
-    """Write merged tensors into shards of at most `limit` bytes; returns [{name: nbytes}] per shard.
-    M: DoRA's magnitudes, {} for plain LoRA: the merged weight is then m/‖W0 + s·BA‖ ⊙ (W0 + s·BA)."""
+def _write_shards(tensors, dtype, limit, folder) -> list[dict[str, int]]:
+    """Write (name, merged tensor, stored dtype) into shards of at most `limit` bytes, each tensor in
+    `dtype` (None: its stored dtype); returns [{name: nbytes}] per shard."""
     shards: list[dict[str, int]] = []
     current: dict[str, torch.Tensor] = {}
     size = 0
@@ -139,9 +200,8 @@ def _write_shards(tensors, A, B, scaling, M, dtype, limit, folder, checkpoint) -
             shards.append({n: t.numel() * t.element_size() for n, t in current.items()})
             current, size = {}, 0
 
-    for name, W in tensors:
-        out_dtype = dtype or W.dtype
-        W = merged_weight(name, W, A, B, scaling, M, checkpoint).to(out_dtype).contiguous()
+    for name, W, stored in tensors:
+        W = W.to(dtype or stored).contiguous()
         nbytes = W.numel() * W.element_size()
         if current and size + nbytes > limit:
             flush()

@@ -1,6 +1,8 @@
 """Adapters on disk in PEFT's layout, so PEFT, vLLM and the hub read ours and we read theirs.
 
     adapter_dir/
+      trained_on.json              what it was trained on: the base checkpoint (path, fingerprint), how
+                                   its weights were held (NF4, dtypes), the data split (lora/trained_on.py)
       adapter_config.json          LoRAConfig.to_peft_dict()
       adapter_model.safetensors    base_model.model.<module path>.lora_A.weight  (r, in)   fp32
                                    base_model.model.<module path>.lora_B.weight  (out, r)  fp32
@@ -23,6 +25,7 @@ from torch import nn
 from .config import LoRAConfig
 from .dora import MAGNITUDE
 from .inject import find_targets, lora_modules, unwrap, wrap_targets
+from .trained_on import TRAINED_ON, trained_on
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -124,19 +127,29 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
-def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | None = None) -> None:
-    """Write `adapter_model.safetensors` (fp32) and `adapter_config.json` in PEFT's layout to out_dir."""
+def _write_json(path: str, obj) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic_write(path, write)
+
+
+def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | None = None,
+                 split: dict | None = None) -> None:
+    """Write `adapter_model.safetensors` (fp32) and `adapter_config.json` in PEFT's layout to out_dir,
+    and `trained_on.json`: the base the model was loaded from and how its weights were held, so that an
+    export merges into the weights training saw, and `split` ({seed, sizes, ...}: the data it trained
+    on, for the scripts that score it on held-out items only)."""
     config = _config_of(model)
+    record = trained_on(unwrap(model), split)
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(model).items()}
     os.makedirs(out_dir, exist_ok=True)
     _atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    text = json.dumps(config.to_peft_dict(base_model_name_or_path), indent=2, sort_keys=True) + "\n"
-
-    def write_json(p: str) -> None:
-        with open(p, "w") as f:
-            f.write(text)
-
-    _atomic_write(os.path.join(out_dir, ADAPTER_CONFIG), write_json)
+    _write_json(os.path.join(out_dir, ADAPTER_CONFIG), config.to_peft_dict(base_model_name_or_path))
+    _write_json(os.path.join(out_dir, TRAINED_ON), record)
 
 
 def read_adapter_config(adapter_dir: str) -> dict:

@@ -61,6 +61,11 @@ def _scaling(s: dict[str, Any] | None, d: dict[str, Any], model_type: str, sourc
         missing = [k for k in ("short_factor", "long_factor", "original_max_position_embeddings") if s.get(k) is None]
         if missing:
             raise ValueError(f"{source}: longrope scaling lacks {missing}")
+    if kind == "yarn":  # transformers' defaults: the context the model was trained on, and its ratio to the new one
+        s["original_max_position_embeddings"] = (s.get("original_max_position_embeddings")
+                                                 or d.get("original_max_position_embeddings") or d.get("max_position_embeddings"))
+        if s.get("factor") is None:
+            s["factor"] = d.get("max_position_embeddings", 2048) / s["original_max_position_embeddings"]
     return s
 
 

@@ -7,7 +7,6 @@ permutation llama.cpp's converter applies to the query and key projections.
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 from typing import Any, Iterator
@@ -54,34 +53,28 @@ def is_gguf(path: str) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-@functools.lru_cache(maxsize=2)
-def _reader(path: str, mtime: float, size: int):
+def open_gguf(path: str):
+    """A memory-mapped `gguf.GGUFReader` of the file (`model.checkpoint.Checkpoint` opens it once)."""
     import gguf
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    if not is_gguf(path):
+        raise ValueError(f"{path}: not a GGUF file (it does not start with the magic bytes {GGUF_MAGIC!r})")
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the gguf package raises bare ValueError/struct errors on damaged files
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
-def open_gguf(path: str):
-    """A memory-mapped `gguf.GGUFReader`, shared between the config, tensor and tokenizer readers."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such GGUF file")
-    if not is_gguf(path):
-        raise ValueError(f"{path}: not a GGUF file (it does not start with the magic bytes {GGUF_MAGIC!r})")
-    st = os.stat(path)
-    return _reader(os.path.abspath(path), st.st_mtime, st.st_size)
-
-
-def gguf_metadata(path: str, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The metadata as plain Python values; the big tokenizer arrays only when named in `arrays`.
+def gguf_metadata(reader, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The metadata of an opened file (`open_gguf`) as plain Python values; the big tokenizer arrays
+    only when named in `arrays`.
 
     Also sets `_has_output_tensor`, which `LlamaConfig.from_gguf` reads to tell a tied head from an
     untied one (a tied model has no `output.weight` tensor), `_bias_tensors` (the block tensors with a
     bias, e.g. ["attn_k", "attn_q", "attn_v"]), and `_rope_freqs` when the file has one.
     """
-    reader = open_gguf(path)
     fields: dict[str, Any] = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
@@ -152,13 +145,12 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf_tensors(path: str, n_heads: int, n_kv_heads: int, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, fp32 tensor in HF layout) for every tensor of a GGUF file, one at a time.
+def iter_gguf_tensors(reader, n_heads: int, n_kv_heads: int, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, fp32 tensor in HF layout) for every tensor of an opened GGUF file, one at a time.
 
     arch: the GGUF architecture. llama.cpp's converter stores Gemma's norm weights as 1 + w (its
     runtime has no offset); HF's w is that minus one.
     """
-    reader = open_gguf(path)
     permuted = arch in ("llama", "mistral")  # their converter permutes q/k; the others keep HF order
     gemma = arch in ("gemma2", "gemma3")
     for t in reader.tensors:

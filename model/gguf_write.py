@@ -17,8 +17,13 @@ as llama.cpp's converter drops it.
 """
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import tempfile
 import warnings
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -190,3 +195,74 @@ def rope_tensors(c: LlamaConfig) -> list[tuple[str, torch.Tensor]]:
         return [(f"rope_factors_{k}.weight", torch.tensor(c.rope_scaling[f"{k}_factor"], dtype=torch.float32))
                 for k in ("long", "short")]
     return []
+
+
+def write_gguf(out_path: str, arch: str, metadata: list[tuple[str, Any, str]],
+               layout: list[tuple[str, tuple[int, ...], str]], arrays: Iterable[np.ndarray]) -> str:
+    """Write a GGUF file: metadata [(key, value, GGUF value type; a list is an array of it)], tensor
+    layout [(name, shape, GGML type)] and then each tensor's bytes from `arrays`, in layout order.
+
+    The file is written to a temporary name in out_path's folder and renamed when complete. Its size is
+    known before any tensor is written; with too little free space, or when the disk fills up anyway,
+    OSError(ENOSPC) names out_path and the bytes needed, and nothing is left behind.
+    """
+    import gguf
+
+    out_path = os.path.abspath(os.fspath(out_path))
+    if os.path.isdir(out_path):
+        raise ValueError(f"out_path {out_path!r} is a folder; expected the path of the .gguf file to write")
+    folder = os.path.dirname(out_path)
+    os.makedirs(folder, exist_ok=True)
+    writer = gguf.GGUFWriter(None, arch)
+    for key, value, kind in metadata:
+        vtype = gguf.GGUFValueType[kind]
+        if isinstance(value, list):
+            writer.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=vtype)
+        else:
+            writer.add_key_value(key, value, vtype)
+    sizes = []
+    for name, shape, kind in layout:
+        sizes.append(tensor_nbytes(shape, kind))
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), sizes[-1], raw_dtype=gguf.GGMLQuantizationType[kind])
+    data_bytes = sum(writer.ggml_pad(n, writer.data_alignment) for n in sizes)
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out_path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    needed = data_bytes
+    try:
+        writer.write_header_to_file(path=Path(tmp))
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        needed = writer.fout[0].tell() + writer.data_alignment + data_bytes
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            raise OSError(errno.ENOSPC, f"{out_path}: not enough disk space: the GGUF needs {needed:,} bytes, "
+                                        f"{free:,} are free in {folder}")
+        count = 0
+        for (name, shape, kind), n, a in zip(layout, sizes, arrays):
+            if a.nbytes != n:
+                raise ValueError(f"tensor {name!r}: {a.nbytes} bytes of {kind} data, its layout says {n}")
+            writer.write_tensor_data(a)
+            count += 1
+        if count != len(layout):
+            raise ValueError(f"{count} tensors written, the layout lists {len(layout)}")
+        writer.close()
+        _chmod_as_new_file(tmp)
+        os.replace(tmp, out_path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC and str(out_path) not in str(e):
+            raise OSError(errno.ENOSPC, f"{out_path}: the disk filled up while writing: the GGUF needs "
+                                        f"{needed:,} bytes in {folder}") from e
+        raise
+    finally:
+        writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out_path
+
+
+def _chmod_as_new_file(path: str) -> None:
+    """mkstemp makes the file private (0600); give it the mode any new file of this user would have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -19,7 +19,7 @@ import json
 import os
 from typing import Any
 
-from .gguf import open_gguf
+from .checkpoint import Checkpoint
 from .gguf_vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT
 from .tokenizer import Tokenizer, _read_json
 
@@ -35,10 +35,11 @@ PRE_TOKENIZERS = {
 Entry = tuple[str, Any, str]
 
 
-def tokenizer_metadata(checkpoint: str, tok: Tokenizer, vocab_size: int) -> list[Entry]:
-    """[(key, value, GGUF type)] of the tokenizer of `checkpoint` (a .gguf file or an HF folder)."""
-    if os.path.isfile(checkpoint):
+def tokenizer_metadata(checkpoint: Checkpoint) -> list[Entry]:
+    """[(key, value, GGUF type)] of the tokenizer of an opened checkpoint (a .gguf file or an HF folder)."""
+    if checkpoint.kind == "gguf":
         return _carried(checkpoint)
+    tok, vocab_size, checkpoint = checkpoint.tokenizer, checkpoint.config.vocab_size, checkpoint.path
     sp_file = os.path.join(checkpoint, "tokenizer.model")
     config = _read_json(os.path.join(checkpoint, "tokenizer_config.json"))
     spec = json.loads(tok.backend.to_str()) if tok.backend is not None else {}
@@ -61,12 +62,12 @@ def tokenizer_metadata(checkpoint: str, tok: Tokenizer, vocab_size: int) -> list
     return entries
 
 
-def _carried(path: str) -> list[Entry]:
+def _carried(checkpoint: Checkpoint) -> list[Entry]:
     """Every `tokenizer.*` key of a GGUF file, with its own type; strings as raw bytes, unchanged."""
     import gguf
 
     out = []
-    for key, field in open_gguf(path).fields.items():
+    for key, field in checkpoint.gguf_reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
         kind = gguf.GGUFValueType(field.types[-1])

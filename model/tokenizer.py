@@ -118,12 +118,13 @@ class Tokenizer:
                    chat_template=chat_template, source=source, added_tokens=added_tokens)
 
     @classmethod
-    def from_gguf(cls, path: str) -> "Tokenizer":
-        """The vocabulary a GGUF file embeds: byte-level BPE ("gpt2") or sentencepiece ("llama")."""
+    def from_gguf(cls, path: str, meta: dict | None = None) -> "Tokenizer":
+        """The vocabulary a GGUF file embeds: byte-level BPE ("gpt2") or sentencepiece ("llama").
+        meta: the file's key-values when already read (`Checkpoint.key_values`)."""
         from .gguf import read_gguf_kv, spm_model_proto
         from .gguf_vocab import GGUF_USER_DEFINED, bpe_backend
 
-        meta = read_gguf_kv(path)
+        meta = read_gguf_kv(path) if meta is None else meta
         kind = meta.get("tokenizer.ggml.model")
         template = meta.get("tokenizer.chat_template")
         if kind == "llama":

@@ -3,6 +3,7 @@
 Each case runs the script's `main(argv)` in this process on a tiny model written to disk; a bug
 (any other exception) must still raise with its traceback.
 """
+import argparse
 import importlib.util
 import os
 import signal
@@ -17,6 +18,7 @@ sys.path.insert(0, HERE)
 
 from test_pricer import write_csv, write_tiny_checkpoint  # noqa: E402
 
+from pricer import DEMO_SEED  # noqa: E402
 from train import TrainingInterrupted  # noqa: E402
 
 
@@ -137,6 +139,23 @@ def test_the_course_preset_picks_fp16_where_the_gpu_has_no_bf16(scripts, monkeyp
     assert train_pricer.base_dtype(train_pricer.PRESETS["llama31-8b"], "cpu") is None
 
 
+def test_no_flags_is_the_demo_seed_and_recipe_and_each_flag_takes_its_presets_value(scripts):
+    """cli.add_recipe_flags: every recipe flag, --dora included, defaults to the preset's value and a flag
+    given overrides it; with no flags train_pricer.py is `make demo` (seed DEMO_SEED, PRESETS["demo"])."""
+    train_pricer = scripts[0]
+    args = train_pricer.parse_args([])
+    assert args.seed == DEMO_SEED == 0
+    assert {k: getattr(args, k) for k in train_pricer.PRESETS["demo"]} == train_pricer.PRESETS["demo"]
+    import cli
+
+    presets = {"plain": dict(train_pricer.PRESETS["demo"]), "dora": dict(train_pricer.PRESETS["demo"], dora=True)}
+    for preset, argv, want in (("plain", [], False), ("dora", [], True), ("plain", ["--dora"], True),
+                               ("dora", ["--no-dora"], False)):
+        p = argparse.ArgumentParser()
+        cli.add_recipe_flags(p, presets, "tokens")
+        assert cli.fill_from_preset(p.parse_args(argv), presets[preset]).dora is want, (preset, argv)
+
+
 def test_eval_pricer_describes_the_diamonds_as_the_demo_trained_on_them(scripts, files, monkeypatch):
     train_pricer, eval_pricer = scripts
     # the demo's adapter learned the four-Cs prompt: scoring it with another description would be wrong
@@ -171,3 +190,35 @@ def test_export_gguf_answers_mistakes_with_one_line_and_writes_the_adapter_alone
     assert not os.path.exists(out)
     assert export_gguf.main(args + ["--adapter-only"]) == 0
     assert f"--lora {out}" in capsys.readouterr().out and os.path.getsize(out) > 0
+
+
+def test_eval_pricer_scores_only_items_the_adapter_never_trained_on(scripts, files, capsys, monkeypatch, tmp_path):
+    """The adapter's trained_on.json gives the split: its test and validation items are scored, a --seed
+    that disagrees or an --n that reaches into its training items is refused before the model loads."""
+    from lora import LoRAConfig, apply_lora, save_adapter
+    from model import load_pretrained
+    from pricer import load_source, split_items, split_record
+
+    eval_pricer = scripts[1]
+    model, _ = load_pretrained(files["model"])
+    apply_lora(model, LoRAConfig(r=2, alpha=4, target_modules=("q_proj",)))
+    adapter = str(tmp_path / "adapter")
+    save_adapter(model, adapter, split=split_record(files["data"], "four-cs", 3, 2, 2, 12))
+    scored = []
+
+    def evaluate_prices(model, tokenizer, items, *args, **kwargs):
+        from pricer import score
+
+        scored.append(list(items))
+        return score([1.0] * len(items), [i.price for i in items])
+
+    monkeypatch.setattr(eval_pricer, "evaluate_prices", evaluate_prices)
+    base = ["--adapter", adapter, "--model", files["model"], "--quant", "none", "--device", "cpu",
+            "--out", str(tmp_path / "eval")]
+    assert eval_pricer.main(base + ["--n", "4"]) == 0  # its own data, from the record
+    split = split_items(load_source(files["data"]).items, 3, 2, 2)
+    assert scored == [split.test + split.val]
+    one_error_line(capsys, eval_pricer.main(base + ["--n", "4", "--seed", "42"]), "--seed 42: ")
+    one_error_line(capsys, eval_pricer.main(base + ["--n", "5"]), "--n 5: ")
+    one_error_line(capsys, eval_pricer.main(base + ["--n", "4", "--data", "diamonds"]), "--data diamonds: ")
+    assert len(scored) == 1

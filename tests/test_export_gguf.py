@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from conftest import tiny_hf_config
-from lora import (GGUF_TYPES, LoRAConfig, apply_lora, export_gguf, export_gguf_adapter, merge_lora,
+from lora import (GGUF_TYPES, K_QUANTS, LoRAConfig, apply_lora, export_gguf, export_gguf_adapter, merge_lora,
                   save_adapter)
 from model import load_pretrained
+from model.gguf_write import OUT_TYPES
 from model.gguf_vocab import _LLAMA3_SPLIT
 from test_families import FAMILIES, hf_model, targets_of
 from test_model import STRINGS, sp_model_file  # noqa: F401  (a fixture: a trained sentencepiece model)
@@ -44,7 +45,8 @@ LIMITS = {"f32": 1e-6, "f16": 5e-3, "bf16": 4e-2, "q8_0": 0.15, "q4_0": 1.0}
 PROMPTS = [[1, 40, 71, 99, 200, 35, 17, 250, 8, 64, 120, 33], [1, 5, 9, 300 % 256], [1, 77, 78, 79, 80, 81, 82, 83, 84]]
 
 
-def byte_level_tokenizer(folder, add_bos: bool = True) -> None:
+def byte_level_tokenizer(folder, add_bos: bool = True, special: list[str] = SPECIAL, template: str = TEMPLATE,
+                         eos: str = SPECIAL[3]) -> None:
     """A byte-level BPE tokenizer.json as Llama 3's is built (its split regex, merges learned from a
     corpus), four special tokens, BOS put in front by the post-processor, and a chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -53,15 +55,14 @@ def byte_level_tokenizer(folder, add_bos: bool = True) -> None:
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=V - 16, special_tokens=SPECIAL, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=V - 16, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([s for s in STRINGS if s.strip()] * 4, trainer)
     if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                           special_tokens=[("<|begin_of_text|>", 0)])
+        tok.post_processor = processors.TemplateProcessing(single=f"{special[0]} $A", special_tokens=[(special[0], 0)])
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": SPECIAL[0], "eos_token": SPECIAL[3], "chat_template": TEMPLATE}))
+        {"bos_token": special[0], "eos_token": eos, "chat_template": template}))
 
 
 def random_adapter(model, d, folder, rslora=False) -> str:
@@ -99,11 +100,10 @@ def llama_cpp_logits(path: str, prompts=PROMPTS, lora: str | None = None) -> lis
     return out
 
 
-@pytest.fixture(scope="module", params=list(EXPORT_FAMILIES))
-def family(request, tmp_path_factory, sp_model_file):
-    """(name, config dict, the merged model's logits, {type: export path}) for one tiny random model."""
-    name, d = request.param, dict(EXPORT_FAMILIES[request.param])
-    folder = tmp_path_factory.mktemp("export")  # general.name: llama.cpp wants Phi-3's own tokens where it says phi3
+def family_checkpoint(name: str, folder, sp_model_file: str) -> dict:
+    """Write a tiny random model of EXPORT_FAMILIES[name] as an HF folder (weights, tokenizer, chat
+    template) into `folder`; returns its config dict."""
+    d = dict(EXPORT_FAMILIES[name])
     if name == "gemma2":  # Gemma's own tokenizer.model: sentencepiece, exported as llama.cpp's "llama" vocabulary
         import sentencepiece
 
@@ -118,11 +118,20 @@ def family(request, tmp_path_factory, sp_model_file):
             if pname.endswith("bias"):  # transformers starts biases at zero: make their layout show
                 p.normal_(0, 0.5)
     hf.save_pretrained(str(folder))
+    return d
+
+
+@pytest.fixture(scope="module", params=list(EXPORT_FAMILIES))
+def family(request, tmp_path_factory, sp_model_file):
+    """(name, config dict, the merged model's logits, {type: export path}) for one tiny random model."""
+    name = request.param
+    folder = tmp_path_factory.mktemp("export")  # general.name: llama.cpp wants Phi-3's own tokens where it says phi3
+    d = family_checkpoint(name, folder, sp_model_file)
     model, _ = load_pretrained(str(folder))
     adapter = random_adapter(model, d, tmp_path_factory.mktemp("adapter"))
     merge_lora(model)
     ref = logits_of(model)
-    exports = {t: export_gguf(str(folder), adapter, str(folder / f"{name}-{t}.gguf"), t) for t in GGUF_TYPES}
+    exports = {t: export_gguf(str(folder), adapter, str(folder / f"{name}-{t}.gguf"), t) for t in OUT_TYPES}
     return name, d, ref, exports
 
 
@@ -207,16 +216,15 @@ def test_exports_refuse_what_llama_cpp_cannot_state(tiny_llama, tmp_path):
     save_adapter(model, str(tmp_path / "dora"))
     with pytest.raises(ValueError, match="DoRA"):
         export_gguf_adapter(folder, str(tmp_path / "dora"), str(tmp_path / "x.gguf"))
-    from model.gguf_write import OUT_TYPES
-
-    assert set(OUT_TYPES) == set(GGUF_TYPES)  # each type the API offers has its GGML type and file type
+    # each type the API offers is written here (its GGML type and file type) or by llama.cpp's quantizer
+    assert GGUF_TYPES == (*OUT_TYPES, *K_QUANTS)
     with pytest.raises(ValueError, match="out_type"):
         export_gguf(folder, str(tmp_path / "dora"), str(tmp_path / "x.gguf"), "q5_k")
     untied = tmp_path / "gemma2"
     byte_level_tokenizer(untied.mkdir() or untied)
     hf_model({**EXPORT_FAMILIES["gemma2"], "vocab_size": V, "tie_word_embeddings": False}).save_pretrained(str(untied))
     with pytest.raises(ValueError, match="untied lm_head"):
-        export_gguf(str(untied), str(tmp_path / "dora"), str(tmp_path / "x.gguf"))
+        export_gguf(str(untied), str(tmp_path / "dora"), str(tmp_path / "x.gguf"), allow_other_checkpoint=True)
     assert not os.path.exists(tmp_path / "x.gguf")
 
 
@@ -288,11 +296,11 @@ def test_a_write_that_fails_midway_leaves_nothing_behind(tiny_llama, tmp_path, m
 def test_too_little_free_space_is_refused_before_writing(tiny_llama, tmp_path, monkeypatch):
     from collections import namedtuple
 
-    import lora.gguf_export
+    import model.gguf_write
 
     folder, _, zero = tiny_llama
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(lora.gguf_export.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(model.gguf_write.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     expected = r"tiny\.gguf: not enough disk space: the GGUF needs [\d,]+ bytes, 1,000 are free"
     with pytest.raises(OSError, match=expected):
         export_gguf(folder, zero, str(tmp_path / "tiny.gguf"), "q8_0")

@@ -46,6 +46,10 @@ FAMILIES = {
     # GQA, longrope (long factors past 8 positions), partial rotary (Phi-4-mini)
     "phi3_gqa_longrope_partial": tiny_hf_config(model_type="phi3", pad_token_id=0, rope_scaling=LONGROPE, partial_rotary_factor=0.5,
                                                 max_position_embeddings=64, original_max_position_embeddings=8),
+    # YaRN, as Qwen2.5's and Qwen3's cards add it past 32k tokens (an original context of 8 positions here)
+    "qwen2_yarn": tiny_hf_config(model_type="qwen2", rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                                   "original_max_position_embeddings": 8},
+                                 max_position_embeddings=32),
     "phi3_tied_window": tiny_hf_config(model_type="phi3", pad_token_id=0, tie_word_embeddings=True, sliding_window=4,
                                        num_key_value_heads=4),
 }
@@ -181,6 +185,29 @@ def test_training_loss_sees_the_soft_cap_and_the_window(name, tmp_path, tokenize
     want = torch.nn.functional.cross_entropy(ref[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
     print(f"\n{name}: training loss {ours.item():.6f}, from transformers' logits {want.item():.6f}")
     assert abs(ours.item() - want.item()) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ packed rows
+DOCUMENTS = (1024, 1000, 900, 800, 777, 700, 650, 555, 512, 420, 333, 300, 202, 19)  # 8,192 tokens, each past
+                                                                                      # every window and longrope's 8
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_packed_row_of_8192_tokens_gives_each_document_its_logits_alone(name, tmp_path, tokenizer_files):
+    """Fourteen documents in one row (position ids restarting at 0) through the per-document kernel of each family's
+    attention (windows, soft-caps, GQA, partial and scaled RoPE): each document's logits are those it has alone."""
+    model, _ = load_pretrained(save(hf_model(FAMILIES[name]), tmp_path, tokenizer_files))
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, V, (n,), generator=g) for n in DOCUMENTS]
+    position_ids = torch.cat([torch.arange(n) for n in DOCUMENTS])[None]
+    worst, start = 0.0, 0
+    with torch.no_grad():
+        packed = model(torch.cat(docs)[None], position_ids=position_ids)[0]       # (8192, V)
+        for d in docs:
+            worst = max(worst, (packed[start:start + len(d)] - model(d[None])[0]).abs().max().item())
+            start += len(d)
+    print(f"\n{name}: max |packed - alone| = {worst:.1e} over {start:,} tokens")
+    assert worst <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------ generation

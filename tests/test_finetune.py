@@ -22,8 +22,8 @@ import finetune  # noqa: E402
 import train.loop  # noqa: E402
 from lora import load_adapter, lora_state_dict  # noqa: E402
 from model import Tokenizer, default_checkpoint, load_pretrained  # noqa: E402
-from pricer import (answer_budget, chat_replies, end_of_turn_ids, load_diamond_chats, load_diamonds,  # noqa: E402
-                    parse_price, price_answer, split_items)
+from pricer import (DEMO_SEED, PRESETS, answer_budget, chat_replies, end_of_turn_ids, load_diamond_chats,  # noqa: E402
+                    load_diamonds, parse_price, price_answer, split_items)
 from pricer.predict import continue_prompts  # noqa: E402
 from train import TrainingInterrupted, chat_example, load_chat_jsonl  # noqa: E402
 from train.packing import epoch_rows  # noqa: E402
@@ -101,6 +101,15 @@ def test_help_lists_every_flag(capsys):
     assert not [f for f in flags if f not in words and f + "," not in words]
 
 
+def test_the_embedded_default_is_the_demo_seed_and_recipe():
+    """With no flags finetune.py runs the demo: seed DEMO_SEED, every value of PRESETS["demo"] (the chat's own
+    two beside them), so its held-out diamonds and recipe are `make demo`'s."""
+    args = finetune.parse_args([])
+    assert args.preset == "diamonds" and args.seed == DEMO_SEED == 0
+    assert {k: getattr(args, k) for k in PRESETS["demo"]} == PRESETS["demo"]
+    assert (args.packing, args.overlong) == (False, "truncate")
+
+
 @pytest.mark.parametrize("argv", [["--r", "four"], ["--quant", "int8"], ["--overlong", "keep"], ["--samples", "-1"],
                                   ["--parallel", "tp"]])
 def test_bad_flags_exit_2(argv, capsys):
@@ -131,6 +140,27 @@ def test_user_errors_are_one_line_and_status_2(files, capsys, tmp_path):
                    "packing fills rows of max_len tokens")
     one_error_line(capsys, ["--model", files["model"], "--data", files["prompt"], "--chat-template",
                             str(tmp_path / "t.jinja"), *out], "t.jinja: no such file")
+
+
+def test_data_with_nothing_to_train_on_stops_before_the_model_loads_in_the_commands_terms(files, capsys, tmp_path,
+                                                                                          monkeypatch):
+    """An empty file, or one whose every conversation --max-len leaves out: one line naming the file, the
+    conversations read and left out and the flag, exit 2, and the model never loaded."""
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(finetune, "load_model", no_load)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    out = ["--model", files["model"], "--out", str(tmp_path / "out")]
+    one_error_line(capsys, [*out, "--data", str(empty)],
+                   f"error: --data {empty}: 0 conversations read (the file has no non-blank line): nothing to train on")
+    one_error_line(capsys, [*out, "--data", files["messages"], "--max-len", "3"],
+                   f"error: --data {files['messages']}: 8 conversations read, all 8 left out by --max-len 3 "
+                   "(none keeps an assistant token within that many tokens): nothing to train on; raise --max-len")
+    one_error_line(capsys, [*out, "--data", files["messages"], "--max-len", "20", "--overlong", "skip"],
+                   "8 conversations read, all 8 left out by --max-len 20 (longer than that, with --overlong skip)")
+    one_error_line(capsys, [*out, "--data", files["messages"], "--val", str(empty)], f"error: --val {empty}: 0 conversations")
 
 
 def test_a_model_without_a_template_is_the_librarys_error_until_one_is_given(files, capsys, tmp_path, smol_tok):
@@ -177,7 +207,7 @@ def test_the_three_shapes_train_alike_and_packing_fills_rows(files, capsys, smol
         assert all(torch.equal(first[k], adapters[shape][k]) for k in first)
 
     lengths = [len(e.input_ids) for e in load_chat_jsonl(files["messages"], smol_tok, 256).examples]
-    rows = len(epoch_rows(lengths, 256, 42, 0))
+    rows = len(epoch_rows(lengths, 256, DEMO_SEED, 0))   # the default --seed
     assert rows < len(lengths) / 2   # each row holds several conversations
     out = files["root"] / "run-packed"
     log = run("--model", files["model"], "--data", files["messages"], "--out", str(out), "--save-every", "100",
@@ -193,7 +223,7 @@ def test_the_diamond_run_writes_adapter_logs_checkpoints_and_its_data_and_resume
     argv = ["--model", files["model"], "--out", str(out), "--max-steps", "4", "--save-every", "2", "--train-size",
             "12", "--val-size", "4", "--test-size", "3"]
     log = run(*argv, capsys=capsys)
-    assert "diamonds as a chat (seed 42): 12 train, 4 validation, 3 held out" in log
+    assert "diamonds as a chat (seed 0): 12 train, 4 validation, 3 held out" in log
     assert "before training: 3 held-out diamonds: Error=$" in log and "| after training |" in log
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
     assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(out / "runs") for f in fs)
@@ -207,7 +237,7 @@ def test_the_diamond_run_writes_adapter_logs_checkpoints_and_its_data_and_resume
     assert all(torch.equal(ours[k], v) for k, v in adapter(out / "checkpoint-4").items())
 
     # the data written beside the run: the conversations of the split, read back as --data reads them
-    split = split_items(load_diamond_chats(), 42, 3, 4, 12)
+    split = split_items(load_diamond_chats(), DEMO_SEED, 3, 4, 12)
     written = load_chat_jsonl(str(out / "data" / "train.jsonl"), smol_tok).examples
     assert [(e.input_ids, e.labels) for e in written] == \
         [(e.input_ids, e.labels) for e in (chat_example(smol_tok, c.messages) for c in split.train)]
@@ -232,9 +262,10 @@ def test_diamond_chats_label_the_answer_alone_and_the_scorer_reads_it(smol_tok):
     chats = load_diamond_chats()
     rows = load_diamonds(description="four-cs").items
     assert len(chats) == len(rows) == 53_940
-    # the held-out diamonds are the pricer demo's: the same split of the same rows
-    assert [c.price for c in split_items(chats, 42, 200, 64, 4000).test] == \
-        [i.price for i in split_items(rows, 42, 200, 64, 4000).test]
+    # the held-out diamonds are the pricer demo's: the same split (the demo's seed and sizes) of the same rows
+    sizes = [PRESETS["demo"][k] for k in ("test_size", "val_size", "train_size")]
+    assert [c.price for c in split_items(chats, DEMO_SEED, *sizes).test] == \
+        [i.price for i in split_items(rows, DEMO_SEED, *sizes).test]
     for chat, item in zip(chats[:30], rows[:30]):
         carat, cut, color, clarity = item.prompt.split("\n\n")[1].removeprefix("Diamond: ").split(", ")
         assert [w in chat.question for w in (carat, cut, color, clarity)] == [True] * 4 and chat.question.endswith("?")

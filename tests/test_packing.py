@@ -82,6 +82,22 @@ def test_each_example_in_a_packed_row_has_the_logits_it_has_alone(name, handwrit
     assert (unmasked[0, 9:14] - alone[1]).abs().max().item() > 1e-2  # without the boundaries they differ
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma2_softcap_window"])
+def test_a_packed_row_with_a_padding_mask_keeps_the_block_diagonal_mask_and_each_example_alone(name):
+    """With an attention mask as well (padding marked), a packed row takes the masked path (model/attention.py:
+    the block-diagonal mask of its documents, cut by the padding); each example still has its logits alone."""
+    model = random_model(CONFIGS[name])
+    examples = random_examples()
+    batch = packed_rows(examples)
+    mask = torch.arange(26) < torch.tensor([[26], [20]])                 # row 1 ends in 6 tokens of padding
+    with torch.no_grad():
+        packed = model(batch["input_ids"], mask.long(), position_ids=batch["position_ids"])
+        alone = [model(torch.tensor([e.input_ids]))[0] for e in examples]
+    starts, rows = [0, 9, 14, 0, 7, 10], [0, 0, 0, 1, 1, 1]
+    worst = max((packed[r, s:s + len(a)] - a).abs().max().item() for r, s, a in zip(rows, starts, alone))
+    assert worst <= 1e-5
+
+
 def test_a_packed_row_has_transformers_padding_free_logits():
     import transformers
 

@@ -442,9 +442,11 @@ def test_two_training_steps_write_an_adapter_that_eval_loads(tiny_checkpoint, tm
     assert "8 train, 4 validation, 4 test" in log
     assert "trainable" in log and "| after training |" in log and "| after training, top-3 average |" in log
     adapter = out / "adapter"
-    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors", "trained_on.json"]
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (4, 8, "LORA")
+    split = json.loads((adapter / "trained_on.json").read_text())["split"]
+    assert (split["train_size"], split["val_size"], split["test_size"]) == (8, 4, 4)
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-1", "checkpoint-2"]
     assert (out / "pricer.png").is_file() and os.listdir(out / "runs")
 

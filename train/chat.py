@@ -19,7 +19,7 @@ and -100 everywhere else: system, user and tool turns, the role headers and gene
 template writes, separators. A token that holds characters of the content and of a header (a
 merge across the boundary) counts as content.
 
-The spans come from the rendering itself, for any template: the content of assistant message i is
+The spans come from the rendering itself, for any template (`model.assistant_spans`): the content of assistant message i is
 replaced by a character found nowhere in the text (a sentinel) and the conversation rendered again;
 the two renderings differ exactly where the template wrote that content. The end-of-turn is what
 follows the sentinel when the conversation is cut after message i. A template that writes a
@@ -28,12 +28,12 @@ only contents are.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
-from .data import IGNORE_INDEX, Example
+from model import assistant_spans
+from model.chat_turns import ROLE_ASSISTANT
 
-ROLE_ASSISTANT = "assistant"
+from .data import IGNORE_INDEX, Example
 
 
 def check_conversation(messages: object) -> None:
@@ -48,59 +48,12 @@ def check_conversation(messages: object) -> None:
             raise ValueError(f"message {i} is a {type(m).__name__}, not an object with 'role' and 'content'")
         if not isinstance(m.get("role"), str):
             raise ValueError(f"message {i} has no 'role' string" + (f" (role: {m['role']!r})" if "role" in m else ""))
-        if not isinstance(m.get("content"), str) and not (m.get("content") is None and m.get("tool_calls")):
-            raise ValueError(f"message {i} ({m['role']}) has no 'content' string")
+        calls_tools = m["role"] == ROLE_ASSISTANT and m.get("content") is None and m.get("tool_calls")
+        if not isinstance(m.get("content"), str) and not calls_tools:
+            raise ValueError(f"message {i} ({m['role']}) has no 'content' string"
+                             + (" (only an assistant's may be left out, for tool_calls)" if m.get("tool_calls") else ""))
     if not any(m["role"] == ROLE_ASSISTANT for m in messages):
         raise ValueError("the conversation has no assistant message to learn from")
-
-
-def _sentinel(*texts: str) -> str:
-    """A private-use character that none of the texts holds."""
-    for code in range(0xE000, 0xF900):
-        if not any(chr(code) in t for t in texts):
-            return chr(code)
-    raise ValueError("every private-use character occurs in the conversation: no sentinel is left")
-
-
-def _leading_special(text: str, specials: list[str]) -> list[str]:
-    """The special tokens `text` starts with, one after another (longest match first)."""
-    out, pos = [], 0
-    while True:
-        token = next((t for t in specials if t and text.startswith(t, pos)), None)
-        if token is None:
-            return out
-        out.append(token)
-        pos += len(token)
-
-
-def assistant_spans(tokenizer, messages: Sequence[dict], text: str | None = None,
-                    **template_kwargs) -> list[tuple[int, int, int]]:
-    """(start, content end, turn end) character offsets of each assistant turn in the rendered
-    conversation `text`: [start, content end) is the content, [content end, turn end) its end-of-turn."""
-    if text is None:
-        text = tokenizer.render_chat(messages, **template_kwargs)
-    specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
-    sentinel = _sentinel(text, *(m.get("content") or "" for m in messages))
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != ROLE_ASSISTANT:
-            continue
-        marked = [*messages[:i], {**message, "content": sentinel}, *messages[i + 1:]]
-        other = tokenizer.render_chat(marked, **template_kwargs)
-        if other.count(sentinel) != 1:
-            raise ValueError(f"message {i}: the chat template writes an assistant's content {other.count(sentinel)} "
-                             "times; only a content written once can be labelled")
-        start = len(os.path.commonprefix([text, other]))
-        end = len(text) - len(os.path.commonprefix([text[start:][::-1], other[start:][::-1]]))
-        # the end-of-turn: the special tokens after the content when the conversation stops here
-        last = other if i == len(messages) - 1 else tokenizer.render_chat(marked[:i + 1], **template_kwargs)
-        turn_end = end
-        for token in _leading_special(last[last.index(sentinel) + 1:], specials):
-            if not text.startswith(token, turn_end):
-                break
-            turn_end += len(token)
-        spans.append((start, end, turn_end))
-    return spans
 
 
 def chat_example(tokenizer, messages: Sequence[dict], max_len: int | None = None, **template_kwargs) -> Example:
@@ -119,6 +72,4 @@ def chat_example(tokenizer, messages: Sequence[dict], max_len: int | None = None
         return any((lo < b and hi > a) or (lo == hi and a <= lo < b) for a, b in spans)
 
     labels = [t if learnt(lo, hi) else IGNORE_INDEX for t, (lo, hi) in zip(ids, offsets)]
-    if max_len is not None:
-        ids, labels = ids[:max_len], labels[:max_len]
-    return Example(ids, labels)
+    return Example(ids, labels).cut(max_len)

@@ -45,7 +45,10 @@ class TrainConfig:
     autocast_dtype: torch.dtype | None = None  # torch.bfloat16 on CUDA; torch.float16 (loss-scaled) without bf16
     fp16_init_scale: float = 2.0 ** 16   # fp16 only: the first loss scale S
     fp16_growth_interval: int = 2000     # fp16 only: clean steps before S doubles
-    max_len: int | None = None           # truncate prompt + answer: the prompt loses tokens on the left
+    max_len: int | None = None           # tokens an example may hold: a (prompt, answer) pair loses prompt
+                                         # tokens on the left (the answer kept whole, or the pair skipped);
+                                         # an Example (e.g. train.chat_example) keeps its first max_len tokens,
+                                         # its end cut (Example.cut); with packing, also a row's length
     group_by_length: bool = False        # length-bucketed batches: less padding, same epoch coverage
     packing: bool = False                # fill rows of max_len tokens with whole examples (train/packing.py);
                                          # batch_size then counts rows; group_by_length has no effect;

@@ -31,6 +31,13 @@ class Example:
         # labels are shifted inside the loss, so position 0 never counts
         return sum(1 for y in self.labels[1:] if y != IGNORE_INDEX)
 
+    def cut(self, max_len: int | None) -> "Example":
+        """Its first `max_len` tokens (the end is cut, labels with it); itself when it fits or max_len is None.
+        The one place an Example is cut to a length: chat_example, load_chat_jsonl and train() all call it."""
+        if max_len is None or len(self.input_ids) <= max_len:
+            return self
+        return Example(self.input_ids[:max_len], self.labels[:max_len])
+
 
 def build_examples(
     tokenizer, items: Sequence[tuple[str, str]], max_len: int | None = None, add_eos: bool = True
@@ -87,8 +94,7 @@ def as_examples(tokenizer, items: Sequence, max_len: int | None = None, add_eos:
         return build_examples(tokenizer, items, max_len, add_eos)
     pairs = [x for x in items if not isinstance(x, Example)]
     examples, skipped = build_examples(tokenizer, pairs, max_len, add_eos) if pairs else ([], 0)
-    if max_len is not None:
-        ready = [Example(e.input_ids[:max_len], e.labels[:max_len]) for e in ready]
+    ready = [e.cut(max_len) for e in ready]
     kept = [e for e in ready if e.n_answer_tokens > 0]
     if len(kept) < len(ready):
         warnings.warn(f"{len(ready) - len(kept)} of {len(ready)} examples have no label to learn"

@@ -128,7 +128,7 @@ def load_chat_jsonl(path: str, tokenizer, max_len: int | None = None, overlong: 
             if overlong == "skip":
                 data.skipped += 1
                 continue
-            example = Example(example.input_ids[:max_len], example.labels[:max_len])
+            example = example.cut(max_len)
             if example.n_answer_tokens == 0:
                 data.skipped += 1
                 continue

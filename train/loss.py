@@ -74,6 +74,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_w += d_logits.t() @ h_c.float()                             # (V, c) @ (c, D)
                 if need_h:
                     grad_h[start:start + chunk_size] = d_logits.to(h.dtype) @ weight # (c, V) @ (V, D)
+            logp = d_logits = None  # free this chunk before the next one's logits: two (c, V) fp32 tensors at most
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total

@@ -27,8 +27,12 @@ class DataPlan:
         self.lengths = [len(e.input_ids) for e in examples]
         n = len(epoch_rows(self.lengths, config.max_len, config.seed, 0)) if config.packing else len(examples)
         bs, w, what = config.batch_size, world_size, "packed rows" if config.packing else "examples"
-        n_micro = n // bs + (1 if n % bs >= max(1, w) else 0)  # under DDP every rank needs a row
-        if n % bs and n % bs < w:
+        if bs < w:  # every micro-batch would be dropped below (each rank needs a row): no step could run
+            raise ValueError(f"TrainConfig.batch_size is {bs}, fewer than the {w} processes: a micro-batch is split "
+                             f"across the processes and each needs at least one row; set batch_size to {w} or more")
+        sizes = [bs] * (n // bs) + ([n % bs] if n % bs else [])   # the micro-batches of an epoch, as cut below
+        n_micro = sum(self._kept(size) for size in sizes)
+        if n % bs and not self._kept(n % bs):
             warnings.warn(f"{n % bs} {what} of each epoch are left out: a micro-batch needs at least one row per rank ({w})")
         if n_micro == 0:
             raise ValueError(f"{n} training {what} cannot fill one micro-batch with a row for each of {w} processes")
@@ -42,7 +46,11 @@ class DataPlan:
             batches = [rows[i:i + c.batch_size] for i in range(0, len(rows), c.batch_size)]
         else:
             batches = [[[i] for i in b] for b in epoch_batches(self.lengths, c.batch_size, c.seed, epoch, c.group_by_length)]
-        return [b for b in batches if len(b) >= self.world_size]
+        return [b for b in batches if self._kept(len(b))]
+
+    def _kept(self, size: int) -> bool:
+        """Whether a micro-batch of `size` rows is trained on: under DDP every rank needs a row of it."""
+        return size >= self.world_size
 
     def step_batches(self, step: int) -> list[list[list[int]]]:
         """The micro-batches of 0-based optimizer step `step`: lists of rows, each a list of example indices."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import math
-import os
 
 import bitsandbytes.functional as bnbF
 import torch
@@ -30,7 +29,8 @@ from torch.distributed.tensor import DTensor
 
 from lora import LoRAConfig, apply_lora, lora_modules
 from model import Llama
-from model.load import _safetensors_files, iter_tensors, load_tokenizer, read_config, release_freed_memory
+from model.checkpoint import open_checkpoint
+from model.load import release_freed_memory
 from quant import Linear4bit
 from quant.nf4 import NESTED_BLOCKSIZE
 
@@ -110,7 +110,8 @@ def load_sharded(path: str, lora_config: LoRAConfig, quant: str | None = "nf4", 
     # without an active exception", pytorch/pytorch#190489): the group made here is destroyed at exit,
     # while the interpreter is whole, unless the caller destroyed it first.
     atexit.register(teardown_distributed, ctx)
-    config = read_config(path)
+    checkpoint = open_checkpoint(path)
+    config = checkpoint.config
     with torch.device("meta"):
         model = Llama(config).to(dtype)
     expected = set(dict(model.named_parameters()))  # tied: the head is the embedding, listed once
@@ -124,7 +125,7 @@ def load_sharded(path: str, lora_config: LoRAConfig, quant: str | None = "nf4", 
 
     pending: dict[str, dict[str, torch.Tensor]] = {}
     seen = set()
-    for name, t, rows_only in _read_tensors(path, model):
+    for name, t, rows_only in _read_tensors(checkpoint, model):
         if config.tie_word_embeddings and name == "lm_head.weight":
             continue
         module_name, _, kind = name.rpartition(".")
@@ -149,7 +150,8 @@ def load_sharded(path: str, lora_config: LoRAConfig, quant: str | None = "nf4", 
     model.model.rotary_emb._buffers["inv_freq"] = config.rope_inv_freq().to(ctx.device)
     _init_lora(model, lora_config)
     model.eval()  # as load_pretrained returns it; train() switches it back
-    return model, load_tokenizer(path)
+    model.checkpoint = checkpoint
+    return model, checkpoint.tokenizer
 
 
 def _owner(model: nn.Module, module_name: str) -> nn.Module:
@@ -157,17 +159,17 @@ def _owner(model: nn.Module, module_name: str) -> nn.Module:
     return module.base_layer if hasattr(module, "base_layer") else module  # a LoRA wraps it
 
 
-def _read_tensors(path: str, model: nn.Module):
+def _read_tensors(checkpoint, model: nn.Module):
     """(name, tensor, rows_only) one at a time. From safetensors files, a tensor that is not quantized is
     read as this process's rows only (the embedding need never be whole); a 4-bit weight is read whole,
     since its blocks and the nested absmax (centred on the mean of all blocks) need every value."""
-    if os.path.isfile(path):  # a .gguf file: its reader dequantizes whole tensors
-        for name, t in iter_tensors(path):
+    if checkpoint.kind == "gguf":  # its reader dequantizes whole tensors
+        for name, t in checkpoint.tensors():
             yield name, t, False
         return
     from safetensors import safe_open
 
-    for file in _safetensors_files(path):
+    for file in checkpoint.weight_files():
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq"):

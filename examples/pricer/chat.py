@@ -4,9 +4,10 @@ assistant answers it as a person would.
     user:      How much is a 0.23 carat diamond, Ideal cut, color E, clarity SI2?
     assistant: About $326.
 
-The data of `python examples/finetune.py` when it is given no --model and no --data. The diamonds are
-the pricer's (`diamond_rows`, in file order) and are split as `make demo` splits them (`split_items`,
-same seed, same sizes), so the held-out diamonds are the demo's. Each conversation goes through the
+The data of `python examples/finetune.py` when it is given no --model and no --data: the demo written
+as a chat. The diamonds are the pricer's (`diamond_rows`, in file order, the rows `load_source` reads)
+and are split as `make demo` splits them (`split_items` with the demo's seed, `DEMO_SEED`, and the
+sizes of `PRESETS["demo"]`: finetune.py's defaults), so the held-out diamonds are the demo's. Each conversation goes through the
 model's own chat template, the loss on the assistant's answer and its end-of-turn token only
 (`train.chat_example`); the answer is read back by the pricer's `parse_price` (the first number,
 commas dropped: 'About $1,234.' -> 1234.0) and scored by its metrics.

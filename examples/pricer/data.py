@@ -1,4 +1,4 @@
-"""Where the pricer's items come from, and how they are split.
+"""Where the pricer's items come from (pricer/split.py splits them).
 
 Three sources, one result (`Loaded`: items plus a count of the rows skipped and why):
 
@@ -10,7 +10,7 @@ Three sources, one result (`Loaded`: items plus a count of the rows skipped and 
   course's prepared pricer data (where `text` already holds the prompt and the answer).
 
 A bad row (missing, non-numeric or out-of-range price, empty text, unreadable line) is skipped and
-counted, never a crash. `split_items` then cuts a deterministic test/validation/train split.
+counted, never a crash.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import importlib.util
 import json
 import math
 import os
-import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,13 +53,6 @@ class Loaded:
         n = sum(self.skipped.values())
         why = ", ".join(f"{reason} {count:,}" for reason, count in self.skipped.most_common())
         return f"{os.path.basename(self.source)}: {len(self.items):,} items, {n:,} skipped" + (f" ({why})" if n else "")
-
-
-@dataclass
-class Split:
-    train: list[Item]
-    val: list[Item]
-    test: list[Item]
 
 
 def parse_price_field(value: Any, low: float = 0.0, high: float = math.inf) -> tuple[float | None, str | None]:
@@ -302,35 +294,3 @@ def load_source(data: str | None, tokenizer=None, description: str = "full") -> 
     if data.endswith((".jsonl", ".jsonl.gz", ".csv")):
         return load_text_price(data)
     raise ValueError(f"{data}: unknown data format; expected meta_<Category>.jsonl[.gz], a .jsonl or a .csv")
-
-
-def shuffled(items: list[Item], seed: int) -> list[Item]:
-    """The items in the seed's order: the same seed gives the same order on every machine."""
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    return [items[i] for i in order]
-
-
-def split_items(items: list[Item], seed: int, test_size: int, val_size: int,
-                train_size: int | None = None) -> Split:
-    """Shuffle with `seed`, then test = the first `test_size`, validation = the next `val_size`,
-    train = the rest (its first `train_size` when given).
-
-    The test items come first, so the same seed and test size give the same test set whatever
-    the other sizes; a larger test set (eval_pricer's --n) extends into the validation items,
-    which training never learns from.
-    """
-    for name, value in (("test_size", test_size), ("val_size", val_size)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    rest = len(items) - test_size - val_size
-    if rest <= 0:
-        raise ValueError(f"{len(items):,} items leave none to train on after test_size={test_size:,} "
-                         f"and val_size={val_size:,}; lower them")
-    if train_size is not None and not 0 < train_size <= rest:
-        raise ValueError(f"train_size={train_size:,} but only {rest:,} items remain after the test and "
-                         f"validation splits")
-    order = shuffled(items, seed)
-    test, val = order[:test_size], order[test_size:test_size + val_size]
-    train = order[test_size + val_size:]
-    return Split(train[:train_size] if train_size else train, val, test)

@@ -58,9 +58,12 @@ def evaluate_prices(model, tokenizer, items: Sequence[Item], max_new_tokens: int
     return score(guesses, [item.price for item in items], titles)
 
 
-def evaluate_greedy_and_top_k(model, tokenizer, items: Sequence[Item], max_new_tokens: int, top_k: int,
-                              batch_size: int = 64) -> tuple[PriceReport, PriceReport]:
-    """(greedy report, top-k average report) from one pass over the items (`greedy_and_top_k_prices`)."""
+def evaluate_greedy_and_top_k(model, tokenizer, items: Sequence[Item], max_new_tokens: int, top_k: int | None,
+                              batch_size: int = 64) -> tuple[PriceReport, PriceReport | None]:
+    """(greedy report, top-k average report) from one pass over the items (`greedy_and_top_k_prices`: the
+    top-1 candidate finished greedily is the greedy answer); (greedy report, None) when `top_k` is 0 or None."""
+    if not top_k:
+        return evaluate_prices(model, tokenizer, items, max_new_tokens, batch_size), None
     greedy, top = greedy_and_top_k_prices(model, tokenizer, [item.prompt for item in items], top_k, max_new_tokens,
                                           batch_size)
     truths, titles = [item.price for item in items], [_title(item.prompt) for item in items]

@@ -21,8 +21,7 @@ from typing import Sequence
 
 import torch
 
-from model import KVCache, shared_prefix_batch
-from train import assistant_spans
+from model import KVCache, end_of_turn_ids, shared_prefix_batch
 
 from .metrics import parse_price
 
@@ -53,17 +52,6 @@ def continue_prompts(model, tokenizer, ids: list[list[int]], max_new_tokens: int
         new = out[:, input_ids.shape[1]:].tolist()                                # (B, n <= max_new_tokens)
         texts += [tokenizer.decode(_until(row, stop)) for row in new]
     return texts
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """The tokens that close an assistant's turn, where a reply stops: those the chat template writes
-    right after an assistant's content (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|end|>`, found
-    by `train.assistant_spans` as the labels find them), and EOS."""
-    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
-    text = tokenizer.render_chat(probe)
-    (_, content_end, turn_end), = assistant_spans(tokenizer, probe, text)
-    ids = tokenizer.encode(text[content_end:turn_end]) if turn_end > content_end else []
-    return list(dict.fromkeys(ids + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])))
 
 
 def chat_replies(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int,

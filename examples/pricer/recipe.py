@@ -1,11 +1,13 @@
 """The pricer's training recipes (presets) and the one place a recipe becomes LoRA and training configs.
 
     settings = dict(PRESETS["demo"], r=16, alpha=32)        # a preset with two values changed
-    apply_lora(model, lora_config(settings, model, seed=42))
-    result = train(model, tok, pairs, val_pairs, train_config(settings, "cpu", out_dir=None, seed=42))
+    apply_lora(model, lora_config(settings, model, seed=DEMO_SEED))
+    result = train(model, tok, pairs, val_pairs, train_config(settings, "cpu", out_dir=None, seed=DEMO_SEED))
 
-`examples/train_pricer.py` (its flags override a preset's values) and `examples/lab.py` (each
-experiment changes one or two values of the demo) both go through these functions.
+`examples/train_pricer.py` and `examples/finetune.py` (their flags override a preset's values) and
+`examples/lab.py` (each experiment changes one or two values of the lab's base, `LAB`) all go through
+these functions. The demo is `PRESETS["demo"]` at seed `DEMO_SEED`: `DEMO` is `LAB` with alpha 8, and
+the chat demo (`CHAT_DEMO`) is `DEMO` written as conversations.
 """
 from __future__ import annotations
 
@@ -47,12 +49,15 @@ LAB: dict[str, Any] = dict(DEMO_FULL, description="four-cs", layers="20-", batch
 # greedy decoding's repeated values), side by side.
 DEMO: dict[str, Any] = dict(LAB, alpha=8)
 
+# The demo's seed: `make demo`, and the default --seed of train_pricer.py and finetune.py. It draws the
+# split (so the held-out diamonds), the LoRA initialisation and the order of the examples.
+DEMO_SEED = 0
+
 # The diamonds as a chat (examples/pricer/chat.py), the embedded default of examples/finetune.py: the
-# lab's base (the demo's model, adapter and learning rate, with alpha 16 as when it was measured in
-# examples/RESULTS.md) on the same training diamonds, each now a conversation written by SmolLM2's chat
+# demo's recipe on the demo's training diamonds, each now a conversation written by SmolLM2's chat
 # template (its default system prompt, the question, the answer: about 70 tokens against the demo's 46),
 # the loss on the answer and its <|im_end|> only.
-CHAT_DEMO: dict[str, Any] = dict(LAB, packing=False, overlong="truncate")
+CHAT_DEMO: dict[str, Any] = dict(DEMO, packing=False, overlong="truncate")
 
 # After the demo's SFT (`train_pricer.py --after <adapter> --objective dpo|grpo`, examples/pricer/after.py): the
 # demo's adapter trained further on `tune_size` of its training diamonds. DPO: the pairs from its misses, once
