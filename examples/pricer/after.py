@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from train import DPO, GRPO, train
 
-from .data import Split
+from .split import Split
 from .evaluate import answer_tokens, evaluate_prices
 from .metrics import PriceReport
 from .predict import greedy_prices
