@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -53,6 +54,14 @@ def test_train_pricer_after_an_adapter_trains_it_further_and_scores_before_and_a
     assert sorted(os.listdir(out / "adapter"))[:2] == ["adapter_config.json", "adapter_model.safetensors"]
     names = {"dpo": "rewards/margins", "grpo": "reward"}
     assert all(names[objective] in m for _, m in record["metrics"])
+    # the tuned adapter keeps the split its SFT start trained on: eval_pricer scores the same held-out items
+    split = {a: json.loads((tmp_path / a / "adapter" / "trained_on.json").read_text())["split"] for a in ("sft", objective)}
+    assert split["sft"] == split[objective] and split["sft"]["seed"] == 3
+    other_seed = [*common[:-1], "4", "--after", str(tmp_path / "sft" / "adapter"), "--objective", objective,
+                  "--out", str(tmp_path / "other")]
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "..", "examples", "train_pricer.py"), *other_seed],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "trained on the split of seed 3" in proc.stderr
 
 
 def test_after_goes_with_dpo_or_grpo(tmp_path, capsys):
