@@ -23,8 +23,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 import torch  # noqa: E402
 
 from lora import load_adapter  # noqa: E402
-from pricer import PRESETS, load_model, load_source, split_items  # noqa: E402
-from pricer.after import tune_after  # noqa: E402
+from pricer import PRESETS, load_model, load_source, split_items, tune_after  # noqa: E402
 
 PANELS = [("dpo", "rewards/margins"), ("dpo", "rewards/chosen"), ("dpo", "rewards/rejected"), ("grpo", "reward")]
 SMOOTH = 8  # steps in the moving average drawn over each noisy curve

@@ -18,7 +18,7 @@ import os
 from typing import Callable
 
 from pricer import split_items
-from pricer.tuning import diamond_chat_pairs, diamond_chat_rows, price_reward
+from pricer import diamond_chat_pairs, diamond_chat_rows, price_reward
 from train import DPO, GRPO, SFT, Objective, load_preference_jsonl, load_prompt_jsonl
 
 OBJECTIVES = ("sft", "dpo", "grpo")

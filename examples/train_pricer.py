@@ -39,9 +39,8 @@ from lora import apply_lora, load_adapter, read_trained_on, save_adapter, traina
 from pricer import (  # noqa: E402
     DESCRIPTIONS, PRESETS, answer_tokens, base_dtype, constant_baseline, evaluate_greedy_and_top_k,
     evaluate_prices, load_model, load_source, log_to_tensorboard, lora_config, print_report, results_table,
-    save_scatter, split_items, split_record, train_config,
+    save_scatter, split_items, split_record, train_config, tune_after,
 )
-from pricer.after import tune_after  # noqa: E402
 from train import train  # noqa: E402
 from export_gguf import how_to_run  # noqa: E402
 

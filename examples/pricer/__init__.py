@@ -31,6 +31,8 @@ from .predict import chat_replies, end_of_turn_ids, greedy_and_top_k_prices, gre
 from .recipe import (ALL_PROJECTIONS, ATTENTION, CHAT_DEMO, DEMO_SEED, MLP, PRESETS, all_projections, base_dtype, compute_dtype,
                      lora_config, parse_layers, train_config)
 from .prompt import PREFIX, QUESTION, make_answer, make_prompt
+from .tuning import diamond_chat_pairs, diamond_chat_rows, price_reward
+from .after import tune_after
 
 __all__ = [
     "DESCRIPTIONS",
@@ -42,5 +44,6 @@ __all__ = [
     "save_scatter", "scatter_figure", "log_to_tensorboard",
     "ALL_PROJECTIONS", "ATTENTION", "CHAT_DEMO", "DEMO_SEED", "MLP", "PRESETS", "all_projections", "base_dtype", "compute_dtype", "lora_config",
     "parse_layers", "train_config",
+    "diamond_chat_pairs", "diamond_chat_rows", "price_reward", "tune_after",
     "answer_tokens", "evaluate_prices", "evaluate_greedy_and_top_k", "load_model", "print_report", "resolve_device", "results_table",
 ]
