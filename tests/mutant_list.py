@@ -233,7 +233,7 @@ MUTANTS = [
            "        if found and not any(found <= unit for unit in units):", "        if False:",
            k("tests/test_docs.py", "edited_by_hand")),
     Mutant("finetune ignores --resume", "examples/finetune.py",
-           "config, resume=args.resume)", "config, resume=False)", k(FINETUNE, "resumes")),
+           "resume=args.resume, objective=objective)", "resume=False, objective=objective)", k(FINETUNE, "resumes")),
     Mutant("replies not through the chat template", "examples/pricer/predict.py",
            "ids = [tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations]",
            "ids = [tokenizer.encode(c[-1]['content'], bos=True) for c in conversations]", k(FINETUNE, "replies")),

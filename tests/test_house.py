@@ -60,3 +60,17 @@ def test_examples_use_only_the_packages_apis():
             else:
                 wrong += [f"{where}: {name} is not in {top}.__all__" for name in names if name not in exported[top]]
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_mutant_still_finds_the_code_it_breaks():
+    """`make mutants` replaces one snippet of a file; a snippet that moved or changed would leave its mutant
+    unrun (mutants.py stops at it), so each must stand exactly once in its file as the code is now."""
+    from mutant_list import MUTANTS
+
+    stale = []
+    for m in MUTANTS:
+        with open(os.path.join(ROOT, m.file), encoding="utf-8") as f:
+            n = f.read().count(m.old)
+        if n != 1:
+            stale.append(f"{m.name!r}: {m.file} holds its snippet {n} times")
+    assert not stale, "\n".join(stale)
