@@ -319,6 +319,9 @@ MUTANTS = [
     Mutant("GRPO sampler on stale weights", "train/grpo.py",
            "policy = run.model  # the learner itself", 'policy = self.__dict__.get("stale") or self.__dict__.setdefault('
            '"stale", __import__("copy").deepcopy(run.model))  # a copy, made once', ("tests/test_grpo.py", "-k", "same_adapter")),
+    Mutant("DPO reads the reference of every pair, used or not", "train/dpo.py",
+           "used = run.plan.examples_used(run.total_steps)", "used = list(range(len(run.examples)))",
+           ("tests/test_dpo.py", "-k", "only_for_the_pairs")),
     Mutant("GRPO KL without TRL's bias correction", "train/grpo.py",
            "losses = losses + beta * (torch.exp(d) - d - 1) * ratio", "losses = losses + beta * (torch.exp(d) - d - 1)",
            ("tests/test_grpo.py", "-k", "equal_trl")),

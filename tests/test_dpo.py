@@ -1,5 +1,6 @@
 """train/: preference tuning (DPO, IPO) and its fused log-probabilities, against TRL's DPOTrainer and autograd."""
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from train import (  # noqa: E402
     token_logps, train,
 )
 from train.dpo import METRICS, reference_logps  # noqa: E402
+from train.plan import DataPlan  # noqa: E402
 
 TEXT_ROWS = [
     {"prompt": "How much is the ring?\nPrice is $", "chosen": "120.00", "rejected": "95.00"},
@@ -250,3 +252,19 @@ def test_dpo_in_the_loop_raises_the_margin_logs_trls_metrics_and_resumes_exactly
     a, b = (read_adapter(str(p / "checkpoint-4"))[1] for p in (tmp_path / "full", tmp_path / "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.train_losses == full.train_losses and resumed.metrics == full.metrics
+
+
+def test_the_reference_is_read_only_for_the_pairs_the_steps_train_on(toks, tmp_path):
+    """max_steps short of an epoch: the reference's log-probabilities of the other pairs are never computed
+    (NaN, never looked up); a resumed run that would need them is refused."""
+    objective = DPO(beta=0.5)
+    rows = [TEXT_ROWS[i % 3] | {"chosen": TEXT_ROWS[i % 3]["chosen"] + "!" * (i // 3)} for i in range(8)]
+    config = TrainConfig(lr=2e-2, max_steps=1, batch_size=2, grad_accum=1, save_every=1, out_dir=str(tmp_path),
+                         run_name="run", progress=False, seed=3)
+    train(tiny_policy(targets=("q_proj", "v_proj")), toks[0], rows, None, config, objective=objective)
+    plan = DataPlan(preference_pairs(toks[0], rows), config)
+    read = (~objective.ref["train"].isnan().any(dim=1)).nonzero().flatten().tolist()
+    assert read == sorted(i for row in plan.step_batches(0)[0] for i in row) and len(read) == 2
+    with pytest.raises(ValueError, match="resume with the saved run's max_steps"):
+        train(tiny_policy(targets=("q_proj", "v_proj")), toks[0], rows, None,
+              dataclasses.replace(config, max_steps=4), resume=True, objective=DPO(beta=0.5))

@@ -170,14 +170,24 @@ class DPO(Objective):
         return self.loss
 
     def begin(self, run, saved):
-        """The reference's log-probabilities of every pair, once: from the checkpoint when resuming (the
-        starting adapter is gone by then), else from the model as it is now."""
+        """The reference's log-probabilities of every pair the run will use, once: from the checkpoint when
+        resuming (the starting adapter is gone by then), else from the model as it is now. Only the pairs
+        the run's steps train on are read (a max_steps short of an epoch leaves the rest, kept as NaN and
+        never looked up); every validation pair is."""
+        used = run.plan.examples_used(run.total_steps)
         if saved is not None and "dpo_reference_logps" in saved:
             self.ref = dict(saved["dpo_reference_logps"])
+            missing = [i for i in used if self.ref["train"][i].isnan().any()]
+            if missing:  # a resumed run with more steps than the one that saved the checkpoint
+                raise ValueError(f"the checkpoint holds the reference log-probabilities of the pairs its run's steps "
+                                 f"used; {len(missing)} more pairs that this run of {run.total_steps} steps trains on "
+                                 "have none, and the model they came from is gone: resume with the saved run's max_steps")
             return
-        for split, pairs in (("train", run.examples), ("val", run.val_examples)):
-            self.ref[split] = reference_logps(run.model, pairs, self.reference, run.config.batch_size, run.pad_id,
-                                              run.ctx.device)
+        self.ref["train"] = torch.full((len(run.examples), 2), float("nan"))
+        self.ref["train"][used] = reference_logps(run.model, [run.examples[i] for i in used], self.reference,
+                                                  run.config.batch_size, run.pad_id, run.ctx.device)
+        self.ref["val"] = reference_logps(run.model, run.val_examples, self.reference, run.config.batch_size,
+                                          run.pad_id, run.ctx.device)
 
     def _batch(self, run, pairs_idx: list[int], split: str, sft_scale: float) -> dict[str, torch.Tensor]:
         pairs = run.examples if split == "train" else run.val_examples

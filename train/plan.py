@@ -60,6 +60,12 @@ class DataPlan:
         ga = self.config.grad_accum
         return self._batches[k * ga:(k + 1) * ga]
 
+    def examples_used(self, total_steps: int) -> list[int]:
+        """The indices of the examples that steps 0 .. total_steps - 1 train on, sorted (max_steps may end a
+        run before an epoch has used them all)."""
+        return sorted({i for step in range(total_steps) for rows in self.step_batches(step)
+                       for row in rows for i in row})
+
     def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """Rows as tensors: input_ids and labels, and position_ids when packed."""
         if self.config.packing:
