@@ -266,7 +266,9 @@ def run(args: argparse.Namespace) -> int:
     k = max(1, min(50, len(losses) // 4))
     print(f"training loss: {sum(losses[:k]) / k:.4f} over the first {k} steps, {sum(losses[-k:]) / k:.4f} over the "
           f"last {k} ({result.step} steps)" + (f"; validation loss {result.val_losses[-1][1]:.4f}"
-                                                if result.val_losses else ""))
+                                                if result.val_losses else "")
+          + ("\n  (GRPO's loss is about 0 by construction: each group's advantages are centred; its reward, "
+             "below, is what rises)" if args.objective == "grpo" else ""))
     if result.metrics:  # DPO's rewards and margins, GRPO's reward: the first and the last steps
         first, last = result.metrics[0][1], result.metrics[-1][1]
         print("  ".join(f"{name} {first[name]:.4f} -> {last[name]:.4f}" for name in first))
