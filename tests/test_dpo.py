@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -23,6 +24,7 @@ from train import (  # noqa: E402
     token_logps, train,
 )
 from train.dpo import METRICS, reference_logps  # noqa: E402
+from train.logps import LinearLogProbs  # noqa: E402
 from train.plan import DataPlan  # noqa: E402
 
 TEXT_ROWS = [
@@ -68,6 +70,25 @@ def test_token_logps_through_the_fused_head_equal_log_softmax_gather_with_their_
     with torch.no_grad():
         full = torch.log_softmax(model(ids)[:, :-1].float(), -1).gather(2, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
     assert max_diff(seq, (full * (labels[:, 1:] != -100)).sum(1)) <= 1e-6
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_log_probs_backward_equals_autograd_through_the_head(bias):
+    """`LinearLogProbs` makes dh = g · (onehot − softmax(z)) W / T in its forward pass; its backward only
+    scales those rows. Against autograd through F.linear, log_softmax and gather, in several chunks."""
+    g = torch.Generator().manual_seed(0)
+    n, D, V, T = 11, 16, 37, 0.7
+    h = torch.randn(n, D, generator=g, requires_grad=True)
+    weight, y = torch.randn(V, D, generator=g), torch.randint(0, V, (n,), generator=g)
+    b = torch.randn(V, generator=g) if bias else None
+    grad_out = torch.randn(n, generator=g)
+    logp = LinearLogProbs.apply(h, weight, b, y, 4, T)                   # chunks of 4, 4 and 3 rows
+    assert type(logp.grad_fn).__name__ == "LinearLogProbsBackward"
+    (dh,) = torch.autograd.grad(logp, h, grad_out)
+    ref = torch.log_softmax(F.linear(h, weight, b) / T, dim=-1).gather(1, y[:, None]).squeeze(1)
+    (ref_dh,) = torch.autograd.grad(ref, h, grad_out)
+    assert max_diff(logp, ref) <= 1e-6 and grads_within([dh], [ref_dh])
+    assert ref_dh.abs().max() > 1e-2                                     # a gradient that could differ
 
 
 def test_chosen_and_rejected_go_through_one_forward_and_no_vocabulary_sized_tensor_is_saved(toks):

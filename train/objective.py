@@ -17,6 +17,7 @@ mean over (`n_items`), so k accumulated micro-batches on any number of ranks mak
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -32,8 +33,9 @@ if TYPE_CHECKING:  # the loop's Run, for the type hints only
     from .loop import Run
 
 
-class Objective:
-    """The hooks the loop calls; the defaults are those every method shares."""
+class Objective(ABC):
+    """The hooks the loop calls: each method defines `units`, `loss_module` and `batches`; the other hooks'
+    defaults are those every method shares."""
 
     name = "objective"
     items = "training items"                # what train() takes, as its errors say
@@ -42,22 +44,22 @@ class Objective:
         """Its settings, for the run's hyperparameter table."""
         return {"objective": self.name}
 
+    @abstractmethod
     def units(self, tokenizer, items: Sequence, config, split: str) -> tuple[list, int]:
         """The items as the units `DataPlan` orders (each with `.input_ids`): (units, number left out).
         `split` ("train" or "val") names the items in errors."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss_module(self, model: nn.Module) -> nn.Module:
         """The module whose forward(**batch) is steps 1 and 2: the loss summed over its micro-batch."""
-        raise NotImplementedError
 
     def begin(self, run: "Run", saved: dict | None) -> None:
         """Before the first step (or the first after resuming from `saved`, a checkpoint's state)."""
 
+    @abstractmethod
     def batches(self, run: "Run", micro_rows: list[list[list[int]]], step: int) -> tuple[list[dict], int, int]:
         """The step's micro-batches on the device (this rank's rows), what the loss is a mean over
         (all ranks), and the tokens they hold."""
-        raise NotImplementedError
 
     def metrics(self, run: "Run") -> dict[str, float]:
         """What the step logs besides its loss (means over the step, all ranks); read once a step."""
