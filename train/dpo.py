@@ -36,6 +36,7 @@ from lora import adapters_disabled
 from .logps import sequence_logps
 from .objective import Objective, step_means
 from .preference import PreferencePair, preference_batch, preference_pairs
+from .validation import evaluating
 
 LOSS_TYPES = ("sigmoid", "ipo")
 REFERENCES = ("start", "base")
@@ -115,17 +116,12 @@ def reference_logps(model: nn.Module, pairs: list[PreferencePair], reference: st
     is its reference to the last bit, and every log-ratio is exactly 0, as in TRL."""
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
-    was_training = model.training
-    model.eval()
     out = []
-    try:
-        with adapters_disabled(model) if reference == "base" else nullcontext(), torch.enable_grad():
-            for i in range(0, len(pairs), batch_size):
-                batch = preference_batch(pairs[i:i + batch_size], pad_id)
-                logps = sequence_logps(model, batch["input_ids"].to(device), batch["labels"].to(device)).detach()
-                out.append(torch.stack(logps.float().cpu().chunk(2), dim=1))         # (b, 2)
-    finally:
-        model.train(was_training)
+    with evaluating(model), adapters_disabled(model) if reference == "base" else nullcontext(), torch.enable_grad():
+        for i in range(0, len(pairs), batch_size):
+            batch = preference_batch(pairs[i:i + batch_size], pad_id)
+            logps = sequence_logps(model, batch["input_ids"].to(device), batch["labels"].to(device)).detach()
+            out.append(torch.stack(logps.float().cpu().chunk(2), dim=1))         # (b, 2)
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
@@ -217,16 +213,12 @@ class DPO(Objective):
         self.loss.take_totals()
         shard = list(range(len(run.val_examples)))[ctx.rank::ctx.world_size]
         scale = len(run.val_examples) / sum(len(p.chosen_ids) for p in run.val_examples)
-        was_training = model.training
-        model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64)
-        try:
+        with evaluating(model):
             for i in range(0, len(shard), run.config.batch_size):
                 with run.autocast():
                     batch = self._batch(run, shard[i:i + run.config.batch_size], "val", scale)
                     loss_sum += self.loss(**batch).double().cpu()
-        finally:
-            model.train(was_training)
         metrics = step_means(torch.cat([loss_sum[None], self.loss.take_totals().cpu()]), ("loss", *METRICS), ctx)
         return metrics.pop("loss"), metrics
 

@@ -37,6 +37,7 @@ from .logps import token_logps
 from .objective import Objective, step_means
 from .preference import completion_batch
 from .rollout import prompt_rows, sample_completions, score
+from .validation import evaluating
 
 SCALES = ("group", "batch", "none")
 REFERENCES = ("base", "start")
@@ -92,8 +93,11 @@ class PolicyGradientLoss(nn.Module):
     def forward(self, input_ids, labels, advantages, ref_logps=None, old_logps=None):
         logps, rows = token_logps(self.model, input_ids, labels, self.temperature)   # (N,) one forward
         losses = grpo_loss(logps, advantages[rows], old_logps, ref_logps, self.beta, self.epsilon, self.epsilon_high)
-        kl = torch.zeros(()) if ref_logps is None else (torch.exp(ref_logps - logps) - (ref_logps - logps) - 1).sum()
-        self.totals = self.totals + torch.stack([kl.detach().double().cpu(), torch.tensor(float(len(rows)))])
+        if ref_logps is not None:  # the KL's sum and its tokens, kept on the device: no sync in the step
+            d = (ref_logps - logps).detach()
+            stats = torch.stack([(torch.exp(d) - d - 1).sum().double(), torch.tensor(float(len(rows)), device=d.device,
+                                                                                      dtype=torch.float64)])
+            self.totals = self.totals.to(d.device) + stats
         return losses.sum()
 
     def take_totals(self) -> torch.Tensor:
@@ -195,13 +199,8 @@ class GRPO(Objective):
     def reference_logps(self, model, batch) -> torch.Tensor:
         device = model.model.embed_tokens.weight.device
         switch = adapters_disabled(model) if self.reference == "base" else adapter_values(model, self.start_values)
-        was_training = model.training
-        model.eval()
-        try:
-            with switch:
-                return token_logps(model, batch["input_ids"].to(device), batch["labels"].to(device), self.temperature)[0]
-        finally:
-            model.train(was_training)
+        with evaluating(model), switch:
+            return token_logps(model, batch["input_ids"].to(device), batch["labels"].to(device), self.temperature)[0]
 
     def batches(self, run, micro_rows, step):
         ctx = run.ctx

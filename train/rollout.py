@@ -26,6 +26,7 @@ from torch import nn
 from model.generate import generate, shared_prefix_batch
 
 from .preference import build_rows, jsonl_rows, named_rows
+from .validation import evaluating
 
 RESERVED = ("prompt", "completion")   # passed positionally: a row's other fields may not take these names
 
@@ -58,10 +59,15 @@ def prompt_row(tokenizer, record: dict, max_len: int | None = None, max_new_toke
         ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
     else:
         raise ValueError(f"'prompt' must be a string or a non-empty list of messages, got {type(prompt).__name__}")
-    if max_len is not None and len(ids) + max_new_tokens > max_len:
-        raise ValueError(f"the prompt's {len(ids)} tokens leave no room for {max_new_tokens} new tokens within "
-                         f"max_len={max_len}: shorten the prompt, or raise max_len or lower max_new_tokens")
-    return PromptRow(ids, prompt, {k: v for k, v in record.items() if k not in RESERVED})
+    return _with_room(PromptRow(ids, prompt, {k: v for k, v in record.items() if k not in RESERVED}), max_len,
+                      max_new_tokens)
+
+
+def _with_room(row: PromptRow, max_len: int | None, max_new_tokens: int) -> PromptRow:
+    if max_len is not None and len(row.input_ids) + max_new_tokens > max_len:
+        raise ValueError(f"the prompt's {len(row.input_ids)} tokens leave no room for {max_new_tokens} new tokens "
+                         f"within max_len={max_len}: shorten the prompt, or raise max_len or lower max_new_tokens")
+    return row
 
 
 def prompt_rows(tokenizer, items: Sequence, max_len: int | None = None, max_new_tokens: int = 0,
@@ -79,10 +85,7 @@ def load_prompt_jsonl(path: str, tokenizer, max_len: int | None = None, max_new_
 def _row(tokenizer, item, max_len: int | None, max_new_tokens: int) -> PromptRow:
     if not isinstance(item, PromptRow):
         return prompt_row(tokenizer, item, max_len, max_new_tokens)
-    if max_len is not None and len(item.input_ids) + max_new_tokens > max_len:
-        raise ValueError(f"the prompt's {len(item.input_ids)} tokens leave no room for {max_new_tokens} new "
-                         f"tokens within max_len={max_len}")
-    return item
+    return _with_room(item, max_len, max_new_tokens)
 
 
 def reward_name(function: Callable) -> str:
@@ -113,16 +116,12 @@ def sample_completions(model: nn.Module, rows: Sequence[PromptRow], group_size: 
     """group_size completions of each prompt (row by row: the G of the first prompt, then the next),
     each up to and including its first end-of-sequence token, drawn with the KV cache."""
     seqs = [row.input_ids for row in rows for _ in range(group_size)]
-    was_training = model.training
-    model.eval()  # the policy itself: no dropout while it answers
-    try:
+    with evaluating(model):  # the policy itself: no dropout while it answers
         input_ids, mask, cache, cached = shared_prefix_batch(model, seqs, pad_id, max_new_tokens)
         device = model.model.embed_tokens.weight.device
         out = generate(model, input_ids.to(device), max_new_tokens, attention_mask=mask.to(device),
                        temperature=temperature, top_p=top_p, eos_id=eos_ids, generator=generator, cache=cache,
                        cached=cached)
-    finally:
-        model.train(was_training)
     completions = []
     for new in out[:, input_ids.shape[1]:].tolist():
         end = next((i + 1 for i, t in enumerate(new) if t in eos_ids), len(new))

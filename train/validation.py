@@ -1,8 +1,8 @@
 """Validation: the mean cross-entropy per answer token over held-out data, the model in eval mode."""
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Iterable
+from contextlib import contextmanager, nullcontext
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -11,24 +11,32 @@ from .data import Example, as_examples, collate
 from .loss import AnswerLossModule, answer_loss, answer_positions, unwrap
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode within the block (no dropout: validation, reference log-probabilities,
+    sampling), back in the mode it was in after, whatever happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def loss_totals(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device, autocast) -> tuple[float, int]:
     """(summed answer-token loss, number of answer tokens) over the batches, the model in eval mode."""
     model = unwrap(model)  # the model, or the AnswerLossModule around it (FSDP runs the pair as one)
     loss_sum = model if isinstance(model, AnswerLossModule) else (
         lambda i, l, position_ids: answer_loss(model, i, l, reduction="sum", position_ids=position_ids))
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with evaluating(model):
         for batch in batches:
             input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             position_ids = batch["position_ids"].to(device) if "position_ids" in batch else None
             with autocast():
                 total += loss_sum(input_ids, labels, position_ids=position_ids).item()
             count += int(answer_positions(labels, position_ids).sum())
-    finally:
-        model.train(was_training)
     return total, count
 
 
