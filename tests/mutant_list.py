@@ -306,7 +306,7 @@ MUTANTS = [
            "ref_chosen, ref_rejected = ref_logps.chunk(2)", "ref_chosen, ref_rejected = torch.zeros_like(ref_logps).chunk(2)",
            ("tests/test_dpo.py", "-k", "equal_trl")),
     Mutant("DPO/GRPO prompt labelled", "train/preference.py",
-           "labels[i, n:n + m] = torch.tensor(completion)", "labels[i, :n + m] = torch.tensor(prompt + completion)",
+           "[IGNORE_INDEX] * len(prompt) + completion)", "prompt + completion)",
            ("tests/test_dpo.py", "-k", "equal_trl")),
     Mutant("IPO without its length normalisation", "train/dpo.py",
            "delta = chosen_ratio / chosen_lengths.clamp(min=1) - rejected_ratio / rejected_lengths.clamp(min=1)",

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from .chat import check_conversation
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, Example, collate
 from .jsonl import read_jsonl_records
 
 
@@ -118,18 +118,23 @@ def tokenize_pair(tokenizer, record: dict, max_len: int | None = None, add_eos: 
         if add_eos and eos is not None:
             chosen_ids, rejected_ids = (ids if ids[-1:] == [eos] else ids + [eos] for ids in (chosen_ids, rejected_ids))
     if max_len is not None:
-        if len(prompt_ids) >= max_len:
-            raise ValueError(f"the prompt's {len(prompt_ids)} tokens leave no room for a completion within "
-                             f"max_len={max_len}: shorten the prompt or raise max_len")
         room = max_len - len(prompt_ids)
-        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]  # the completions' ends are cut
-    if not chosen_ids or not rejected_ids:
+        chosen_ids, rejected_ids = chosen_ids[:max(room, 0)], rejected_ids[:max(room, 0)]  # their ends cut
+    return _checked(PreferencePair(prompt_ids, chosen_ids, rejected_ids), max_len)
+
+
+def _checked(pair: PreferencePair, max_len: int | None) -> PreferencePair:
+    """The pair, or ValueError: a prompt with no room for a completion, an empty completion, or none to prefer."""
+    if max_len is not None and len(pair.prompt_ids) >= max_len:
+        raise ValueError(f"the prompt's {len(pair.prompt_ids)} tokens leave no room for a completion within "
+                         f"max_len={max_len}: shorten the prompt or raise max_len")
+    if not pair.chosen_ids or not pair.rejected_ids:
         raise ValueError("a completion is empty: there is nothing to compare")
-    if chosen_ids == rejected_ids:
-        raise ValueError(f"chosen and rejected are the same completion ({len(chosen_ids)} tokens"
+    if pair.chosen_ids == pair.rejected_ids:
+        raise ValueError(f"chosen and rejected are the same completion ({len(pair.chosen_ids)} tokens"
                          + (f" within max_len={max_len}" if max_len is not None else "")
                          + "): a pair must differ for DPO to prefer one")
-    return PreferencePair(prompt_ids, chosen_ids, rejected_ids)
+    return pair
 
 
 def preference_pairs(tokenizer, items: Sequence, max_len: int | None = None, add_eos: bool = True,
@@ -147,12 +152,7 @@ def load_preference_jsonl(path: str, tokenizer, max_len: int | None = None, add_
 
 def _pair(tokenizer, item, max_len: int | None, add_eos: bool) -> PreferencePair:
     if isinstance(item, PreferencePair):
-        if max_len is not None and len(item.prompt_ids) >= max_len:
-            raise ValueError(f"the prompt's {len(item.prompt_ids)} tokens leave no room for a completion within "
-                             f"max_len={max_len}")
-        if item.chosen_ids == item.rejected_ids:
-            raise ValueError("chosen and rejected are the same completion: a pair must differ for DPO to prefer one")
-        return item
+        return _checked(item, max_len)
     if not isinstance(item, dict):
         raise ValueError(f"expected an object with 'prompt', 'chosen' and 'rejected', got {type(item).__name__}")
     return tokenize_pair(tokenizer, item, max_len, add_eos)
@@ -161,14 +161,9 @@ def _pair(tokenizer, item, max_len: int | None, add_eos: bool) -> PreferencePair
 def completion_batch(rows: Sequence[tuple[list[int], list[int]]], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """(prompt ids, completion ids) rows, right-padded: input_ids and labels (R, T), labels -100 on the
     prompts and the padding: only the completions are scored, never the prompt."""
-    T = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (prompt, completion) in enumerate(rows):
-        n, m = len(prompt), len(completion)
-        input_ids[i, :n + m] = torch.tensor(prompt + completion)
-        labels[i, n:n + m] = torch.tensor(completion)
-    return {"input_ids": input_ids, "labels": labels}
+    batch = collate([Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
+                     for prompt, completion in rows], pad_id)
+    return {"input_ids": batch["input_ids"], "labels": batch["labels"]}
 
 
 def preference_batch(pairs: Sequence[PreferencePair], pad_id: int = 0) -> dict[str, torch.Tensor]:
