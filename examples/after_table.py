@@ -23,7 +23,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 import torch  # noqa: E402
 
 from lora import load_adapter  # noqa: E402
-from pricer import PRESETS, load_model, load_source, split_items, tune_after  # noqa: E402
+from pricer import PRESETS, adapter_split, load_model, load_source, split_items, tune_after  # noqa: E402
 
 PANELS = [("dpo", "rewards/margins"), ("dpo", "rewards/chosen"), ("dpo", "rewards/rejected"), ("grpo", "reward")]
 SMOOTH = 8  # steps in the moving average drawn over each noisy curve
@@ -47,8 +47,11 @@ def run_missing(args, jobs: list[tuple[int, str]]) -> None:
     items = load_source(None, tokenizer, PRESETS["demo"]["description"]).items
     for seed, objective in todo:
         settings = dict(PRESETS[f"after-{objective}"], **args.set.get(objective, {}))
+        adapter = os.path.join(args.sft.format(seed=seed), "adapter")
+        recorded = adapter_split(adapter, seed) or settings   # the split the SFT adapter trained on
+        settings.update({k: recorded[k] for k in ("test_size", "val_size", "train_size")})
         split = split_items(items, seed, settings["test_size"], settings["val_size"], settings["train_size"])
-        load_adapter(model, os.path.join(args.sft.format(seed=seed), "adapter"))
+        load_adapter(model, adapter)
         torch.manual_seed(seed)
         print(f"--- seed {seed}, {objective}", flush=True)
         tune_after(model, tokenizer, split, settings, objective, os.path.join(args.out, f"{objective}-s{seed}"), seed)

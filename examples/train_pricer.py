@@ -35,11 +35,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the library (model, lora, train) and the pricer package
 
 from cli import add_recipe_flags, add_run_flags, fill_from_preset, run_command, start_run, trained_model  # noqa: E402
-from lora import apply_lora, load_adapter, read_trained_on, save_adapter, trainable_parameters  # noqa: E402
+from lora import apply_lora, load_adapter, save_adapter, trainable_parameters  # noqa: E402
 from pricer import (  # noqa: E402
     DESCRIPTIONS, PRESETS, answer_tokens, base_dtype, constant_baseline, evaluate_greedy_and_top_k,
     evaluate_prices, load_model, load_source, log_to_tensorboard, lora_config, print_report, results_table,
-    save_scatter, split_items, split_record, train_config, tune_after,
+    save_scatter, adapter_split, split_items, split_record, train_config, tune_after,
 )
 from train import train  # noqa: E402
 from export_gguf import how_to_run  # noqa: E402
@@ -166,11 +166,8 @@ def run_after(args: argparse.Namespace) -> int:
     split the adapter recorded, so the held-out diamonds are the ones it never trained on."""
     if not os.path.isdir(args.after):
         raise FileNotFoundError(f"--after {args.after}: no such adapter folder (a run's adapter/)")
-    recorded = (read_trained_on(args.after) or {}).get("split")
+    recorded = adapter_split(args.after, args.seed)
     if recorded:
-        if recorded["seed"] != args.seed:
-            raise ValueError(f"--seed {args.seed}: {args.after} was trained on the split of seed {recorded['seed']} "
-                             f"(pass --seed {recorded['seed']})")
         args.test_size, args.val_size, args.train_size = (recorded[k] for k in ("test_size", "val_size", "train_size"))
     device = start_run(args)
     model, tokenizer, model_path = load_model(args.model, args.quant, device, dtype=base_dtype(args, device),

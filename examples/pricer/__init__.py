@@ -25,7 +25,7 @@ from .data import (
     load_text_price,
     scrub,
 )
-from .split import Split, held_out, shuffled, split_items, split_record
+from .split import Split, adapter_split, held_out, shuffled, split_items, split_record
 from .metrics import GREEN, ORANGE, RED, PriceReport, color_for, constant_baseline, parse_price, score
 from .predict import chat_replies, end_of_turn_ids, greedy_and_top_k_prices, greedy_prices, top_k_average_prices
 from .recipe import (ALL_PROJECTIONS, ATTENTION, CHAT_DEMO, DEMO_SEED, MLP, PRESETS, all_projections, base_dtype, compute_dtype,
@@ -37,7 +37,7 @@ from .after import tune_after
 __all__ = [
     "DESCRIPTIONS",
     "Item", "Loaded", "Split", "describe_diamond", "describe_four_cs", "diamond_rows", "diamonds_csv", "load_amazon_meta", "load_diamonds",
-    "load_source", "load_text_price", "scrub", "shuffled", "split_items", "split_record", "held_out",
+    "load_source", "load_text_price", "scrub", "shuffled", "split_items", "split_record", "held_out", "adapter_split",
     "GREEN", "ORANGE", "RED", "PriceReport", "color_for", "constant_baseline", "parse_price", "score",
     "greedy_prices", "top_k_average_prices", "greedy_and_top_k_prices", "chat_replies", "end_of_turn_ids",
     "DiamondChat", "answer_budget", "evaluate_chat_prices", "load_diamond_chats", "price_answer", "write_chats_jsonl", "PREFIX", "QUESTION", "make_answer", "make_prompt",

@@ -11,6 +11,8 @@ import os
 import random
 from dataclasses import dataclass
 
+from lora import read_trained_on
+
 from .data import Item
 
 
@@ -90,3 +92,13 @@ def held_out(items: list[Item], n: int, seed: int | None, split: dict | None, so
                          f"include the {split['train_size']:,} it trained on")
     order = shuffled(items, split["seed"])
     return order[:n], order[n:]
+
+
+def adapter_split(adapter_dir: str, seed: int) -> dict | None:
+    """The split an adapter trained on (its trained_on.json), to train it further on the same one: None for
+    an adapter without a record; ValueError when `seed` is not the split's seed."""
+    recorded = (read_trained_on(adapter_dir) or {}).get("split")
+    if recorded and recorded["seed"] != seed:
+        raise ValueError(f"--seed {seed}: {adapter_dir} was trained on the split of seed {recorded['seed']} "
+                         f"(pass --seed {recorded['seed']})")
+    return recorded
